@@ -1,0 +1,30 @@
+"""Shared machinery for the DreamBooth lesson scripts.
+
+One module per idea of the lesson:
+
+- ``lesson``      constants at the top of a script -> command line, validation, friendly errors
+- ``device``      which accelerator and precision to use
+- ``models``      where the base model comes from (Hub id, local folder, single file, ``tiny``)
+- ``images``      loading and preparing the instance (training) images
+- ``textiles``    the procedural African-textile pictures shipped in ``training_images/``
+- ``prior``       class images and the prior-preservation term of the DreamBooth loss
+- ``lora``        adding, saving and loading LoRA adapters
+- ``training``    cached latents, checkpoints, the Ctrl-C guard and other training-loop helpers
+- ``sampling``    generating images in batches with fixed seeds
+- ``figures``     grids, strips and loss curves
+"""
+
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+# transformers prints a warning about optional torchvision at import; students need not see it.
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+_missing = [name for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "PIL",
+                              "numpy", "matplotlib") if _importlib_util.find_spec(name) is None]
+if _missing:
+    _sys.stderr.write(
+        f"ERROR: missing Python package(s): {', '.join(_missing)}. Install the course requirements first: "
+        "pip install -r requirements.txt (and PyTorch for your machine from https://pytorch.org).\n")
+    raise SystemExit(1)

@@ -1,0 +1,107 @@
+"""Instance images: the ~10 pictures of the subject that DreamBooth binds to the token "sks".
+
+Real photos arrive in every shape: any case of .jpg/.jpeg/.png/.webp/.bmp, rotated by an EXIF tag,
+RGBA, palette, grayscale, CMYK or 16-bit, animated, huge, tiny or broken. ``load_instance_images``
+turns each usable one into an RGB square at the training resolution (centre crop, then resize),
+warns when it has to upscale, and names every file it skips.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from common.errors import LessonError, warn
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited over white (how a fabric photo is usually shown)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(path, longest_needed: int | None = None) -> Image.Image:
+    """Open one image file as upright RGB. Raises OSError/ValueError for files that are not images.
+
+    ``longest_needed`` lets JPEG decoding shrink a huge photo while it loads (PIL's draft mode), so a
+    10000x10000 picture does not need gigabytes of memory.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.seek(0)  # animated GIF/WebP: the first frame
+            if longest_needed and image.format == "JPEG":
+                image.draft("RGB", (longest_needed, longest_needed))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """The largest centred square, resized to ``resolution`` x ``resolution``."""
+    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def list_image_files(folder) -> list[Path]:
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAGES_DIR") -> list[Image.Image]:
+    """Every usable image in ``folder`` as an RGB ``resolution``-square; skipped files are named."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LessonError(f"{constant} folder '{folder}' does not exist (looked in {Path.cwd()}). Run the script "
+                          f"from the project folder, or put your training images in '{folder}/'.")
+    files = list_image_files(folder)
+    others = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+              and not p.name.startswith(".")]
+    if others:
+        warn(f"ignoring {len(others)} file(s) that are not .jpg/.jpeg/.png/.webp/.bmp: {', '.join(others[:5])}"
+             + (" ..." if len(others) > 5 else ""))
+    images, upscaled = [], []
+    for path in files:
+        try:
+            image = open_image(path, longest_needed=resolution)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            warn(f"skipping '{path.name}': not a readable image ({type(exc).__name__}: {str(exc)[:80]})")
+            continue
+        side = min(image.size)
+        if side < 32:
+            warn(f"skipping '{path.name}': {image.size[0]}x{image.size[1]} is too small to learn from")
+            continue
+        if side < resolution:
+            upscaled.append((path.name, side))
+        images.append(center_crop_resize(image, resolution))
+    if upscaled:
+        worst = min(s for _, s in upscaled)
+        warn(f"{len(upscaled)} image(s) are smaller than {resolution}x{resolution} and were upscaled up to "
+             f"{resolution / worst:.0f}x ({', '.join(n for n, _ in upscaled[:4])}{' ...' if len(upscaled) > 4 else ''}). "
+             "Upscaled pictures are blurry and the model learns the blur: use photos of at least "
+             f"{resolution}px if you can.")
+    if not images:
+        raise LessonError(f"No usable training images in '{folder}/' ({len(files)} image file(s) found, all "
+                          "unreadable or too small). Add 5-20 .jpg/.png pictures of your subject and run again.")
+    return images
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> float tensor (N, 3, H, W) in [-1, 1], the range the VAE expects."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,284 @@
+"""Lesson-script plumbing: the CONSTANTS block becomes a command line, gets validated, and errors read well.
+
+Every lesson script starts with a block of UPPER_CASE constants that a student edits. This module
+turns that block into a command line without the script declaring anything twice:
+
+    MAX_TRAIN_STEPS = 800   # how many optimizer updates   ->   --max-train-steps 800
+
+``configure(globals(), argv)`` reads the constants *when it is called* (so a test can change them and
+call ``main()``), applies command-line overrides, and returns them as a ``Config``. The comment after
+each constant becomes its ``--help`` text. ``run(main)`` wraps a script's ``main`` so that any
+:class:`LessonError` (or a known library failure) ends in one readable line; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import math
+import os
+import sys
+import tokenize
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+from common.errors import LessonError
+
+MODEL_ENV_VAR = "DREAMBOOTH_MODEL"
+SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
+
+
+def dashed(name: str) -> str:
+    """MAX_TRAIN_STEPS -> --max-train-steps"""
+    return "--" + name.lower().replace("_", "-")
+
+
+class Config(SimpleNamespace):
+    """The constants of one run, after command-line overrides. ``cfg.MAX_TRAIN_STEPS`` etc."""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k.isupper()}
+
+
+# --------------------------------------------------------------------------- reading the CONSTANTS block
+def _constants_in_source(path: str) -> list[tuple[str, str]]:
+    """(NAME, comment) for each top-level ``NAME = literal`` in the script, in the order written."""
+    source = Path(path).read_text(encoding="utf-8")
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper() and not name.startswith("_"):
+                try:
+                    ast.literal_eval(node.value)
+                except ValueError:
+                    continue  # computed values are not student constants
+                found.append((name, comments.get(node.end_lineno, comments.get(node.lineno, ""))))
+    return found
+
+
+def _coerce(name: str, text: str, like):
+    """Turn a command-line string into the type of the constant's current value."""
+    flag = dashed(name)
+    try:
+        if text.lower() == "none":
+            return None
+        if isinstance(like, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, (tuple, list)):  # text items are split on "|" (prompts contain commas)
+            items = [s.strip() for s in text.split("|" if not like or isinstance(like[0], str) else ",")]
+            items = [s for s in items if s]
+            if like and not isinstance(like[0], str):
+                items = [type(like[0])(s) for s in items]
+            return type(like)(items)
+        if like is None:  # no type to go by: a number if it reads as one
+            for kind in (int, float):
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        return text
+    except ValueError:
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(like), "a list")
+        raise LessonError(f"{name} must be {kind}, got {text!r} (from {flag}). Fix the value and run again.") from None
+
+
+def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None,
+              extra_flags: dict | None = None) -> Config:
+    """Read the script's CONSTANTS (as they are now), apply ``argv`` overrides, return a ``Config``.
+
+    ``--model`` is an alias of ``--model-id``; the environment variable DREAMBOOTH_MODEL overrides the
+    MODEL_ID written in the file (the flag overrides both). ``--debug`` is accepted everywhere.
+    """
+    script = script_globals.get("__file__", sys.argv[0])
+    names = _constants_in_source(script)
+    parser = argparse.ArgumentParser(
+        prog=Path(script).name,
+        description=(description or "").strip().split("\n\n")[0],
+        epilog="Every option is a CONSTANT at the top of the script; the command line overrides it for one run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, comment in names:
+        value = script_globals[name]
+        flags = [dashed(name)] + (["--model"] if name == "MODEL_ID" else [])
+        shown = " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        if isinstance(value, bool):
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{comment} [{name} = {value}]")
+        else:
+            parser.add_argument(*flags, dest=name, metavar="VALUE", default=None,
+                                help=f"{comment} [{name} = {shown!r}]".replace("%", "%%"))
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug)
+    for name, _ in names:
+        value = script_globals[name]
+        given = getattr(args, name)
+        if name == "MODEL_ID" and given is None and os.environ.get(MODEL_ENV_VAR):
+            given = os.environ[MODEL_ENV_VAR]
+        if given is not None:
+            value = given if isinstance(given, bool) else _coerce(name, given, value)
+        setattr(cfg, name, value)
+    _quiet_libraries(cfg.DEBUG)
+    return cfg
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Library chatter (loading bars, deprecation notes) hides the lesson's own output; --debug brings it back."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    for lib in (diffusers.utils.logging, transformers.utils.logging):
+        if debug:
+            lib.set_verbosity_info()
+            lib.enable_progress_bar()
+        else:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers|accelerate)")
+
+
+# --------------------------------------------------------------------------- validation (before any model loads)
+def _fail(cfg: Config, name: str, must: str):
+    value = getattr(cfg, name)
+    raise LessonError(f"{name} {must}, got {value!r}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}.")
+
+
+def _as_number(cfg: Config, name: str, kind):
+    value = getattr(cfg, name)
+    if isinstance(value, str):  # a student may write LEARNING_RATE = "1e-4"
+        try:
+            value = kind(value)
+        except ValueError:
+            _fail(cfg, name, "must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(cfg, name, "must be a number")
+    if kind is int and int(value) != value:
+        _fail(cfg, name, "must be a whole number")
+    setattr(cfg, name, kind(value))
+    return kind(value)
+
+
+def require_int(cfg: Config, *names: str, minimum: int = 1, allow_none: bool = False) -> None:
+    """Each named constant is a whole number >= minimum (or None when allowed)."""
+    for name in names:
+        if allow_none and getattr(cfg, name) is None:
+            continue
+        if _as_number(cfg, name, int) < minimum:
+            _fail(cfg, name, f"must be a whole number >= {minimum}")
+
+
+def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False) -> None:
+    """Each named constant is a number >= minimum (> minimum when ``above``)."""
+    for name in names:
+        value = _as_number(cfg, name, float)
+        if value < minimum or (above and value == minimum):
+            _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")
+
+
+def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = True) -> None:
+    if allow_none and getattr(cfg, name) is None:
+        return
+    require_int(cfg, name, minimum=factor)
+    if getattr(cfg, name) % factor:
+        _fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
+
+
+def require_choice(cfg: Config, name: str, choices) -> None:
+    if getattr(cfg, name) not in choices:
+        _fail(cfg, name, "must be one of " + ", ".join(map(repr, choices)))
+
+
+def require_text(cfg: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value.strip():
+            _fail(cfg, name, "must be non-empty text")
+
+
+# --------------------------------------------------------------------------- what the student sees
+def print_summary(cfg: Config, title: str, names: list[str]) -> None:
+    """The run summary a script prints first: what it will do, with which constants."""
+    print("=" * 72)
+    print(title)
+    print("=" * 72)
+    width = max(map(len, names))
+    for name in names:
+        print(f"  {name:<{width}} = {getattr(cfg, name)!r}")
+    print()
+
+
+def step(number: int | str, text: str) -> None:
+    """A numbered lesson step, as the course text numbers them."""
+    print(f"\n[Step {number}] {text}")
+
+
+def print_reflection(questions: list[str]) -> None:
+    print("\n" + "-" * 72 + "\nReflection questions\n" + "-" * 72)
+    for i, q in enumerate(questions, 1):
+        print(f"  {i}. {q}")
+    print()
+
+
+# --------------------------------------------------------------------------- the entry point
+OOM_ADVICE = (
+    "The GPU ran out of memory. Try, one at a time: TRAIN_BATCH_SIZE = 1, GRADIENT_CHECKPOINTING = True, "
+    "a smaller RESOLUTION (384 or 256), USE_8BIT_ADAM = True (needs bitsandbytes), or FAST_MODE = True for "
+    "generation; close other programs that use the GPU."
+)
+
+
+def explain(exc: BaseException) -> str | None:
+    """A one-line explanation for failures a student can cause outside our own checks (None if unknown)."""
+    if isinstance(exc, LessonError):
+        return str(exc)
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+        return OOM_ADVICE
+    if isinstance(exc, MemoryError):
+        return "The computer ran out of memory (RAM). " + OOM_ADVICE
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return "The disk is full. Free some space (old class_images/ or models/ checkpoints) and run again."
+    return None
+
+
+def run(main) -> None:
+    """Call ``main()``; turn any failure into one readable line and a non-zero exit code."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        code = main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("\nStopped (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
+    except BaseException as exc:  # noqa: BLE001 - this is the last line of defence for students
+        message = explain(exc)
+        if debug:
+            traceback.print_exc()
+        if message is None:
+            message = (f"unexpected {type(exc).__name__}: {exc}. Run again with --debug for the full traceback, "
+                       "and include it if you ask for help.")
+        print(f"\nERROR: {message}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)

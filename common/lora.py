@@ -1,0 +1,226 @@
+"""LoRA: small trainable matrices beside the UNet's frozen attention weights.
+
+A LoRA layer replaces ``W x`` with ``W x + (alpha / r) * B A x``, where A is r x d_in and B is
+d_out x r with a small rank r (4 in the course). Only A and B train; W stays frozen, so the file is a
+few megabytes and can be combined with other LoRAs. PEFT provides the layers; diffusers saves and
+loads them. This module only chooses the settings and handles the file layouts students meet:
+
+- diffusers' format (``pytorch_lora_weights.safetensors``, what exercise 3b writes, and what
+  ``pipe.load_lora_weights(folder)`` reads);
+- PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``), as the course published
+  its LoRA. Plain ``load_lora_weights`` loads 0 layers from it, so we apply it through diffusers'
+  PEFT integration with its own config (rank, alpha and all) - the same layers PEFT would build;
+- kohya / AUTOMATIC1111 single files (``lora_unet_...`` keys with ``.alpha``), which diffusers converts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from common.errors import LessonError
+from common.files import atomic_path
+
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+SETTINGS_KEY = "dreambooth_training_settings"
+ADAPTER_NAME = "fabric"
+
+
+# --------------------------------------------------------------------------- training side
+def add_lora(unet, rank: int, alpha: float, target_modules=TARGET_MODULES):
+    """Inject LoRA layers into the UNet's attention projections. Returns the ``LoraConfig``.
+
+    Gaussian init for A and zeros for B: the model starts exactly where the base model is.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    unet.add_adapter(config)
+    return config
+
+
+def lora_layer_names(model, adapter_name: str | None = None) -> list[str]:
+    """Names of the modules that carry a LoRA (of ``adapter_name``, or of any adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)
+            and (adapter_name in module.lora_A if adapter_name is not None else len(module.lora_A) > 0)]
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA weights in PEFT naming (``...to_q.lora_A.weight``), detached fp32 copies on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def adapter_metadata(config) -> dict:
+    """The LoraConfig fields a loader needs. Kept minimal so an older PEFT can read the file too."""
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
+
+def save_lora(unet, folder, config, settings: dict | None = None) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' format, atomically.
+
+    The safetensors header carries the LoRA config (so rank and alpha load right) and the training
+    settings (so a student can see how a file was made).
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    header = {"format": "pt",
+              LORA_ADAPTER_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in adapter_metadata(config).items()}),
+              SETTINGS_KEY: json.dumps(settings or {}, default=str)}
+
+    def write(weights, filename):
+        with atomic_path(filename) as tmp:
+            safetensors.torch.save_file(weights, str(tmp), metadata=header)
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict(unet)),
+        weight_name=WEIGHT_NAME, save_function=write, safe_serialization=True)
+    return Path(folder) / WEIGHT_NAME
+
+
+def export_kohya(unet, path, config) -> Path:
+    """A single file with kohya-style keys and alphas, for AUTOMATIC1111 and ComfyUI."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(unet).items()})
+    for key in kohya:
+        if key.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ
+            kohya[key] = torch.tensor(float(config.lora_alpha))
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": "sd_v1"}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(kohya, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_lora_checkpoint(unet, folder) -> None:
+    """Put the LoRA weights saved by ``save_lora`` in ``folder`` back into a UNet that already has the
+    adapter (resuming training)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=WEIGHT_NAME)
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", None):
+        raise LessonError(f"The checkpoint in '{folder}' does not fit this LoRA (was LORA_RANK or MODEL_ID changed?). "
+                          "Start afresh without --resume, or restore the settings it was made with.")
+
+
+def read_settings(path) -> dict:
+    """The training settings stored in a LoRA file's header by ``save_lora`` ({} if none)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(SETTINGS_KEY, "{}"))
+
+
+# --------------------------------------------------------------------------- loading, whatever the layout
+def find_lora_file(path) -> tuple[str, Path]:
+    """Which layout ``path`` holds: ("peft" | "file", the weights file). Refuses what it cannot load."""
+    path = Path(path)
+    if not path.exists():
+        raise LessonError(f"No LoRA at '{path}'. Train one first with 'python exercise3b_train_lora.py' "
+                          "(or download the course's and put it there).")
+    if path.is_file():
+        if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
+            return "peft", path
+        return "file", path
+    if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
+        return "file", path / WEIGHT_NAME
+    if (path / PEFT_WEIGHTS).is_file():
+        if not (path / PEFT_CONFIG).is_file():
+            raise LessonError(f"'{path / PEFT_WEIGHTS}' needs its '{PEFT_CONFIG}' beside it (it holds the rank "
+                              "and alpha). Download both files.")
+        return "peft", path / PEFT_WEIGHTS
+    candidates = sorted(p for p in path.glob("*.safetensors") if not _is_embedding(p))
+    if len(candidates) == 1:
+        return "file", candidates[0]
+    if not candidates:
+        raise LessonError(f"The folder '{path}' holds no LoRA weights (.safetensors). Train one with "
+                          "'python exercise3b_train_lora.py', or point LORA_PATH at the right folder or file.")
+    raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "
+                      "set LORA_PATH to the one you mean.")
+
+
+def _is_embedding(path: Path) -> bool:
+    """A Textual Inversion file: one tensor per token, or AUTOMATIC1111's emb_params/string_to_param."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader itself
+        return False
+    return bool(keys) and not any("lora" in k or k.endswith(".alpha") for k in keys)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise LessonError(f"'{path}' is not a readable LoRA file ({type(exc).__name__}: {str(exc)[:100]}). "
+                          "It may be damaged or incompletely downloaded: get it again.") from exc
+
+
+def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a LoRA made for another base model (e.g. SDXL), naming both shapes."""
+    modules = dict(unet.named_modules())
+    for key, value in peft_state.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        module = modules.get(name)
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, torch.nn.Linear) and value.shape[1] != layer.in_features:
+            raise LessonError(
+                f"'{path.name}' was made for another base model: its layer '{name}' takes inputs of width "
+                f"{value.shape[1]}, this model's takes {layer.in_features}. (SD v1.5 uses 768-wide text features, "
+                "SD 2.x 1024, SDXL 2048.) Use a LoRA trained on this MODEL_ID, or the MODEL_ID it was trained on.")
+
+
+def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> int:
+    """Load a LoRA (any layout above) into ``pipe.unet`` at ``scale``; return how many layers it patched.
+
+    Refuses to continue when nothing was patched, instead of quietly running the base model.
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    layout, file = find_lora_file(path)
+    if _is_embedding(file):
+        raise LessonError(f"'{file}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
+                          "and LORA_PATH to the LoRA folder.")
+    if layout == "peft":
+        from peft import LoraConfig
+
+        state = {k.removeprefix("base_model.model."): v for k, v in _read_weights(file).items()}
+        config = LoraConfig.from_pretrained(str(file.parent)).to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        _check_shapes(pipe.unet, state, file)
+        pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=config)
+    else:
+        state, _ = pipe.lora_state_dict(_read_weights(file)) if file.suffix != ".safetensors" else \
+            pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        _check_shapes(pipe.unet, convert_unet_state_dict_to_peft(unet_state) if unet_state else {}, file)
+        try:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LessonError(f"'{file}' could not be applied to this model ({str(exc)[:160]}). Is it a LoRA for "
+                              "Stable Diffusion v1.x?") from exc
+    patched = len(lora_layer_names(pipe.unet, adapter_name))
+    if patched == 0:
+        raise LessonError(f"'{file}' patched 0 layers of the UNet: its keys do not match this model. "
+                          "Use a LoRA trained on this MODEL_ID (retrain with exercise3b_train_lora.py).")
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    return patched

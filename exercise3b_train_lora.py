@@ -1,0 +1,262 @@
+"""Exercise 3b: teach Stable Diffusion your fabric with DreamBooth, LoRA and prior preservation.
+
+DreamBooth binds a rare token ("sks") to ~10 pictures of one subject. We fine-tune only small LoRA
+matrices in the UNet's attention layers, and keep the model's idea of "a fabric pattern" alive with
+class images it drew itself (prior preservation).
+
+    python exercise3b_train_lora.py                      # the course's settings (NVIDIA GPU: 15-30 min)
+    python exercise3b_train_lora.py --model tiny         # built-in toy model: seconds on any CPU
+    python exercise3b_train_lora.py --resume             # continue from the last checkpoint
+    accelerate launch exercise3b_train_lora.py           # several GPUs (run 'accelerate config' once)
+
+Writes models/fabric_lora/pytorch_lora_weights.safetensors, which exercise 1 and 2 (and plain
+diffusers: pipe.load_lora_weights("models/fabric_lora")) load, plus progress grids and loss curves
+in outputs/.
+"""
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+
+from common import device as devices
+from common import figures, images, lesson, lora, models, prior, sampling, training
+from common.errors import warn
+from common.files import human_size
+
+# ============================== CONSTANTS: edit these ==============================
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
+TRAINING_IMAGES_DIR = "training_images"  # 5-20 pictures of your subject
+INSTANCE_PROMPT = "a sks african fabric pattern"  # rare token "sks" + the class it belongs to
+CLASS_PROMPT = "a fabric pattern"  # the same class, without the token
+SUBJECT_TOKEN = "sks"  # the rare word that will mean *your* fabric
+RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
+LORA_RANK = 4  # rank r of the LoRA matrices: bigger = more capacity, bigger file
+LORA_ALPHA = 4  # LoRA scale is alpha / rank
+LEARNING_RATE = 1e-4  # AdamW learning rate
+MAX_TRAIN_STEPS = 800  # optimizer updates
+TRAIN_BATCH_SIZE = 1  # instance images per step (plus as many class images)
+GRADIENT_ACCUMULATION = 1  # micro-batches summed into one update (raise it when you lower the batch)
+LR_SCHEDULER = "constant"  # constant, constant_with_warmup, linear or cosine
+LR_WARMUP_STEPS = 0  # steps of learning-rate warm-up
+PRIOR_PRESERVATION = True  # train on class images too, so "a fabric pattern" keeps its meaning
+NUM_CLASS_IMAGES = 100  # class images the base model draws once (kept in CLASS_DATA_DIR)
+PRIOR_LOSS_WEIGHT = 1.0  # lambda: weight of the prior-preservation term
+CLASS_DATA_DIR = "class_images"  # where the class images and their manifest live
+RANDOM_FLIP = True  # mirror images at random (cached, so it costs nothing)
+GRADIENT_CHECKPOINTING = False  # trade ~30% speed for much less GPU memory
+USE_8BIT_ADAM = False  # bitsandbytes' 8-bit AdamW (NVIDIA only, optional install)
+MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16 (LoRA weights always train in fp32)
+DEVICE = "auto"  # auto, cuda, mps or cpu
+SAMPLE_EVERY = 100  # steps between progress grids
+SAMPLE_PROMPTS = ("a sks african fabric pattern",
+                  "a beautiful dress made of sks african fabric pattern, fashion photography",
+                  "a fabric pattern")  # the last one shows language drift (or its absence)
+NUM_SAMPLE_SEEDS = 2  # images per sample prompt
+NUM_INFERENCE_STEPS = 25  # denoising steps for samples and class images
+GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples and class images
+SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
+CHECKPOINT_EVERY = 200  # steps between checkpoints (for --resume)
+CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
+RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints
+RANDOM_SEED = 42  # same seed, same run
+LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
+OUTPUT_DIR = "outputs"  # where the pictures go
+EXPORT_KOHYA = False  # also write models/fabric_lora_kohya.safetensors for AUTOMATIC1111/ComfyUI
+# ==================================================================================
+
+REFLECTION = [
+    "Compare the step-0 grid with the last one: which prompt changed first, and why that one?",
+    "Look at the 'a fabric pattern' row. Did it drift towards your fabric? Try --no-prior-preservation.",
+    "The LoRA file is a few MB while the UNet is 3.4 GB. What does that say about what fine-tuning changes?",
+    "The instance and prior loss curves barely fall. Why is the diffusion loss a poor progress meter?",
+]
+
+
+def validate(cfg):
+    """Every constant checked before any model loads."""
+    lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "LORA_RANK", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "NUM_INFERENCE_STEPS", "SAMPLE_BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_CLASS_IMAGES", "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", "NUM_SAMPLE_SEEDS",
+                       "RANDOM_SEED", minimum=0)
+    lesson.require_float(cfg, "LEARNING_RATE", above=True)
+    lesson.require_float(cfg, "LORA_ALPHA", above=True)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "PRIOR_LOSS_WEIGHT")
+    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
+        lesson.require_int(cfg, "NUM_CLASS_IMAGES")  # prior preservation needs class images
+    if cfg.SUBJECT_TOKEN not in cfg.INSTANCE_PROMPT.split():
+        warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
+             "the model will learn your images without a word to call them by.")
+
+
+def main(argv=None):
+    cfg = lesson.configure(globals(), argv, __doc__)
+    validate(cfg)
+    lesson.print_summary(cfg, "Exercise 3b - DreamBooth-LoRA with prior preservation", [
+        "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "RESOLUTION", "LORA_RANK", "LORA_ALPHA", "LEARNING_RATE",
+        "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "PRIOR_PRESERVATION", "NUM_CLASS_IMAGES",
+        "PRIOR_LOSS_WEIGHT", "RANDOM_SEED"])
+    started = time.perf_counter()
+    out_dir, lora_dir = Path(cfg.OUTPUT_DIR), Path(cfg.LORA_DIR)
+    progress_dir, checkpoint_root = out_dir / "training_progress_lora", lora_dir / "checkpoints"
+
+    lesson.step(1, "Choose the device and load the base model")
+    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
+    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+    device = accelerator.device
+    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
+    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=runtime.dtype).to(device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
+    sampling.use_multistep_solver(pipe)
+    unet, vae = pipe.unet, pipe.vae
+    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+    settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,
+                                         width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
+
+    lesson.step(2, f"Load the instance images from '{cfg.TRAINING_IMAGES_DIR}/' at {resolution}x{resolution}")
+    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution)
+    print(f"  {len(instance_images)} instance images")
+
+    class_images = []
+    if cfg.PRIOR_PRESERVATION:
+        lesson.step(3, f"Prior preservation: {cfg.NUM_CLASS_IMAGES} class images of '{cfg.CLASS_PROMPT}'")
+        recipe = prior.class_image_recipe(models.describe_source(cfg.MODEL_ID), cfg.CLASS_PROMPT, resolution,
+                                          cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE)
+        files = prior.ensure_class_images(
+            pipe, cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator,
+            generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, settings, "Class images")[0])
+        class_images = [images.center_crop_resize(images.open_image(p), resolution) for p in files]
+
+    lesson.step(4, "Encode images and prompts once (the VAE and text encoder then leave the GPU)")
+    instance_dist = training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP)
+    class_dist = (training.cache_latent_distributions(vae, images.to_tensor(class_images), cfg.RANDOM_FLIP)
+                  if class_images else None)
+    instance_embeds = training.encode_text(pipe, cfg.INSTANCE_PROMPT)
+    class_embeds = training.encode_text(pipe, cfg.CLASS_PROMPT)
+    sample_prompts = [p for p in cfg.SAMPLE_PROMPTS for _ in range(cfg.NUM_SAMPLE_SEEDS)]
+    sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
+    sample_embeds = sampling.encode_prompts(pipe, sample_prompts, guidance=cfg.GUIDANCE_SCALE > 1)
+    vae.to("cpu"), pipe.text_encoder.to("cpu")
+    devices.empty_cache(device)
+
+    lesson.step(5, f"Add rank-{cfg.LORA_RANK} LoRA layers to the UNet's attention (to_q, to_k, to_v, to_out)")
+    unet.requires_grad_(False)
+    set_seed(cfg.RANDOM_SEED)  # the LoRA's random initialisation: same seed, same run
+    lora_config = lora.add_lora(unet, cfg.LORA_RANK, cfg.LORA_ALPHA)
+    cast_training_params(unet, torch.float32)  # LoRA trains in fp32 even when the frozen UNet is fp16
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    print(f"  {len(lora.lora_layer_names(unet))} LoRA layers, {sum(p.numel() for p in trainable):,} trainable "
+          f"parameters ({sum(p.numel() for p in unet.parameters()):,} in the UNet)")
+    optimizer = training.make_optimizer(trainable, cfg.LEARNING_RATE, cfg.USE_8BIT_ADAM)
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
+                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    state = training.TrainState()
+    accelerator.register_for_checkpointing(state)
+    run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE")}
+    training.register_adapter_checkpointing(
+        accelerator, save_adapter=lambda m, d: lora.save_lora(m, d, lora_config, run_settings),
+        load_adapter=lora.load_lora_checkpoint)
+    if cfg.RESUME:
+        training.resume(accelerator, checkpoint_root, state)
+    strip = []  # the first sample at each progress step, for the progression strip
+
+    def save_progress_grid(step):
+        with training.sampling_mode(unet, [vae, pipe.text_encoder], device):
+            samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False,
+                                           embeddings=sample_embeds)
+        if accelerator.is_main_process:
+            figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
+                              labels=sample_prompts, title=f"LoRA training, step {step}")
+        strip.append((step, samples[0]))
+        return samples
+
+    lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps (Ctrl-C saves a checkpoint and stops)")
+    if state.step == 0:
+        save_progress_grid(0)
+    samples, n_inst = None, cfg.TRAIN_BATCH_SIZE
+    unet.train()
+    with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
+        while state.step < cfg.MAX_TRAIN_STEPS and not stop.requested:
+            step = state.step + 1
+            for micro in range(cfg.GRADIENT_ACCUMULATION):
+                with accelerator.accumulate(unet):
+                    g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
+                    # The batch: instance latents (+ class latents), each with its prompt's embedding.
+                    pick = torch.randint(len(instance_dist), (n_inst,), generator=g)
+                    latents, embeds = training.sample_latents(instance_dist[pick], g, vae.config), [instance_embeds] * n_inst
+                    if class_dist is not None:
+                        pick = torch.randint(len(class_dist), (n_inst,), generator=g)
+                        latents = torch.cat([latents, training.sample_latents(class_dist[pick], g, vae.config)])
+                        embeds += [class_embeds] * n_inst
+                    # Forward diffusion: independent noise and timestep for every sample.
+                    noise = torch.randn(latents.shape, generator=g)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+                    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    # One UNet call for instance and class images together: predict the noise.
+                    model_pred = unet(noisy_latents.to(runtime.dtype), timesteps,
+                                      torch.cat(embeds).to(device, runtime.dtype)).sample
+                    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+                              else noise_scheduler.get_velocity(latents, noise, timesteps))
+                    loss, instance_loss, prior_loss = prior.prior_preservation_loss(
+                        model_pred, target, n_inst, cfg.PRIOR_LOSS_WEIGHT)
+                    training.check_finite(loss, step, checkpoint_root)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+            state.step = step
+            state.log(total=loss.item(), instance=instance_loss.item(), prior=prior_loss.item())
+            bar.update(1, loss=loss.item())
+            if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
+                samples = save_progress_grid(step)
+            if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested:
+                training.save_checkpoint(accelerator, checkpoint_root, step, cfg.CHECKPOINTS_TO_KEEP)
+    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
+        print(f"\nStopped at step {state.step}; checkpoint saved in '{checkpoint_root}/'. Continue with:\n"
+              f"  python {cfg.SCRIPT} --resume  (plus any options you used)")
+        return 130
+
+    lesson.step(7, "Save the LoRA and the figures")
+    trained = accelerator.unwrap_model(unet)
+    written = []
+    if accelerator.is_main_process:
+        written.append(lora.save_lora(trained, lora_dir, lora_config, run_settings))
+        if cfg.EXPORT_KOHYA:
+            written.append(lora.export_kohya(trained, lora_dir.parent / f"{lora_dir.name}_kohya.safetensors", lora_config))
+        curves = {"total loss": state.history.get("total", []), "instance loss": state.history.get("instance", [])}
+        if cfg.PRIOR_PRESERVATION:
+            curves["prior loss"] = state.history.get("prior", [])
+        written.append(figures.plot_curves(curves, out_dir / "exercise3b_loss_curves.png", "DreamBooth-LoRA losses"))
+        if strip:  # (empty when --resume found the run already finished)
+            written.append(figures.save_grid([im for _, im in strip], out_dir / "exercise3b_progression.png",
+                                             cols=len(strip), labels=[f"step {s}" for s, _ in strip],
+                                             title=repr(sample_prompts[0])))
+    accelerator.wait_for_everyone()
+
+    elapsed = time.perf_counter() - started
+    print("\nDone in {:.0f} s. Files written:".format(elapsed))
+    for path in written + [progress_dir]:
+        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+    print(f"\nUse it: python exercise1_generate.py   (or in Python: pipe.load_lora_weights('{lora_dir}'))")
+    lesson.print_reflection(REFLECTION)
+    return SimpleNamespace(lora_file=written[0] if written else None, samples=samples, history=state.history,
+                           sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings,
+                           seconds=elapsed)
+
+
+if __name__ == "__main__":
+    lesson.run(main)

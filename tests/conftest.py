@@ -1,0 +1,52 @@
+"""Shared test fixtures: a project folder in a temporary directory with the tiny model built once."""
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SEED = ROOT.parent / "shared" / "seed"  # the course's published files, beside a developer's checkout
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+from common import models  # noqa: E402
+
+needs_shared = pytest.mark.skipif(not SHARED_SEED.is_dir(), reason="../shared/seed (course files) not present")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The built-in tiny model, built once per test session."""
+    return models.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_dir) -> Path:
+    """A fresh project folder (training_images/ and models/tiny-sd/), made the current directory."""
+    shutil.copytree(tiny_dir, tmp_path / "models" / "tiny-sd")
+    shutil.copytree(ROOT / "training_images", tmp_path / "training_images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DREAMBOOTH_MODEL", raising=False)
+    return tmp_path
+
+
+def load_script(name: str):
+    """Import a lesson script as a fresh module, so each test sees its CONSTANTS as written."""
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_pipe(tiny_dir):
+    """A fresh tiny StableDiffusionPipeline loaded with plain diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

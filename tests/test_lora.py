@@ -1,0 +1,145 @@
+"""LoRA files: ours load with plain diffusers; the course's PEFT layout and kohya files load as PEFT would."""
+
+import copy
+import json
+
+import pytest
+import safetensors
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from common import lora, models
+from common.errors import LessonError
+from conftest import SHARED_SEED, needs_shared
+
+
+def _unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size // 2
+    x = torch.randn(1, 4, size, size, generator=g)
+    e = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, 500, e).sample
+
+
+def _randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture
+def trained_unet(tiny_pipe):
+    unet = tiny_pipe.unet
+    config = lora.add_lora(unet, rank=4, alpha=8)  # alpha != rank: the scale must travel with the file
+    _randomize_lora(unet)
+    return unet, config
+
+
+def test_save_then_plain_diffusers_load_reproduces_the_unet(trained_unet, tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    path = lora.save_lora(unet, tmp_path / "fabric_lora", config, {"LEARNING_RATE": 1e-4})
+    assert path.name == "pytorch_lora_weights.safetensors"
+    assert lora.read_settings(path) == {"LEARNING_RATE": 1e-4}
+    fresh = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    base = _unet_output(fresh.unet)
+    fresh.load_lora_weights(str(tmp_path / "fabric_lora"))  # the course's quick start, unchanged
+    assert len(lora.lora_layer_names(fresh.unet)) == 56  # 14 attention blocks x to_q/k/v/out
+    out = _unet_output(fresh.unet)
+    assert torch.allclose(out, _unet_output(unet), atol=1e-6)
+    assert (out - base).abs().max() > 1e-3
+
+
+def test_kohya_export_loads_in_diffusers_with_its_alpha(trained_unet, tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    path = lora.export_kohya(unet, tmp_path / "fabric_kohya.safetensors", config)
+    with safetensors.safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("lora_unet_") for k in keys)
+        assert f.get_tensor(next(k for k in keys if k.endswith(".alpha"))).item() == 8
+    fresh = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    assert lora.load_lora(fresh, path) == 56
+    assert torch.allclose(_unet_output(fresh.unet), _unet_output(unet), atol=1e-5)
+
+
+def _peft_folder(unet, folder, rank=4, alpha=32):
+    peft_model = get_peft_model(copy.deepcopy(unet), LoraConfig(r=rank, lora_alpha=alpha,
+                                                                 target_modules=list(lora.TARGET_MODULES)))
+    _randomize_lora(peft_model)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def test_peft_layout_matches_peft_itself(tiny_pipe, tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = _peft_folder(tiny_pipe.unet, tmp_path / "peft_lora")
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+    reference = _unet_output(PeftModel.from_pretrained(copy.deepcopy(tiny_pipe.unet), str(folder)))
+
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    plain.load_lora_weights(str(folder))  # what the course's quick start does: nothing is patched
+    assert len(lora.lora_layer_names(plain.unet)) == 0
+
+    ours = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    assert lora.load_lora(ours, folder) == 56
+    assert torch.allclose(_unet_output(ours.unet), reference, atol=1e-5)
+
+
+def test_lora_scale_scales_the_change(trained_unet, tiny_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    lora.save_lora(unet, tmp_path / "l", config)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    base = _unet_output(pipe.unet)
+    lora.load_lora(pipe, tmp_path / "l", scale=0.0)
+    assert torch.allclose(_unet_output(pipe.unet), base, atol=1e-6)
+    pipe.set_adapters([lora.ADAPTER_NAME], adapter_weights=[1.0])
+    assert not torch.allclose(_unet_output(pipe.unet), base, atol=1e-4)
+
+
+def test_missing_and_empty_lora_are_explained(tiny_pipe, tmp_path):
+    with pytest.raises(LessonError, match="exercise3b_train_lora.py"):
+        lora.load_lora(tiny_pipe, tmp_path / "nothing_here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LessonError, match="no LoRA weights"):
+        lora.load_lora(tiny_pipe, tmp_path / "empty")
+
+
+def test_lora_for_another_model_names_both_shapes(tiny_pipe, tmp_path):
+    # A LoRA whose cross-attention layers expect 2048-wide text features (SDXL) on a 32-wide model.
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    state = {f"unet.{name}.lora.down.weight": torch.zeros(4, 2048), f"unet.{name}.lora.up.weight": torch.zeros(32, 4)}
+    safetensors.torch.save_file(state, str(tmp_path / "sdxl_lora.safetensors"))
+    with pytest.raises(LessonError, match=r"2048.*32"):
+        lora.load_lora(tiny_pipe, tmp_path / "sdxl_lora.safetensors")
+
+
+@needs_shared
+def test_course_published_lora_applies_exactly_as_peft(tmp_path):
+    """The course's adapter (rank 4, alpha 32, SD v1.5 shapes) on a random SD v1.5-shaped UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = SHARED_SEED / "fabric_lora"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 32)
+    unet = models.random_sd15_unet()
+    peft_model = PeftModel.from_pretrained(unet, str(folder))
+    reference = _unet_output(peft_model)
+    unet = peft_model.unload()  # back to the bare UNet, same weights
+
+    tiny = models.build_tiny_pipeline(tmp_path / "tok")
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(folder))  # plain diffusers: 0 layers
+    assert len(lora.lora_layer_names(unet)) == 0
+    assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
+    assert torch.allclose(_unet_output(unet), reference, atol=1e-5)

@@ -1,0 +1,79 @@
+"""Model sources: the tiny model, aliases, local paths and the message when the Hub is out of reach."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from common import models
+from common.errors import LessonError
+
+
+def test_tiny_model_is_a_standard_diffusers_folder(tiny_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    # cross-attention: the UNet reads the text encoder's features
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert models.native_resolution(pipe) == 64
+
+
+def test_tiny_tokenizer_knows_the_course_words(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    for word in ["sks", "african", "fabric", "pattern", "dress", "watercolor", "striped", "purple"]:
+        assert len(tok.tokenize(word)) == 1, word
+    ids = tok("a sks african fabric pattern").input_ids
+    assert len(ids) == 7  # start, 5 words, end
+    assert tok.model_max_length == 77
+    # unknown words still encode (as characters), they are not dropped
+    assert len(tok.tokenize("zebra")) > 1
+
+
+def test_tiny_model_is_deterministic(tmp_path):
+    a = models.build_tiny_pipeline(tmp_path / "a")
+    b = models.build_tiny_pipeline(tmp_path / "b")
+    for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_same_seed_same_image(tiny_pipe):
+    images = [tiny_pipe("a sks african fabric pattern", num_inference_steps=4,
+                        generator=torch.Generator().manual_seed(7), output_type="np").images for _ in range(2)]
+    assert (images[0] == images[1]).all()
+
+
+def test_resolve_sources(tmp_path, tiny_dir):
+    assert models.resolve("tiny").kind == "tiny"
+    alias = models.resolve("runwayml/stable-diffusion-v1-5")
+    assert alias.location == "stable-diffusion-v1-5/stable-diffusion-v1-5" and "removed" in alias.note
+    assert models.resolve(str(tiny_dir)).kind == "folder"
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")
+    assert models.resolve(str(ckpt)).kind == "single_file"
+    assert models.resolve("someone/some-model").kind == "hub"
+
+
+@pytest.mark.parametrize("model_id, words", [
+    ("./no/such/folder", "does not exist"),
+    ("not a model", "not a Hub id"),
+    ("", "empty"),
+])
+def test_bad_model_ids_are_explained(model_id, words):
+    with pytest.raises(LessonError, match=words):
+        models.resolve(model_id)
+
+
+def test_folder_without_model_index_is_explained(tmp_path):
+    with pytest.raises(LessonError, match="model_index.json"):
+        models.resolve(str(tmp_path))
+
+
+def test_unreachable_hub_gives_ways_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LessonError) as info:
+        models.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    message = str(info.value)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    assert "huggingface-cli login" in message and "tiny" in message and "local" in message
+    assert "\n" not in message

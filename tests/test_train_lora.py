@@ -1,0 +1,104 @@
+"""Exercise 3b end to end on the tiny model: the LoRA it writes works with plain diffusers."""
+
+import numpy as np
+import pytest
+import torch
+
+from common import lora, prior, sampling, training
+from conftest import load_script
+
+FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
+        "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
+
+
+def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
+    from diffusers import StableDiffusionPipeline
+
+    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", "6"])
+    lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
+    assert result.lora_file.resolve() == lora_file and lora_file.is_file()
+    assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
+    for name in ["exercise3b_loss_curves.png", "exercise3b_progression.png",
+                 "training_progress_lora/step_00000.png", "training_progress_lora/step_00006.png"]:
+        assert (workdir / "outputs" / name).is_file(), name
+    assert len(list((workdir / "class_images").glob("class_*.png"))) == 4
+    assert [p.name for p in training.checkpoint_dirs(workdir / "models/fabric_lora/checkpoints")] == [
+        "checkpoint-000003", "checkpoint-000006"]
+    assert len(result.history["total"]) == 6
+
+    # A fresh pipeline, plain diffusers calls only.
+    pipe = StableDiffusionPipeline.from_pretrained("models/tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    sampling.use_multistep_solver(pipe)
+    base, _ = sampling.generate(pipe, result.sample_prompts, result.sample_seeds, result.settings, progress=False)
+    pipe.load_lora_weights("models/fabric_lora")
+    assert len(lora.lora_layer_names(pipe.unet)) == 56
+    after, _ = sampling.generate(pipe, result.sample_prompts, result.sample_seeds, result.settings, progress=False)
+    for trained, reloaded, untouched in zip(result.samples, after, base):
+        trained, reloaded, untouched = (np.asarray(x, dtype=np.int16) for x in (trained, reloaded, untouched))
+        assert np.abs(trained - reloaded).max() <= 1  # the in-training sample, reproduced from the file
+        assert np.abs(reloaded - untouched).mean() > 0.5  # and the LoRA visibly changes the picture
+
+
+def test_resume_continues_at_the_right_step(workdir, capsys):
+    script = load_script("exercise3b_train_lora.py")
+    script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
+    result = script.main(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
+    said = capsys.readouterr().out
+    assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000003' at step 3" in said
+    assert len(result.history["total"]) == 5  # 3 from the first run (restored) + 2 new steps
+
+
+def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
+    from safetensors.torch import load_file
+
+    script = load_script("exercise3b_train_lora.py")
+    args = FAST + ["--sample-every", "100", "--no-random-flip"]
+    script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/straight"])
+    script.main(args + ["--max-train-steps", "2", "--checkpoint-every", "2", "--lora-dir", "models/split"])
+    script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/split", "--resume"])
+    a = load_file("models/straight/pytorch_lora_weights.safetensors")
+    b = load_file("models/split/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_no_prior_preservation_trains_on_instances_only(workdir):
+    result = load_script("exercise3b_train_lora.py").main(
+        FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
+    assert not (workdir / "class_images").exists()
+    assert result.history["prior"] == [0.0, 0.0]
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
+    """The pieces 3b trains with (LoRA layers, AdamW, the DreamBooth loss) can fit a fixed batch."""
+    unet = tiny_pipe.unet
+    unet.requires_grad_(False)
+    lora.add_lora(unet, rank=4, alpha=4)
+    optimizer = training.make_optimizer([p for p in unet.parameters() if p.requires_grad], 1e-2)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    timesteps, text = torch.tensor([100, 300, 500, 700]), torch.randn(4, 77, 32, generator=g)
+    losses = []
+    for _ in range(50):
+        pred = unet(latents + noise, timesteps, text).sample
+        loss, _, _ = prior.prior_preservation_loss(pred, noise, 2, 1.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch):
+    from common.errors import LessonError
+
+    script = load_script("exercise3b_train_lora.py")
+    script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
+    good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
+    before = good.read_bytes()
+    monkeypatch.setenv(training.NAN_FAULT_ENV, "5")
+    with pytest.raises(LessonError, match="loss became nan at step 5"):
+        script.main(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
+    assert good.read_bytes() == before
+    assert [p.name for p in training.checkpoint_dirs(good.parents[1])] == ["checkpoint-000003"]
