@@ -126,6 +126,8 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
+    if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
+        sys.stdout = open(os.devnull, "w")
     cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug)
     for name, _ in names:
         value = script_globals[name]

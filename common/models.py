@@ -109,7 +109,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, safety_chec
             pipe = StableDiffusionPipeline.from_single_file(source.location, torch_dtype=dtype, **extra)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(source.location, torch_dtype=dtype, **extra)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
         raise LessonError(_explain_load_failure(model_id, source, exc)) from exc
     pipe.set_progress_bar_config(disable=True)  # the scripts show their own progress
     return pipe

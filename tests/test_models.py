@@ -77,3 +77,17 @@ def test_unreachable_hub_gives_ways_out(monkeypatch):
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     assert "huggingface-cli login" in message and "tiny" in message and "local" in message
     assert "\n" not in message
+
+
+def test_attention_uses_pytorch_sdpa(tiny_pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = tiny_pipe.unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_broken_checkpoint_file_is_explained(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(LessonError, match="model.safetensors"):
+        models.load_pipeline(str(bad))

@@ -1,11 +1,17 @@
 """Exercise 3b end to end on the tiny model: the LoRA it writes works with plain diffusers."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from common import lora, prior, sampling, training
-from conftest import load_script
+from conftest import ROOT, load_script
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
         "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
@@ -102,3 +108,45 @@ def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch):
         script.main(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
     assert good.read_bytes() == before
     assert [p.name for p in training.checkpoint_dirs(good.parents[1])] == ["checkpoint-000003"]
+
+
+def _run(args, cwd):
+    """The script as a student runs it: a separate process, output read as it comes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workdir):
+    args = [str(ROOT / "exercise3b_train_lora.py")] + FAST + ["--max-train-steps", "100000", "--sample-every",
+                                                              "100000", "--checkpoint-every", "100000"]
+    proc = _run(args, workdir)
+    seen = ""
+    for line in proc.stdout:  # wait until the loop runs
+        seen += line
+        if "[Step 6]" in line:
+            break
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + out
+    assert "--resume" in out and "Traceback" not in out
+    saved = training.checkpoint_dirs(workdir / "models/fabric_lora/checkpoints")
+    assert len(saved) == 1
+    step = int(saved[0].name.split("-")[1])
+    assert 0 < step < 100000
+    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", str(step + 2),
+                                                                  "--sample-every", "100000", "--resume"])
+    assert len(result.history["total"]) == step + 2
+
+
+def test_two_processes_share_class_images(workdir):
+    """`accelerate launch`/torchrun on two CPU processes (gloo): class images are shared out, one writer."""
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "exercise3b_train_lora.py")] + FAST + [
+        "--max-train-steps", "2", "--num-class-images", "6"]
+    proc = _run(args, workdir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert len(list((workdir / "class_images").glob("class_*.png"))) == 6
+    assert out.count("Files written:") == 1  # only the main process talks
+    assert (workdir / "models/fabric_lora/pytorch_lora_weights.safetensors").is_file()
