@@ -40,6 +40,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes folders private; give them the usual permissions
     try:
         yield tmp
         if path.exists():  # rename the old one aside first: a folder cannot be replaced in one step

@@ -47,6 +47,11 @@ blurry distorted low quality high detailed ugly spacecraft ancient temple underw
 """
 
 
+# Stable Diffusion v1.5's noise schedule (its scheduler_config.json): the tiny and pocket models share it.
+SD15_SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False)
+
+
 @dataclass
 class ModelSource:
     kind: str  # "hub", "folder", "single_file", "tiny" or "pocket"
@@ -166,7 +171,10 @@ def build_tokenizer(folder: Path, words: str = VOCABULARY):
         (folder / "vocab.json").write_text(json.dumps({**vocab, **specials}), encoding="utf-8")
         lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
         (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+                  "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(str(folder))
 
     for _ in range(8):  # each pass appends merges after the existing ones, so earlier words stay whole
         tokenizer = write_and_load()
@@ -210,9 +218,7 @@ def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0):
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ))
-    # Stable Diffusion v1.5's own scheduler settings.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG, skip_prk_steps=True)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

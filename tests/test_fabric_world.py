@@ -1,0 +1,96 @@
+"""The pocket world: deterministic pictures with ground truth, captions, held-out combinations, metrics."""
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+
+from common import fabric_world as world
+from common import world_metrics
+from conftest import ROOT, load_script
+
+
+def test_world_is_deterministic():
+    a, kind, c1, c2 = world.sample(123)
+    b, *truth = world.sample(123)
+    assert (a == b).all() and truth == [kind, c1, c2]
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert not (world.sample(124)[0] == a).all()
+
+
+@pytest.mark.parametrize("kind", world.KINDS)
+def test_each_kind_is_two_named_colours(kind):
+    image = world.draw(kind, "red", "blue", seed=5)
+    assert world.colour_adherence(image, "red", "blue") > 0.99
+    assert world.colour_adherence(image, "green", "yellow") < 0.01
+    share = (world.nearest_colour_names(image) == world.COLOUR_NAMES.index("red")).mean()
+    assert 0.05 < share < 0.95  # both colours really appear
+
+
+def test_kinds_differ_from_each_other():
+    masks = {k: world.pattern_mask(k, np.random.default_rng(0)) for k in world.KINDS}
+    for a in world.KINDS:
+        for b in world.KINDS:
+            if a < b:
+                assert (masks[a] != masks[b]).mean() > 0.1, (a, b)
+
+
+def test_captions_and_dropout():
+    rng = np.random.default_rng(0)
+    captions = [world.caption("striped", "red", "blue", rng) for _ in range(2000)]
+    assert 0.07 < captions.count("") / 2000 < 0.13  # unconditional, for classifier-free guidance
+    assert 0.07 < captions.count(world.GENERIC_CAPTION) / 2000 < 0.13  # the class prompt
+    assert "a red and blue striped fabric pattern" in captions
+    assert "a striped fabric pattern in red and blue" in captions
+    assert not any("sks" in c for c in captions)  # the subject token stays rare
+
+
+def test_held_out_combinations():
+    held = world.held_out_captions()
+    assert 60 < len(held) < 130  # about one in eight of 8 kinds x 90 ordered colour pairs
+    assert {k for k, _, _ in held} == set(world.KINDS)
+    assert all(world.is_held_out(*h) for h in held)
+    assert world.is_held_out(*held[0]) and world.is_held_out(held[0][0], held[0][2], held[0][1])
+
+
+def test_subject_differs_from_the_world_in_colour_count():
+    """The African textiles use more than two colours: no world picture looks like them that way."""
+    from common.images import center_crop_resize, list_image_files, open_image
+
+    for path in list_image_files(ROOT / "training_images"):
+        small = np.asarray(center_crop_resize(open_image(path), 64))
+        counts = np.bincount(world.nearest_colour_names(small), minlength=len(world.COLOUR_NAMES))
+        assert (np.sort(counts)[::-1][:2].sum() / counts.sum()) < 0.97, path.name
+
+
+def test_classifier_shapes_and_diversity():
+    clf = world_metrics.build_classifier().eval()
+    labels = world_metrics.classify(clf, [world.sample(i)[0] for i in range(4)])
+    assert labels.shape == (4,) and labels.max() < len(world_metrics.LABELS)
+    assert world_metrics.kind_diversity(np.arange(8)) == pytest.approx(1.0)
+    assert world_metrics.kind_diversity(np.zeros(8, int)) == 0.0
+
+
+def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
+    """The pocket model's training script, at toy size: classifier, VAE, UNet+text encoder, export, evaluate."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    shutil.copytree(ROOT / "training_images", tmp_path / "training_images")
+    monkeypatch.chdir(tmp_path)
+    script = load_script("tools/train_pocket_model.py")
+    args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
+            "--num-world-images", "16", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
+            "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
+    card = script.main(args)
+    assert card["eval_images"] == len(world.held_out_captions())
+    assert (tmp_path / "models/pocket-build/unet/state.pt").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained("models/pocket-test")
+    with safetensors.safe_open("models/pocket-test/unet/diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # shipped in fp16
+    assert len(pipe.tokenizer.tokenize("sks")) == 1
+    assert world_metrics.load_classifier("models/pocket-test/world_classifier") is not None
+    # run again: every stage resumes from its checkpoint instead of training again
+    again = script.main(args + ["--stage", "unet"])
+    assert again["unet_seconds"] == card["unet_seconds"]
