@@ -65,7 +65,7 @@ RESUME = False  # continue from the newest checkpoint in EMBEDDING_DIR/checkpoin
 RANDOM_SEED = 42  # same seed, same run
 EMBEDDING_DIR = "models/fabric_textual_inversion"  # where the learned embedding goes
 LORA_DIR = "models/fabric_lora"  # a LoRA from exercise 3b to compare with (skipped if absent)
-CLASS_WORDS = "african fabric"  # the base model's words for the fabric in the comparison ("sks" is put before them for LoRA)
+CLASS_WORDS = "african fabric"  # the base model's words for the fabric in the comparison (LoRA: "sks" + these)
 OUTPUT_DIR = "outputs"  # where the pictures go
 # ==================================================================================
 
@@ -154,7 +154,8 @@ def main(argv=None):
     print(f"  {embedding.vectors.numel():,} trainable numbers; frozen: "
           f"{sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters()):,}")
     optimizer = training.make_optimizer([embedding.vectors], cfg.LEARNING_RATE)
-    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer,
+                                 num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
                                  num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
     embedding, optimizer, lr_scheduler = accelerator.prepare(embedding, optimizer, lr_scheduler)
     state = training.TrainState()
