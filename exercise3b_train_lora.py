@@ -232,6 +232,7 @@ def main(argv=None):
 
     lesson.step(7, "Save the LoRA and the figures")
     trained = accelerator.unwrap_model(unet)
+    run_settings["training_seconds"] = round(state.seconds)  # shown by the TI-vs-LoRA comparison (exercise 3a)
     written = []
     if accelerator.is_main_process:
         written.append(lora.save_lora(trained, lora_dir, lora_config, run_settings))

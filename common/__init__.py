@@ -9,6 +9,8 @@ One module per idea of the lesson:
 - ``textiles``    the procedural African-textile pictures shipped in ``training_images/``
 - ``prior``       class images and the prior-preservation term of the DreamBooth loss
 - ``lora``        adding, saving and loading LoRA adapters
+- ``textual_inversion``  the placeholder token, training only its embedding, loading embeddings
+- ``comparison``  the base model, Textual Inversion and LoRA side by side (Concept 4)
 - ``training``    cached latents, checkpoints, the Ctrl-C guard and other training-loop helpers
 - ``sampling``    generating images in batches with fixed seeds
 - ``figures``     grids, strips and loss curves

@@ -98,3 +98,16 @@ def plot_curves(curves: dict[str, list[float]], path, title: str, xlabel: str = 
         fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return Path(path)
+
+
+def add_caption(image: Image.Image, lines: list[str]) -> Image.Image:
+    """The figure with lines of text underneath (what a figure caption says: sizes, times, settings)."""
+    font_size = max(12, image.width // 90)
+    font = _font(font_size)
+    height = len(lines) * (font_size + 4) + 10
+    canvas = Image.new("RGB", (image.width, image.height + height), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((8, image.height + 4 + i * (font_size + 4)), line, fill="black", font=font)
+    return canvas

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,21 +91,29 @@ def check_finite(loss: torch.Tensor, step: int, checkpoint_dir) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 class TrainState:
-    """What accelerate does not know about: the step reached and the loss history (for the curves)."""
+    """What accelerate does not know about: the step reached, the loss history (for the curves) and
+    ``seconds``, the wall-clock training time (summed over resumed runs, for the file's header)."""
 
     def __init__(self):
         self.step = 0
         self.history: dict[str, list[float]] = {}
+        self.seconds = 0.0
+        self._clock = time.perf_counter()
 
     def log(self, **values: float) -> None:
+        """Record one step's values; the time since the previous step (or since training started or
+        resumed, progress grids included) is added to ``seconds``."""
+        now = time.perf_counter()
+        self.seconds, self._clock = self.seconds + now - self._clock, now
         for name, value in values.items():
             self.history.setdefault(name, []).append(float(value))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": self.history}
+        return {"step": self.step, "history": self.history, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
+        self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
 
 
 def register_adapter_checkpointing(accelerator, save_adapter, load_adapter) -> None:

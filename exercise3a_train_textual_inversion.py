@@ -1,0 +1,262 @@
+"""Exercise 3a: Textual Inversion - teach Stable Diffusion one new word for your fabric, and nothing else.
+
+Textual Inversion adds a placeholder token ("<african-fabric>") to the text encoder's vocabulary and
+trains only its embedding: one 768-number vector. The UNet, the VAE and every other word stay frozen,
+so the result is a ~3 KB file that changes nothing but the meaning of the new word.
+
+    python exercise3a_train_textual_inversion.py                 # the course's settings (NVIDIA GPU: 30-60 min)
+    python exercise3a_train_textual_inversion.py --model tiny    # built-in toy model: seconds on any CPU
+    python exercise3a_train_textual_inversion.py --resume        # continue from the last checkpoint
+    accelerate launch exercise3a_train_textual_inversion.py      # several GPUs (run 'accelerate config' once)
+
+Writes models/fabric_textual_inversion/learned_embeds.safetensors, which plain diffusers loads
+(pipe.load_textual_inversion("models/fabric_textual_inversion")), and so does AUTOMATIC1111. With a
+LoRA from exercise 3b in models/fabric_lora it also draws outputs/exercise3_ti_vs_lora.png.
+"""
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+
+from common import comparison, figures, images, lesson, models, sampling, training
+from common import device as devices
+from common import textual_inversion as ti
+from common.errors import LessonError, warn
+from common.files import human_size
+
+# ============================== CONSTANTS: edit these ==============================
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
+TRAINING_IMAGES_DIR = "training_images"  # 5-20 pictures of your fabric
+PLACEHOLDER_TOKEN = "<african-fabric>"  # the new word (lower case: CLIP lower-cases every prompt)
+INITIALIZER_TOKEN = "pattern"  # an existing one-token word to start from
+NUM_VECTORS = 1  # vectors per concept: more can hold more detail, and overfit sooner
+# Why "style": a fabric pattern is a look that can cover anything, so the word should learn a look
+# ("fabric in the style of <african-fabric>"). The course trained with object captions ("a photo of a
+# <african-fabric>"), which bind the word to a thing and make "a dress made of <african-fabric>" harder.
+LEARNABLE_PROPERTY = "style"  # style or object: which caption templates to train with
+RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
+LEARNING_RATE = 5e-4  # AdamW learning rate for the embedding
+MAX_TRAIN_STEPS = 3000  # optimizer updates
+TRAIN_BATCH_SIZE = 1  # images per micro-batch
+GRADIENT_ACCUMULATION = 4  # micro-batches summed into one update (diffusers' TI recipe: 1 x 4)
+LR_SCHEDULER = "constant"  # constant, constant_with_warmup, linear or cosine
+LR_WARMUP_STEPS = 0  # steps of learning-rate warm-up
+RANDOM_FLIP = True  # mirror images at random (cached, so it costs nothing)
+GRADIENT_CHECKPOINTING = False  # trade ~30% speed for much less GPU memory
+MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16 (the embedding always trains in fp32)
+DEVICE = "auto"  # auto, cuda, mps or cpu
+SAMPLE_EVERY = 500  # steps between progress grids
+SAMPLE_PROMPTS = ("a {} pattern",
+                  "a beautiful dress made of {} pattern, fashion photography",
+                  "a fabric pattern")  # {} = PLACEHOLDER_TOKEN; the last row shows that nothing else changes
+NUM_SAMPLE_SEEDS = 2  # images per sample prompt
+NUM_INFERENCE_STEPS = 25  # denoising steps for samples
+GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples
+SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
+CHECKPOINT_EVERY = 1000  # steps between checkpoints (for --resume)
+CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
+RESUME = False  # continue from the newest checkpoint in EMBEDDING_DIR/checkpoints
+RANDOM_SEED = 42  # same seed, same run
+EMBEDDING_DIR = "models/fabric_textual_inversion"  # where the learned embedding goes
+LORA_DIR = "models/fabric_lora"  # a LoRA from exercise 3b to compare with (skipped if absent)
+CLASS_WORDS = "african fabric"  # the base model's words for the fabric in the comparison (LoRA: "sks" + these)
+OUTPUT_DIR = "outputs"  # where the pictures go
+# ==================================================================================
+
+REFLECTION = [
+    "The 'a fabric pattern' row is identical at every step. Why can Textual Inversion not cause language drift?",
+    "The embedding is one vector of 768 numbers (3 KB); the LoRA is ~1000x bigger. What can each one hold?",
+    "Compare the TI and LoRA rows of outputs/exercise3_ti_vs_lora.png: which keeps the fabric's details better?",
+    "Try --num-vectors 4 or --learnable-property object. How do the samples change?",
+]
+
+
+def validate(cfg):
+    """Every constant checked before any model loads."""
+    lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "NUM_VECTORS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "NUM_INFERENCE_STEPS", "SAMPLE_BATCH_SIZE")
+    lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", "NUM_SAMPLE_SEEDS", "RANDOM_SEED", minimum=0)
+    lesson.require_float(cfg, "LEARNING_RATE", above=True)
+    lesson.require_float(cfg, "GUIDANCE_SCALE")
+    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
+    lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    token = cfg.PLACEHOLDER_TOKEN
+    if len(token.split()) != 1 or token != token.lower():
+        raise LessonError(f"PLACEHOLDER_TOKEN must be one lower-case word without spaces (CLIP lower-cases every "
+                          f"prompt, so an upper-case word would never be found), got {token!r}. Try "
+                          f"{'-'.join(token.lower().split())!r}.")
+    if not any("{}" in p for p in cfg.SAMPLE_PROMPTS):
+        warn("no SAMPLE_PROMPTS contains '{}', so the progress grids never show the new word.")
+
+
+def main(argv=None):
+    cfg = lesson.configure(globals(), argv, __doc__)
+    validate(cfg)
+    lesson.print_summary(cfg, "Exercise 3a - Textual Inversion", [
+        "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
+        "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED"])
+    started = time.perf_counter()
+    out_dir, embedding_dir = Path(cfg.OUTPUT_DIR), Path(cfg.EMBEDDING_DIR)
+    progress_dir, checkpoint_root = out_dir / "training_progress_ti", embedding_dir / "checkpoints"
+
+    lesson.step(1, "Choose the device and load the base model")
+    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
+    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+    device = accelerator.device
+    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
+    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=runtime.dtype).to(device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
+    sampling.use_multistep_solver(pipe)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+    settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,
+                                         width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
+
+    lesson.step(2, f"Load the training images from '{cfg.TRAINING_IMAGES_DIR}/' at {resolution}x{resolution}")
+    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution)
+    print(f"  {len(instance_images)} training images")
+
+    lesson.step(3, f"Add {cfg.NUM_VECTORS} new token(s) for {cfg.PLACEHOLDER_TOKEN!r}, starting as "
+                   f"{cfg.INITIALIZER_TOKEN!r}")
+    token_ids = ti.add_placeholder(tokenizer, text_encoder, cfg.PLACEHOLDER_TOKEN, cfg.INITIALIZER_TOKEN,
+                                   cfg.NUM_VECTORS)
+    tokens = ti.placeholder_tokens(cfg.PLACEHOLDER_TOKEN, cfg.NUM_VECTORS)
+    print(f"  {', '.join(tokens)} -> token id(s) {token_ids}; vectors {text_encoder.config.hidden_size} wide")
+
+    lesson.step(4, "Encode the images once (the VAE then leaves the GPU) and tokenize the captions once")
+    # The text encoder cannot be run ahead: the embedding it reads is what trains. Its input can.
+    latent_dist = training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP)
+    templates = ti.TEMPLATES[cfg.LEARNABLE_PROPERTY]
+    caption_ids = ti.tokenize_templates(tokenizer, templates, tokens)
+    print(f"  {len(latent_dist)} latent distributions, {len(templates)} {cfg.LEARNABLE_PROPERTY} captions such as "
+          f"{templates[0].format(cfg.PLACEHOLDER_TOKEN)!r}")
+    sample_prompts = [p.replace("{}", cfg.PLACEHOLDER_TOKEN) for p in cfg.SAMPLE_PROMPTS
+                      for _ in range(cfg.NUM_SAMPLE_SEEDS)]
+    sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
+    vae.to("cpu")
+    devices.empty_cache(device)
+
+    lesson.step(5, "Freeze everything; train only the new vector(s)")
+    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode (SD's UNet has no dropout)
+    embedding = ti.PlaceholderEmbedding(text_encoder, token_ids)
+    print(f"  {embedding.vectors.numel():,} trainable numbers; frozen: "
+          f"{sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters()):,}")
+    optimizer = training.make_optimizer([embedding.vectors], cfg.LEARNING_RATE)
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer,
+                                 num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
+                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
+    embedding, optimizer, lr_scheduler = accelerator.prepare(embedding, optimizer, lr_scheduler)
+    state = training.TrainState()
+    accelerator.register_for_checkpointing(state)
+    run_settings = {k: getattr(cfg, k) for k in (  # kept in the file's header: how it was made (a few hundred bytes)
+        "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
+        "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED")}
+    training.register_adapter_checkpointing(
+        accelerator, load_adapter=ti.load_checkpoint,
+        save_adapter=lambda m, d: ti.save_embedding(m.vectors, cfg.PLACEHOLDER_TOKEN, Path(d) / ti.WEIGHT_NAME,
+                                                    run_settings))
+    if cfg.RESUME:
+        training.resume(accelerator, checkpoint_root, state)
+
+    def save_progress_grid(step):
+        with training.sampling_mode(unet, [vae], device):
+            samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False)
+        if accelerator.is_main_process:
+            figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
+                              labels=sample_prompts, title=f"Textual Inversion, step {step}")
+        return samples
+
+    lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps of {cfg.GRADIENT_ACCUMULATION} x {cfg.TRAIN_BATCH_SIZE} "
+                   "image(s) (Ctrl-C saves a checkpoint and stops)")
+    if state.step == 0:
+        save_progress_grid(0)
+    samples, n = None, cfg.TRAIN_BATCH_SIZE
+    with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
+        while state.step < cfg.MAX_TRAIN_STEPS and not stop.requested:
+            step, losses = state.step + 1, []
+            for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
+                with accelerator.accumulate(embedding):
+                    g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
+                    # The batch: fresh latents of random images, each with a random caption.
+                    latents = training.sample_latents(latent_dist[torch.randint(len(latent_dist), (n,), generator=g)],
+                                                      g, vae.config)
+                    ids = caption_ids[torch.randint(len(caption_ids), (n,), generator=g)]
+                    # Forward diffusion, then the frozen UNet predicts the noise from the caption's embedding.
+                    noise = torch.randn(latents.shape, generator=g)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
+                    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    text_states = embedding(ids.to(device))  # the only part with a gradient: the new vector(s)
+                    model_pred = unet(noisy_latents.to(runtime.dtype), timesteps, text_states.to(runtime.dtype)).sample
+                    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+                              else noise_scheduler.get_velocity(latents, noise, timesteps))
+                    loss = F.mse_loss(model_pred.float(), target.float())
+                    training.check_finite(loss, step, checkpoint_root)
+                    accelerator.backward(loss)
+                    optimizer.step()  # accelerate applies it once all micro-batches are summed
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                    losses.append(loss.item())
+            state.step = step
+            state.log(loss=sum(losses) / len(losses))
+            bar.update(1, loss=state.history["loss"][-1])
+            if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
+                samples = save_progress_grid(step)
+            if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested or step == cfg.MAX_TRAIN_STEPS:  # a few KB
+                training.save_checkpoint(accelerator, checkpoint_root, step, cfg.CHECKPOINTS_TO_KEEP)
+    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
+        print(f"\nStopped at step {state.step}; checkpoint saved in '{checkpoint_root}/'. Continue with:\n"
+              f"  python {cfg.SCRIPT} --resume  (plus any options you used)")
+        return 130
+
+    lesson.step(7, "Save the embedding and the loss curve")
+    embedding = accelerator.unwrap_model(embedding)
+    embedding.finish()  # the vectors go into the text encoder's table, as load_textual_inversion puts them
+    run_settings["training_seconds"] = round(state.seconds)
+    embedding_file, written = embedding_dir / ti.WEIGHT_NAME, []
+    if accelerator.is_main_process:
+        written.append(ti.save_embedding(embedding.vectors, cfg.PLACEHOLDER_TOKEN, embedding_file, run_settings))
+        written.append(figures.plot_curves({"loss": state.history.get("loss", [])},
+                                           out_dir / "exercise3a_loss_curve.png", "Textual Inversion loss"))
+
+    lesson.step(8, "Compare with the base model and with LoRA (Concept 4)")
+    comparison_file = out_dir / "exercise3_ti_vs_lora.png"
+    if not cfg.LORA_DIR or not Path(cfg.LORA_DIR).exists():
+        print(f"  No LoRA at LORA_DIR = {cfg.LORA_DIR!r}, so no comparison figure. Train one with "
+              "'python exercise3b_train_lora.py' (same --model), then run this script again with --resume.")
+    elif accelerator.is_main_process:
+        vae.to(device)
+        try:
+            written.append(comparison.save_ti_vs_lora(
+                pipe, cfg.PLACEHOLDER_TOKEN, embedding_file, cfg.LORA_DIR, list(cfg.SAMPLE_PROMPTS),
+                [cfg.RANDOM_SEED] * len(cfg.SAMPLE_PROMPTS), settings, comparison_file, cfg.CLASS_WORDS))
+        except LessonError as exc:
+            warn(f"no comparison figure: {exc}")
+    accelerator.wait_for_everyone()
+
+    elapsed = time.perf_counter() - started
+    print(f"\nDone in {elapsed:.0f} s. Files written:")
+    for path in written + [progress_dir]:
+        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+    print(f"\nUse it: pipe.load_textual_inversion('{embedding_dir}'), then prompt with "
+          f"'a beautiful dress made of {cfg.PLACEHOLDER_TOKEN} pattern'")
+    lesson.print_reflection(REFLECTION)
+    return SimpleNamespace(embedding_file=written[0] if written else None, samples=samples, history=state.history,
+                           sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings, pipe=pipe,
+                           token_ids=token_ids, comparison_file=comparison_file if comparison_file in written else None)
+
+
+if __name__ == "__main__":
+    lesson.run(main)
