@@ -215,6 +215,18 @@ def require_text(cfg: Config, *names: str) -> None:
             _fail(cfg, name, "must be non-empty text")
 
 
+def require_text_list(cfg: Config, *names: str) -> None:
+    """Each named constant is a non-empty list (or tuple) of non-empty texts, e.g. PROMPTS."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str):  # one prompt given on its own: a list of one
+            value = (value,)
+            setattr(cfg, name, value)
+        if not isinstance(value, (tuple, list)) or not value or not all(
+                isinstance(v, str) and v.strip() for v in value):
+            _fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
+
+
 # --------------------------------------------------------------------------- what the student sees
 def print_summary(cfg: Config, title: str, names: list[str]) -> None:
     """The run summary a script prints first: what it will do, with which constants."""
