@@ -31,7 +31,7 @@ EMBEDDING_PATH = None  # optional Textual Inversion embedding (exercise 3a) to l
 SUBJECT_TOKEN = "sks"  # the word the LoRA learned
 PROMPT = "a sks african fabric pattern"  # the same prompt for every frame
 NUM_KEYFRAMES = 5  # distinct patterns the loop passes through
-DURATION_SECONDS = 15  # length of the loop
+DURATION_SECONDS = 15.0  # length of the loop, in seconds
 FPS = 30  # frames per second (15 s x 30 fps = 450 frames)
 NUM_INFERENCE_STEPS = 25  # denoising steps per frame (DPM-Solver++)
 GUIDANCE_SCALE = 7.5  # classifier-free guidance

@@ -15,6 +15,8 @@ Both ids may point at local folders (downloaded once), which is how a classroom 
 
 from __future__ import annotations
 
+import warnings
+
 from common import lora
 from common.errors import LessonError
 
@@ -37,7 +39,9 @@ def enable_fast_mode(pipe, keep: dict[str, float], lcm_lora=LCM_LORA_ID, tiny_va
     from diffusers import AutoencoderTiny, LCMScheduler
 
     try:
-        pipe.load_lora_weights(str(lcm_lora), adapter_name=LCM_ADAPTER)
+        with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            pipe.load_lora_weights(str(lcm_lora), adapter_name=LCM_ADAPTER)
     except Exception as exc:  # noqa: BLE001 - offline, missing, or not a LoRA: one message for all
         raise _cannot_load("the LCM-LoRA", "LCM_LORA_ID", lcm_lora, LCM_LORA_ID, exc) from exc
     layers = len(lora.lora_layer_names(pipe.unet, LCM_ADAPTER))

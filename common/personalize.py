@@ -90,8 +90,10 @@ def load_embedding(pipe, path) -> list[str]:
     try:
         pipe.load_textual_inversion(str(path))
     except (ValueError, OSError, KeyError) as exc:
-        raise LessonError(f"'{path}' could not be loaded as a Textual Inversion embedding: "
-                          f"{str(exc).splitlines()[0][:200]}. Use an embedding trained on this MODEL_ID "
+        width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+        reason = "its vectors have another width" if "incorrect shape" in str(exc) else str(exc).splitlines()[0][:160]
+        raise LessonError(f"'{path}' could not be loaded as a Textual Inversion embedding ({reason}; this MODEL_ID's "
+                          f"text encoder is {width} wide, SD v1.5's 768). Use an embedding trained on this MODEL_ID "
                           "(exercise3a_train_textual_inversion.py), or set EMBEDDING_PATH = None.") from exc
     added = pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
     return [t for t in added if not (re.fullmatch(r".+_\d+", t) and t.rsplit("_", 1)[0] in added)]
