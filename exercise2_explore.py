@@ -115,6 +115,9 @@ def main(argv=None):
                                          cfg.BATCH_SIZE)
     style_prompts = [cfg.STYLE_PROMPT.replace("{}", s) for s in cfg.STYLES]
     personalize.warn_if_unused([cfg.PROMPT] + style_prompts, loaded, cfg.SUBJECT_TOKEN)
+    # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
+    embeddings = sampling.encode_prompts(pipe, ([cfg.PROMPT] if set(parts) & {"a", "c"} else [])
+                                         + (style_prompts if "b" in parts else []), cfg.NEGATIVE_PROMPT)
     flags, count, seconds, written = [], 0, 0.0, []
 
     def run(prompts, seeds, desc, **changes):
@@ -123,10 +126,6 @@ def main(argv=None):
                                          embeddings=embeddings, nsfw=flags)
         count, seconds = count + len(images), seconds + took
         return images
-
-    # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
-    embeddings = sampling.encode_prompts(pipe, ([cfg.PROMPT] if set(parts) & {"a", "c"} else [])
-                                         + (style_prompts if "b" in parts else []), cfg.NEGATIVE_PROMPT)
 
     if "a" in parts:
         lesson.step("A", f"Guidance scale: '{cfg.PROMPT}' at {', '.join(f'{g:g}' for g in cfg.GUIDANCE_SCALES)}, "

@@ -133,9 +133,9 @@ def main(argv=None):
     elif cfg.WRITE_MP4:
         print("  MP4 skipped: no video encoder. 'pip install imageio-ffmpeg' adds one.")
     key_index = [round(k * num_frames / cfg.NUM_KEYFRAMES) for k in range(cfg.NUM_KEYFRAMES)]
-    written.append(figures.save_grid([frames[i] for i in key_index], out_dir / "dreambooth_fabric_morph_keyframes.png",
-                                     cols=len(key_index), labels=[f"frame {i}, seed {s}" for i, s in zip(key_index, key_seeds)],
-                                     title=f"Keyframes of '{cfg.PROMPT}'"))
+    written.append(figures.save_grid(
+        [frames[i] for i in key_index], out_dir / "dreambooth_fabric_morph_keyframes.png", cols=len(key_index),
+        labels=[f"frame {i}, seed {s}" for i, s in zip(key_index, key_seeds)], title=f"Keyframes of '{cfg.PROMPT}'"))
 
     print("\nDone. " + sampling.describe_speed(num_frames, seconds, "frames"))
     print("  " + sampling.describe_safety(pipe, flags, cfg.SAFETY_CHECKER))

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
+
 from common import lora
 from common.errors import LessonError, warn
 
@@ -67,7 +69,8 @@ def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=
     loaded = Personalization()
     if lora_path is not None:
         loaded.lora_layout, loaded.lora_file = lora.find_lora_file(lora_path)
-        loaded.lora_layout = {"file": "diffusers/kohya"}.get(loaded.lora_layout, loaded.lora_layout)
+        if loaded.lora_layout == "file":
+            loaded.lora_layout = "kohya" if _is_kohya(loaded.lora_file) else "diffusers"
         loaded.lora_layers = lora.load_lora(pipe, lora_path, lora_scale)
         loaded.lora_scale = lora_scale
         loaded.adapters = {lora.ADAPTER_NAME: lora_scale}
@@ -77,6 +80,14 @@ def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=
     for line in loaded.describe():
         print(f"  {line}")
     return loaded
+
+
+def _is_kohya(path: Path) -> bool:
+    """kohya/AUTOMATIC1111 files name their layers ``lora_unet_...`` / ``lora_te_...``."""
+    if path.suffix != ".safetensors":
+        return False
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
 
 
 def load_embedding(pipe, path) -> list[str]:

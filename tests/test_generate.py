@@ -143,7 +143,8 @@ def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weig
     from diffusers import AutoencoderTiny, LCMScheduler
 
     result = load_script("exercise1_generate.py").main(
-        QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5", "--no-compare-without-token"])
+        QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5",
+                                "--no-compare-without-token"])
     pipe = result.pipe
     assert isinstance(pipe.scheduler, LCMScheduler) and isinstance(pipe.vae, AutoencoderTiny)
     assert result.settings.num_inference_steps == 3 and result.settings.guidance_scale == 1.0

@@ -38,7 +38,8 @@ def test_each_layout_patches_every_attention_projection_and_changes_the_pixels(l
     loaded = personalize.load_adapters(pipe, path, lora_scale=1.0)
     assert loaded.lora_layers == 56  # 14 attention blocks x to_q, to_k, to_v, to_out
     assert loaded.adapters == {lora.ADAPTER_NAME: 1.0}
-    assert "56 layers patched" in capsys.readouterr().out  # the script always says what it loaded
+    assert loaded.lora_layout == layout
+    assert f"({layout} layout): 56 layers patched" in capsys.readouterr().out  # it always says what it loaded
     after, _ = sampling.generate(pipe, PROMPTS, SEEDS, SETTINGS, progress=False)
     for a, b in zip(base, after):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() > 1.0
