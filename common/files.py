@@ -79,3 +79,16 @@ def human_size(num_bytes: int) -> str:
         if num_bytes < 1024 or unit == "GB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
+
+
+def slug(text: str, drop: tuple[str, ...] = (), max_words: int = 4) -> str:
+    """A short file-name-safe name for a prompt: "a beautiful dress made of ..." -> "beautiful_dress_made".
+
+    Words in ``drop`` (e.g. the subject phrase every prompt shares) and short filler words are left out.
+    """
+    import re
+
+    filler = {"a", "an", "the", "of", "in", "on", "with", "and", "as", "by", "for", "to", "at", "from", "made"}
+    skip = filler | {w.lower() for w in drop}
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in skip]
+    return "_".join(words[:max_words]) or "image"

@@ -45,14 +45,24 @@ class Config(SimpleNamespace):
 
 # --------------------------------------------------------------------------- reading the CONSTANTS block
 def _constants_in_source(path: str) -> list[tuple[str, str]]:
-    """(NAME, comment) for each top-level ``NAME = literal`` in the script, in the order written."""
+    """(NAME, comment) for each top-level ``NAME = literal`` of the script's CONSTANTS block, in order.
+
+    The block runs from the comment line that says CONSTANTS to the next line of "# ====..."; a script
+    without that banner has all its top-level UPPER_CASE literals read.
+    """
     source = Path(path).read_text(encoding="utf-8")
-    comments = {}
+    comments, banner, block_end = {}, None, None
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
+            if banner is None and "CONSTANTS" in tok.string:
+                banner = tok.start[0]
+            elif banner is not None and block_end is None and tok.string.startswith("# ===") and tok.start[0] > banner:
+                block_end = tok.start[0]
     found = []
     for node in ast.parse(source).body:
+        if banner is not None and not (banner < node.lineno < (block_end or 10**9)):
+            continue
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
             if name.isupper() and not name.startswith("_"):
@@ -215,6 +225,18 @@ def require_text(cfg: Config, *names: str) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, str) or not value.strip():
             _fail(cfg, name, "must be non-empty text")
+
+
+def require_text_list(cfg: Config, *names: str) -> None:
+    """Each named constant is a non-empty list (or tuple) of non-empty texts, e.g. PROMPTS."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str):  # one prompt given on its own: a list of one
+            value = (value,)
+            setattr(cfg, name, value)
+        if not isinstance(value, (tuple, list)) or not value or not all(
+                isinstance(v, str) and v.strip() for v in value):
+            _fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
 
 
 # --------------------------------------------------------------------------- what the student sees

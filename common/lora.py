@@ -72,7 +72,6 @@ def save_lora(unet, folder, config, settings: dict | None = None) -> Path:
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     header = {"format": "pt",
               LORA_ADAPTER_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in adapter_metadata(config).items()}),
@@ -83,8 +82,9 @@ def save_lora(unet, folder, config, settings: dict | None = None) -> Path:
             safetensors.torch.save_file(weights, str(tmp), metadata=header)
 
     Path(folder).mkdir(parents=True, exist_ok=True)
+    # PEFT key names ("...to_q.lora_A.weight"), which diffusers loads as they are, for any target module.
     StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict(unet)),
+        str(folder), unet_lora_layers=lora_state_dict(unet),
         weight_name=WEIGHT_NAME, save_function=write, safe_serialization=True)
     return Path(folder) / WEIGHT_NAME
 

@@ -52,11 +52,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, desc: str | None = None,
-             embeddings: dict | None = None, latents: torch.Tensor | None = None, progress: bool = True):
+             embeddings: dict | None = None, latents: torch.Tensor | None = None, progress: bool = True,
+             nsfw: list | None = None):
     """One image per (prompt, seed) pair, in batches. Returns (images, seconds).
 
     ``latents`` (optional, one per image) replaces the seeded starting noise: the morph passes its
-    SLERP-interpolated keyframe noise this way.
+    SLERP-interpolated keyframe noise this way. ``nsfw`` (optional list) is extended with the safety
+    checker's verdict for each image (True = it blanked the image; all False when there is no checker).
     """
     assert len(prompts) == len(seeds)
     guidance = settings.guidance_scale > 1.0
@@ -84,10 +86,29 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSetti
             empty_cache(pipe._execution_device)
             continue
         images.extend(out.images)
+        if nsfw is not None:
+            nsfw.extend(bool(f) for f in (out.nsfw_content_detected or [False] * len(out.images)))
         bar.update(len(out.images))
         i = chunk.stop
     bar.close()
     return images, time.perf_counter() - start
+
+
+def describe_speed(count: int, seconds: float, unit: str = "images") -> str:
+    """"18 images in 4.2 s (4.29 images/s)": the throughput line every generation script prints."""
+    rate = count / seconds if seconds > 0 else float("inf")
+    return f"{count} {unit} in {seconds:.1f} s ({rate:.3g} {unit}/s)"
+
+
+def describe_safety(pipe, flags: list, enabled: bool) -> str:
+    """What the safety checker did: how many images it blanked (black), or why it did not run."""
+    if not enabled:
+        return "Safety checker: off (SAFETY_CHECKER = False)"
+    if getattr(pipe, "safety_checker", None) is None:
+        return "Safety checker: this model ships none"
+    blanked = sum(map(bool, flags))
+    hint = " (they are black; SAFETY_CHECKER = False turns it off)" if blanked else ""
+    return f"Safety checker: blanked {blanked} of {len(flags)} images{hint}"
 
 
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -95,19 +116,58 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t, dot_threshold: float = 0.9995) 
 
     Gaussian noise of high dimension lives near a sphere; walking along the sphere keeps every
     in-between latent a plausible noise sample (a straight line would shrink its norm mid-way and wash
-    out the picture). ``t`` may be a float or a 1-D tensor of fractions, giving a batch. Nearly parallel
-    inputs fall back to linear interpolation. Computed in float32, returned in the inputs' dtype.
+    out the picture). ``t`` may be a float or a 1-D tensor (or list) of fractions, giving a batch
+    stacked along a new first dimension. Nearly parallel inputs fall back to linear interpolation (the
+    sine of their angle is too small to divide by); nearly opposite ones still follow the sphere.
+    Computed in float32, returned in the inputs' dtype.
     """
     dtype = v0.dtype
     a, b = v0.float(), v1.float()
     t_tensor = torch.as_tensor(t, dtype=torch.float32, device=a.device)
     batched = t_tensor.ndim == 1
     t_col = t_tensor.reshape(-1, *([1] * a.ndim)) if batched else t_tensor
-    dot = (a * b).sum() / (a.norm() * b.norm())
-    if dot.abs() > dot_threshold:
+    # The angle in float64: near +-1 a float32 cosine loses the small angle (or its distance from pi).
+    a64, b64 = a.double(), b.double()
+    dot = ((a64 * b64).sum() / (a64.norm() * b64.norm())).clamp(-1.0, 1.0)
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    # Only *parallel* inputs need the fallback: the old test on |dot| also sent nearly opposite inputs
+    # down the straight line, through (almost) zero. Exactly opposite ones have no unique great circle.
+    if dot > dot_threshold or sin_theta < 1e-6:
         out = (1 - t_col) * a + t_col * b
     else:
-        theta = torch.acos(dot.clamp(-1.0, 1.0))
-        sin_theta = torch.sin(theta)
-        out = (torch.sin((1 - t_col) * theta) / sin_theta) * a + (torch.sin(t_col * theta) / sin_theta) * b
+        t64 = t_col.double()
+        w0 = (torch.sin((1 - t64) * theta) / sin_theta).float()
+        w1 = (torch.sin(t64 * theta) / sin_theta).float()
+        out = w0 * a + w1 * b
     return out.to(dtype)
+
+
+def keyframe_latents(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
+    """One starting-noise latent per keyframe seed, shape (K, C, height/8, width/8), float32 on the CPU.
+
+    Drawn exactly as the pipeline draws its own noise for that seed (a CPU generator, one image), so a
+    keyframe frame of the morph is the picture ``generate`` makes for its seed.
+    """
+    scale = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    return torch.cat([torch.randn(shape, generator=generator(s), dtype=torch.float32) for s in seeds])
+
+
+def loop_latents(keyframes: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``num_frames`` latents walking keyframe 0 -> 1 -> ... -> K-1 -> back to 0 by SLERP.
+
+    Frames are spread evenly around the loop (frame i sits at i*K/num_frames keyframes along), so every
+    keyframe is a frame when num_frames is a multiple of K, and the last frame stops one step short of
+    keyframe 0: played on repeat, the loop never shows a frame twice.
+    """
+    count = len(keyframes)
+    position = torch.arange(num_frames, dtype=torch.float64) * count / num_frames
+    segment = position.floor().long().clamp(max=count - 1)
+    frac = (position - segment).float()
+    frames = torch.empty(num_frames, *keyframes.shape[1:], dtype=keyframes.dtype)
+    for k in range(count):
+        picked = segment == k
+        if picked.any():
+            frames[picked] = slerp(keyframes[k], keyframes[(k + 1) % count], frac[picked])
+    return frames

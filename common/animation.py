@@ -1,0 +1,70 @@
+"""Writing the morph: a looping GIF of sensible size, and an MP4 when an encoder is installed.
+
+A GIF stores at most 256 colours per frame and compresses poorly; 450 frames of 512 px fabric would
+weigh 100 MB or more. So the GIF is (optionally) downscaled and all frames share **one palette**
+computed from frames across the whole loop: nothing flickers as per-frame palettes would, and
+identical colours compress alike. GIF delays count in hundredths of a second, so 30 fps is written as
+delays of 3 and 4 hundredths that add up to exactly the requested duration. The MP4 (H.264, through
+imageio-ffmpeg) keeps the full size and is far smaller.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.files import atomic_path
+
+
+def gif_durations_ms(num_frames: int, fps: float) -> list[int]:
+    """Per-frame delays in ms, multiples of 10 (GIF's unit), summing to num_frames / fps seconds."""
+    ticks = [round((i + 1) * 100 / fps) - round(i * 100 / fps) for i in range(num_frames)]
+    return [max(1, t) * 10 for t in ticks]
+
+
+def shared_palette(frames: list[Image.Image], colors: int = 256, samples: int = 16) -> Image.Image:
+    """One adaptive palette for the whole animation, from ``samples`` frames spread across it."""
+    picked = [frames[i] for i in np.linspace(0, len(frames) - 1, min(samples, len(frames))).astype(int)]
+    w, h = picked[0].size
+    mosaic = Image.new("RGB", (w, h * len(picked)))
+    for k, frame in enumerate(picked):
+        mosaic.paste(frame.convert("RGB"), (0, k * h))
+    return mosaic.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+
+
+def save_gif(frames: list[Image.Image], path, fps: float, max_size: int | None = None, colors: int = 256,
+             dither: bool = False) -> Path:
+    """A looping GIF; frames larger than ``max_size`` pixels are shrunk (aspect kept). Written atomically."""
+    if max_size and max(frames[0].size) > max_size:
+        w, h = frames[0].size
+        size = (max(1, round(w * max_size / max(w, h))), max(1, round(h * max_size / max(w, h))))
+        frames = [f.resize(size, Image.Resampling.LANCZOS) for f in frames]
+    palette = shared_palette(frames, colors)
+    mode = Image.Dither.FLOYDSTEINBERG if dither else Image.Dither.NONE
+    indexed = [f.convert("RGB").quantize(palette=palette, dither=mode) for f in frames]
+    with atomic_path(path) as tmp:
+        indexed[0].save(tmp, format="GIF", save_all=True, append_images=indexed[1:], loop=0,
+                        duration=gif_durations_ms(len(frames), fps), optimize=False, disposal=1)
+    return Path(path)
+
+
+def can_write_mp4() -> bool:
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def save_mp4(frames: list[Image.Image], path, fps: float, quality: int = 8) -> Path:
+    """H.264 MP4 (yuv420p, plays everywhere). Needs ``pip install imageio-ffmpeg``."""
+    import imageio.v2 as imageio
+
+    with atomic_path(path) as tmp:
+        writer = imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality,
+                                    pixelformat="yuv420p", macro_block_size=8, ffmpeg_log_level="error")
+        try:
+            for frame in frames:
+                writer.append_data(np.asarray(frame.convert("RGB")))
+        finally:
+            writer.close()
+    return Path(path)

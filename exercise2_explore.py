@@ -1,0 +1,166 @@
+"""Exercise 2: how guidance, style words and seeds shape your personalised fabric.
+
+Three explorations, each runnable on its own:
+
+  Part A  guidance scale: the same prompt and seed at 1.5, 3, 7.5, 12 and 20
+  Part B  style transfer: your fabric rendered in nine artistic styles (same seed, so only the words change)
+  Part C  seed variation: the same prompt with nine seeds: diversity against consistency
+
+    python exercise2_explore.py                     # all three parts (NVIDIA GPU: about a minute)
+    python exercise2_explore.py --part a            # only part A
+    python exercise2_explore.py --model tiny        # built-in toy model (after exercise3b --model tiny)
+    python exercise2_explore.py --negative-prompt "blurry, distorted"   # the course's tip
+
+Writes outputs/exercise2_guidance_comparison.png, outputs/exercise2_style_grid.png and
+outputs/exercise2_seed_comparison.png.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from common import device as devices
+from common import fast_mode, figures, lesson, models, personalize, sampling
+from common.errors import LessonError
+from common.files import human_size
+
+# ============================== CONSTANTS: edit these ==============================
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
+PART = "all"  # which exploration to run: a, b, c or all
+LORA_PATH = "models/fabric_lora"  # exercise 3b's LoRA: folder or file (diffusers, PEFT or kohya layout)
+USE_LORA = True  # False = the base model on purpose, to compare with
+LORA_SCALE = 1.0  # how strongly the LoRA applies: 0 = base model, 1 = as trained
+EMBEDDING_PATH = None  # optional Textual Inversion embedding (exercise 3a) to load as well
+SUBJECT_TOKEN = "sks"  # the word the LoRA learned
+PROMPT = "a sks african fabric pattern"  # parts A and C
+NEGATIVE_PROMPT = ""  # what to steer away from, e.g. "blurry, distorted" (used whenever guidance > 1)
+GUIDANCE_SCALES = (1.5, 3.0, 7.5, 12.0, 20.0)  # part A
+STYLES = ("oil painting", "watercolor painting", "pencil sketch", "pop art", "pixel art",
+          "ukiyo-e woodblock print", "stained glass", "cubist painting", "impressionist painting")  # part B
+STYLE_PROMPT = "sks african fabric pattern, {} style"  # part B: {} is replaced by each style
+NUM_SEEDS = 9  # part C: seeds RANDOM_SEED, RANDOM_SEED + 1, ...
+NUM_INFERENCE_STEPS = 30  # denoising steps (DPM-Solver++)
+GUIDANCE_SCALE = 7.5  # parts B and C
+RANDOM_SEED = 42  # the seed of parts A and B, and the first of part C
+RESOLUTION = None  # image size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
+BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
+SAFETY_CHECKER = True  # where the model ships one, it blanks images it flags; False to disable
+FAST_MODE = False  # LCM-LoRA + LCMScheduler + tiny autoencoder: rough pictures in a few steps
+FAST_STEPS = 4  # denoising steps in FAST_MODE (LCM: 2-8)
+FAST_GUIDANCE_SCALE = 1.0  # parts B and C in FAST_MODE (LCM wants 1-2; part A keeps GUIDANCE_SCALES)
+LCM_LORA_ID = "latent-consistency/lcm-lora-sdv1-5"  # Hub id or local folder of the LCM-LoRA
+TINY_VAE_ID = "madebyollin/taesd"  # Hub id or local folder of the tiny autoencoder (AutoencoderTiny)
+DEVICE = "auto"  # auto, cuda, mps or cpu
+MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16
+OUTPUT_DIR = "outputs"  # where the pictures go
+# ==================================================================================
+
+REFLECTION = [
+    "Part A: at which guidance scale does the fabric appear first, and where does it start to look "
+    "over-saturated or artificial? Try values between 5 and 12 to find your balance.",
+    "Part B: which styles keep the fabric's motifs recognisable, and which overwrite them? What does that "
+    "say about how strongly 'sks' is bound?",
+    "Part C: do the nine seeds show one fabric in nine arrangements, or nine different fabrics? Is that "
+    "consistency what you want from a personalised model?",
+    "Try a negative prompt ('blurry, distorted'), short prompts ('sks fabric') against detailed ones, or "
+    "unusual objects (spacecraft, ancient temple, underwater) to find the context boundaries.",
+]
+
+
+def validate(cfg):
+    """Every constant checked, and the LoRA found, before any model loads."""
+    cfg.PART = str(cfg.PART).lower()
+    lesson.require_choice(cfg, "PART", ["a", "b", "c", "all"])
+    lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN", "PROMPT", "STYLE_PROMPT")
+    lesson.require_text_list(cfg, "STYLES")
+    if not isinstance(cfg.NEGATIVE_PROMPT, str):
+        cfg.NEGATIVE_PROMPT = "" if cfg.NEGATIVE_PROMPT is None else str(cfg.NEGATIVE_PROMPT)
+    if "{}" not in cfg.STYLE_PROMPT:
+        raise LessonError(f"STYLE_PROMPT must contain {{}} where each style goes, got {cfg.STYLE_PROMPT!r}.")
+    if not cfg.GUIDANCE_SCALES or not all(isinstance(g, (int, float)) and g >= 0 for g in cfg.GUIDANCE_SCALES):
+        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 (on the command line: "
+                          f"--guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
+    lesson.require_int(cfg, "NUM_SEEDS", "NUM_INFERENCE_STEPS", "BATCH_SIZE", "FAST_STEPS")
+    lesson.require_int(cfg, "RANDOM_SEED", minimum=0)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", "LORA_SCALE")
+    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
+
+
+def main(argv=None):
+    cfg = lesson.configure(globals(), argv, __doc__)
+    validate(cfg)
+    lesson.print_summary(cfg, "Exercise 2 - guidance, styles and seeds", [
+        "MODEL_ID", "PART", "LORA_PATH", "USE_LORA", "LORA_SCALE", "PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALES",
+        "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "RANDOM_SEED", "FAST_MODE", "SAFETY_CHECKER"])
+    parts = "abc" if cfg.PART == "all" else cfg.PART
+    out_dir = Path(cfg.OUTPUT_DIR)
+
+    lesson.step(1, "Choose the device and load the base model")
+    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION)
+    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
+    pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype, safety_checker=cfg.SAFETY_CHECKER).to(runtime.device)
+    sampling.use_multistep_solver(pipe)  # DPM-Solver++: 30 steps do what SD's default needed 50 for
+    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+
+    lesson.step(2, f"Personalise it: load what binds '{cfg.SUBJECT_TOKEN}' to your fabric")
+    loaded = personalize.load_adapters(pipe, cfg.LORA_PATH if cfg.USE_LORA else None, cfg.LORA_SCALE,
+                                       cfg.EMBEDDING_PATH)
+    steps, guidance = cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE
+    if cfg.FAST_MODE:
+        print("  " + fast_mode.enable_fast_mode(pipe, loaded.adapters, cfg.LCM_LORA_ID, cfg.TINY_VAE_ID))
+        steps, guidance = cfg.FAST_STEPS, cfg.FAST_GUIDANCE_SCALE
+    settings = sampling.SamplingSettings(steps, guidance, cfg.NEGATIVE_PROMPT, resolution, resolution,
+                                         cfg.BATCH_SIZE)
+    style_prompts = [cfg.STYLE_PROMPT.replace("{}", s) for s in cfg.STYLES]
+    personalize.warn_if_unused([cfg.PROMPT] + style_prompts, loaded, cfg.SUBJECT_TOKEN)
+    # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
+    embeddings = sampling.encode_prompts(pipe, ([cfg.PROMPT] if set(parts) & {"a", "c"} else [])
+                                         + (style_prompts if "b" in parts else []), cfg.NEGATIVE_PROMPT)
+    flags, count, seconds, written = [], 0, 0.0, []
+
+    def run(prompts, seeds, desc, **changes):
+        nonlocal count, seconds
+        images, took = sampling.generate(pipe, prompts, seeds, dataclasses.replace(settings, **changes), desc,
+                                         embeddings=embeddings, nsfw=flags)
+        count, seconds = count + len(images), seconds + took
+        return images
+
+    if "a" in parts:
+        lesson.step("A", f"Guidance scale: '{cfg.PROMPT}' at {', '.join(f'{g:g}' for g in cfg.GUIDANCE_SCALES)}, "
+                         f"seed {cfg.RANDOM_SEED}")
+        images = [run([cfg.PROMPT], [cfg.RANDOM_SEED], f"guidance {g:g}", guidance_scale=float(g))[0]
+                  for g in cfg.GUIDANCE_SCALES]  # one call per scale: the scale is one number per call
+        written.append(figures.save_grid(images, out_dir / "exercise2_guidance_comparison.png", cols=len(images),
+                                         labels=[f"guidance {g:g}" for g in cfg.GUIDANCE_SCALES],
+                                         title=f"'{cfg.PROMPT}', seed {cfg.RANDOM_SEED}"))
+
+    if "b" in parts:
+        lesson.step("B", f"Style transfer: {len(style_prompts)} styles, seed {cfg.RANDOM_SEED} for all")
+        images = run(style_prompts, [cfg.RANDOM_SEED] * len(style_prompts), "Styles")
+        written.append(figures.save_grid(images, out_dir / "exercise2_style_grid.png",
+                                         cols=math.ceil(math.sqrt(len(images))), labels=list(cfg.STYLES),
+                                         title=f"'{cfg.STYLE_PROMPT}', guidance {guidance:g}"))
+
+    if "c" in parts:
+        seeds = [cfg.RANDOM_SEED + i for i in range(cfg.NUM_SEEDS)]
+        lesson.step("C", f"Seed variation: '{cfg.PROMPT}' with seeds {seeds[0]}..{seeds[-1]}")
+        images = run([cfg.PROMPT] * len(seeds), seeds, "Seeds")
+        written.append(figures.save_grid(images, out_dir / "exercise2_seed_comparison.png",
+                                         cols=math.ceil(math.sqrt(len(images))), labels=[f"seed {s}" for s in seeds],
+                                         title=f"'{cfg.PROMPT}', guidance {guidance:g}"))
+
+    print("\nDone. " + sampling.describe_speed(count, seconds))
+    print("  " + sampling.describe_safety(pipe, flags, cfg.SAFETY_CHECKER))
+    for line in loaded.describe():
+        print(f"  {line}")
+    print("Files written:")
+    for path in written:
+        print(f"  {path}  ({human_size(path.stat().st_size)})")
+    lesson.print_reflection(REFLECTION)
+    return SimpleNamespace(files=written, count=count, seconds=seconds, nsfw=flags, loaded=loaded, pipe=pipe)
+
+
+if __name__ == "__main__":
+    lesson.run(main)

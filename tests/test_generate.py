@@ -1,0 +1,200 @@
+"""Exercises 1 and 2 and the morph end to end on the tiny model: files, sizes, frames, and what they loaded."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import animation, lora
+from common.errors import LessonError
+from conftest import load_script
+from test_lora import _randomize_lora
+
+QUICK = ["--model", "tiny", "--num-inference-steps", "2", "--batch-size", "9"]
+
+
+def _pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+def fabric_lora(workdir, tiny_pipe):
+    """A random LoRA where exercise 3b would have written one (models/fabric_lora, diffusers layout)."""
+    config = lora.add_lora(tiny_pipe.unet, rank=4, alpha=4)
+    _randomize_lora(tiny_pipe.unet)
+    return lora.save_lora(tiny_pipe.unet, workdir / "models/fabric_lora", config)
+
+
+def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    result = load_script("exercise1_generate.py").main(QUICK)
+    out = workdir / "outputs"
+    said = capsys.readouterr().out
+    assert "56 layers patched" in said and "images/s)" in said and "Safety checker: this model ships none" in said
+    assert len(result.prompts) == 9 and result.seeds == list(range(42, 51))
+    assert Image.open(out / "exercise1_grid_simple.png").size == (3 * 196 + 4,) * 2  # 3x3 tiles of 192 + gaps
+    labelled = Image.open(out / "exercise1_output.png")
+    assert labelled.width == 3 * 196 + 4 and labelled.height > labelled.width  # room for titles and captions
+    assert Image.open(out / "exercise1_token_comparison.png").width > 9 * 196
+    files = sorted((out / "exercise1_variations").glob("*.png"))
+    assert [f.name[:3] for f in files] == [f"{i:02d}_" for i in range(1, 10)]
+    assert files[0].name == "01_beautiful_dress_fashion_photography.png"
+    for path, image in zip(files, result.images):
+        assert Image.open(path).size == (64, 64)
+        assert np.array_equal(_pixels(Image.open(path).convert("RGB")), _pixels(image))
+    assert "sks" not in " ".join(result.plain_prompts)
+    for with_token, without in zip(result.images, result.without_token):  # one word less, another picture
+        assert np.abs(_pixels(with_token) - _pixels(without)).mean() > 1.0
+
+    # Same seed, same image: plain diffusers with the same LoRA, scheduler and seed redraws image 5.
+    pipe = StableDiffusionPipeline.from_pretrained("models/tiny-sd")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.load_lora_weights("models/fabric_lora")
+    again = pipe(result.prompts[4], num_inference_steps=2, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(46)).images[0]
+    assert np.abs(_pixels(again) - _pixels(result.images[4])).max() <= 1
+
+
+def test_missing_lora_stops_with_how_to_get_one(workdir):
+    with pytest.raises(LessonError, match=r"No LoRA at 'models/fabric_lora'.*exercise3b_train_lora\.py.*USE_LORA"):
+        load_script("exercise1_generate.py").main(QUICK)
+    assert not (workdir / "outputs").exists()  # stopped before generating anything
+
+
+def test_exercise2_parts_run_alone_or_together(fabric_lora, workdir, capsys):
+    script, out = load_script("exercise2_explore.py"), workdir / "outputs"
+    result = script.main(QUICK + ["--part", "a"])
+    assert [p.name for p in result.files] == ["exercise2_guidance_comparison.png"] and result.count == 5
+    assert Image.open(out / "exercise2_guidance_comparison.png").width == 5 * 196 + 4
+    assert not (out / "exercise2_style_grid.png").exists()
+    result = script.main(QUICK + ["--negative-prompt", "blurry, distorted"])
+    assert [p.name for p in result.files] == ["exercise2_guidance_comparison.png", "exercise2_style_grid.png",
+                                              "exercise2_seed_comparison.png"]
+    assert result.count == 5 + 9 + 9
+    for name in ("exercise2_style_grid.png", "exercise2_seed_comparison.png"):
+        assert Image.open(out / name).width == 3 * 196 + 4
+    said = capsys.readouterr().out
+    assert "23 images in" in said and "images/s)" in said
+
+
+def test_base_model_on_purpose_needs_no_lora(workdir, capsys):
+    result = load_script("exercise2_explore.py").main(QUICK + ["--part", "a", "--no-use-lora"])
+    assert result.loaded.lora_layers == 0 and len(lora.lora_layer_names(result.pipe.unet)) == 0
+    assert "BASE model, on purpose" in capsys.readouterr().out
+
+
+def test_morph_writes_a_looping_gif_with_every_frame(fabric_lora, workdir, capsys):
+    result = load_script("generate_dreambooth_morph.py").main(
+        ["--model", "tiny", "--num-inference-steps", "2", "--duration-seconds", "1.5", "--fps", "8",
+         "--num-keyframes", "3", "--gif-size", "48"])
+    assert result.num_frames == 12 and len(result.frames) == 12
+    gif = Image.open(workdir / "outputs/dreambooth_fabric_morph.gif")
+    assert gif.n_frames == 12 and gif.size == (48, 48) and gif.info["loop"] == 0
+    durations = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == 1500
+    assert (workdir / "outputs/dreambooth_fabric_morph_keyframes.png").is_file()
+    # Frames 0, 4 and 8 are the keyframes' own noise; the loop never repeats a frame.
+    for k in range(3):
+        assert torch.equal(result.latents[4 * k], result.keyframes[k])
+    pixels = [_pixels(f) for f in result.frames]
+    assert all(np.abs(pixels[i] - pixels[(i + 1) % 12]).mean() > 0 for i in range(12))
+    mp4 = workdir / "outputs/dreambooth_fabric_morph.mp4"
+    said = capsys.readouterr().out
+    assert "12 frames in" in said and "frames/s)" in said
+    if animation.can_write_mp4():
+        import imageio.v2 as imageio
+
+        assert imageio.get_reader(str(mp4)).count_frames() == 12
+    else:
+        assert not mp4.exists() and "pip install imageio-ffmpeg" in said
+
+
+def test_gif_durations_add_up_to_the_duration():
+    assert animation.gif_durations_ms(450, 30)[:6] == [30, 40, 30, 30, 40, 30]
+    assert sum(animation.gif_durations_ms(450, 30)) == 15000
+    assert sum(animation.gif_durations_ms(7, 12)) == 580  # 7/12 s, to the hundredth
+
+
+# --------------------------------------------------------------------------- FAST_MODE
+@pytest.fixture
+def fast_weights(tiny_dir, tmp_path):
+    """A tiny random LCM adapter and a tiny random AutoencoderTiny, saved like the real ones."""
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict
+
+    # Like the real LCM-LoRA, it patches more than the attention projections (and has no metadata).
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_dir), subfolder="unet")
+    lora.add_lora(unet, rank=4, alpha=4, target_modules=("to_q", "to_v", "proj_in", "proj_out", "ff.net.2"))
+    _randomize_lora(unet, seed=5)
+    lcm = tmp_path / "lcm-lora"
+    StableDiffusionPipeline.save_lora_weights(str(lcm), unet_lora_layers=get_peft_model_state_dict(unet))
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                            num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1))  # 4x, like tiny's VAE
+    taesd.save_pretrained(str(tmp_path / "taesd"))
+    return ["--lcm-lora-id", str(lcm), "--tiny-vae-id", str(tmp_path / "taesd")]
+
+
+def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weights, workdir, capsys):
+    from diffusers import AutoencoderTiny, LCMScheduler
+
+    result = load_script("exercise1_generate.py").main(
+        QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5",
+                                "--no-compare-without-token"])
+    pipe = result.pipe
+    assert isinstance(pipe.scheduler, LCMScheduler) and isinstance(pipe.vae, AutoencoderTiny)
+    assert result.settings.num_inference_steps == 3 and result.settings.guidance_scale == 1.0
+    assert set(pipe.get_active_adapters()) == {lora.ADAPTER_NAME, "lcm"}
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scaling[lora.ADAPTER_NAME] == pytest.approx(0.5) and layer.scaling["lcm"] == pytest.approx(1.0)
+    # 7 transformer blocks x (to_q, to_v of attn1 and attn2, ff.net.2) + proj_in, proj_out of 7 attentions
+    assert len(lora.lora_layer_names(pipe.unet, "lcm")) == 7 * 5 + 7 * 2
+    assert len(sorted((workdir / "outputs/exercise1_variations").glob("*.png"))) == 9
+    assert all(im.size == (64, 64) and np.asarray(im).std() > 0 for im in result.images)
+    assert "FAST_MODE: LCM-LoRA" in capsys.readouterr().out
+
+
+def test_fast_mode_without_its_weights_names_what_to_download(fabric_lora, workdir):
+    # Tests run offline (HF_HUB_OFFLINE=1), as a classroom without internet would.
+    with pytest.raises(LessonError, match=r"FAST_MODE needs the LCM-LoRA 'latent-consistency/lcm-lora-sdv1-5' "
+                                          r"\(LCM_LORA_ID\).*hf download"):
+        load_script("exercise1_generate.py").main(QUICK + ["--fast-mode"])
+
+
+# --------------------------------------------------------------------------- safety checker
+@pytest.fixture
+def model_with_checker(workdir, tiny_dir):
+    """The tiny model plus a tiny random safety checker whose thresholds flag every image."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine - threshold > 0 for every image
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    pipe = StableDiffusionPipeline(**{**pipe.components, "safety_checker": checker,
+                                      "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                              crop_size=32)})
+    pipe.save_pretrained(str(workdir / "models/tiny-checked"))
+    return "models/tiny-checked"
+
+
+def test_safety_checker_is_on_by_default_and_counts_what_it_blanked(model_with_checker, fabric_lora, capsys):
+    script = load_script("exercise2_explore.py")
+    args = QUICK + ["--part", "a", "--model", model_with_checker]
+    result = script.main(args)
+    assert result.nsfw == [True] * 5
+    assert "Safety checker: blanked 5 of 5 images" in capsys.readouterr().out
+    result = script.main(args + ["--no-safety-checker"])
+    assert result.nsfw == [False] * 5 and result.pipe.safety_checker is None
+    assert "Safety checker: off" in capsys.readouterr().out

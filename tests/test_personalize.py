@@ -1,0 +1,88 @@
+"""Personalising a pipeline: every LoRA layout changes the pictures, embeddings add their token."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from common import lora, personalize, sampling
+from common.errors import LessonError
+from test_lora import _peft_folder, _randomize_lora
+
+SETTINGS = sampling.SamplingSettings(num_inference_steps=2, guidance_scale=7.5)
+PROMPTS, SEEDS = ["a sks african fabric pattern", "a dress made of sks african fabric"], [3, 4]
+
+
+def _make(layout, tiny_pipe, folder):
+    """A random LoRA for the tiny UNet in the given layout; returns the path LORA_PATH would name."""
+    if layout == "peft":
+        return _peft_folder(tiny_pipe.unet, folder)
+    unet = tiny_pipe.unet
+    config = lora.add_lora(unet, rank=4, alpha=8)
+    _randomize_lora(unet)
+    if layout == "diffusers":
+        lora.save_lora(unet, folder, config)
+        return folder
+    return lora.export_kohya(unet, folder.with_suffix(".safetensors"), config)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "peft", "kohya"])
+def test_each_layout_patches_every_attention_projection_and_changes_the_pixels(layout, tiny_pipe, tiny_dir,
+                                                                                tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    path = _make(layout, tiny_pipe, tmp_path / "fabric_lora")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+    base, _ = sampling.generate(pipe, PROMPTS, SEEDS, SETTINGS, progress=False)
+    loaded = personalize.load_adapters(pipe, path, lora_scale=1.0)
+    assert loaded.lora_layers == 56  # 14 attention blocks x to_q, to_k, to_v, to_out
+    assert loaded.adapters == {lora.ADAPTER_NAME: 1.0}
+    assert loaded.lora_layout == layout
+    assert f"({layout} layout): 56 layers patched" in capsys.readouterr().out  # it always says what it loaded
+    after, _ = sampling.generate(pipe, PROMPTS, SEEDS, SETTINGS, progress=False)
+    for a, b in zip(base, after):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() > 1.0
+
+
+def test_no_lora_is_the_base_model_and_says_so(tiny_pipe, capsys):
+    loaded = personalize.load_adapters(tiny_pipe, None)
+    assert loaded.lora_layers == 0 and loaded.adapters == {}
+    assert len(lora.lora_layer_names(tiny_pipe.unet)) == 0
+    assert "BASE model, on purpose" in capsys.readouterr().out
+
+
+def test_missing_files_stop_before_any_model_loads(tmp_path):
+    with pytest.raises(LessonError, match=r"No LoRA at .*exercise3b_train_lora\.py.*USE_LORA = False"):
+        personalize.check_adapter_files(tmp_path / "models/fabric_lora")
+    with pytest.raises(LessonError, match=r"No embedding at .*EMBEDDING_PATH = None"):
+        personalize.check_adapter_files(None, tmp_path / "learned_embeds.safetensors")
+
+
+@pytest.mark.parametrize("vectors", [1, 2])
+def test_embedding_loads_and_returns_the_token_to_write(vectors, tiny_pipe, tmp_path):
+    vector = torch.randn(vectors, 32) if vectors > 1 else torch.randn(32)
+    path = tmp_path / "learned_embeds.safetensors"
+    safetensors.torch.save_file({"<african-fabric>": vector}, str(path))
+    before = tiny_pipe.encode_prompt("a <african-fabric> pattern", "cpu", 1, False)[0]
+    loaded = personalize.load_adapters(tiny_pipe, None, embedding_path=path)
+    assert loaded.tokens == ["<african-fabric>"]  # "<african-fabric>_1" is diffusers' business
+    token_id = tiny_pipe.tokenizer.convert_tokens_to_ids("<african-fabric>")
+    row = tiny_pipe.text_encoder.get_input_embeddings().weight[token_id]
+    assert torch.equal(row, vector.reshape(-1, 32)[0])
+    after = tiny_pipe.encode_prompt("a <african-fabric> pattern", "cpu", 1, False)[0]
+    assert not torch.allclose(before, after)
+
+
+def test_embedding_of_the_wrong_width_is_explained(tiny_pipe, tmp_path):
+    path = tmp_path / "sd15_embeds.safetensors"
+    safetensors.torch.save_file({"<african-fabric>": torch.randn(768)}, str(path))  # SD v1.5 width, tiny is 32
+    with pytest.raises(LessonError, match=r"Textual Inversion embedding \(its vectors have another width; .* 32 wide"):
+        personalize.load_adapters(tiny_pipe, None, embedding_path=path)
+
+
+def test_without_token_removes_only_the_word():
+    assert personalize.without_token("a dress made of sks african fabric, sks", "sks") == \
+        "a dress made of african fabric,"
+    assert personalize.without_token("tasks for sks", "sks") == "tasks for"
+    assert personalize.without_token("sks african fabric pattern", "sks") == "african fabric pattern"

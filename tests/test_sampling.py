@@ -1,0 +1,122 @@
+"""SLERP and the morph's keyframe loop; batched generation with fixed seeds on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from common import sampling
+
+
+def _pair(shape=(4, 8, 8), seed=0, same_norm=True):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    if same_norm:
+        b = b * (a.norm() / b.norm())
+    return a, b
+
+
+def test_endpoints_are_exact():
+    a, b = _pair(same_norm=False)
+    assert torch.equal(sampling.slerp(a, b, 0.0), a)
+    assert torch.equal(sampling.slerp(a, b, 1.0), b)
+    ends = sampling.slerp(a, b, torch.tensor([0.0, 1.0]))
+    assert torch.equal(ends[0], a) and torch.equal(ends[1], b)
+
+
+@pytest.mark.parametrize("angle", ["random", "nearly opposite"])
+def test_norm_is_preserved_for_inputs_of_equal_norm(angle):
+    a, b = _pair()
+    if angle == "nearly opposite":  # dot = -0.9999: still a well-defined great circle
+        b = -a + 0.015 * b
+        b = b * (a.norm() / b.norm())
+        assert (a * b).sum() / (a.norm() * b.norm()) < -0.9995
+    t = torch.linspace(0, 1, 11)
+    norms = sampling.slerp(a, b, t).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, a.norm().expand(11), rtol=1e-4)
+    # A straight line would have shrunk the middle frame: that is what SLERP is for.
+    assert ((a + b) / 2).norm() < 0.9 * a.norm()
+
+
+def test_middle_is_on_the_great_circle_halfway():
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([0.0, 1.0, 0.0])
+    mid = sampling.slerp(a, b, 0.5)
+    assert torch.allclose(mid, torch.tensor([0.5**0.5, 0.5**0.5, 0.0]), atol=1e-6)
+
+
+def test_nearly_parallel_inputs_fall_back_to_linear():
+    a, b = _pair()
+    b = a + 1e-3 * b  # cosine ~ 0.9999995: the sine of the angle is too small to divide by
+    t = torch.tensor([0.25, 0.5, 0.75])
+    out = sampling.slerp(a, b, t)
+    linear = torch.stack([(1 - x) * a + x * b for x in t])
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, linear, atol=1e-6)
+    assert torch.isfinite(sampling.slerp(a, a.clone(), 0.5)).all()  # identical inputs too
+
+
+def test_a_batch_of_t_matches_one_at_a_time():
+    a, b = _pair(same_norm=False)
+    t = [0.0, 0.1, 0.5, 0.9]
+    batch = sampling.slerp(a, b, torch.tensor(t))
+    assert batch.shape == (4, *a.shape)
+    for row, x in zip(batch, t):
+        assert torch.allclose(row, sampling.slerp(a, b, x), atol=1e-6)
+    assert torch.allclose(sampling.slerp(a, b, t), batch)  # a plain list works as well
+
+
+def test_fp16_in_fp16_out_and_close_to_fp32():
+    a, b = _pair((4, 64, 64))
+    out = sampling.slerp(a.half(), b.half(), torch.tensor([0.3, 0.7]))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    ref = sampling.slerp(a.half().float(), b.half().float(), torch.tensor([0.3, 0.7]))
+    assert torch.allclose(out.float(), ref, atol=2e-3)
+    assert torch.equal(sampling.slerp(a.half(), b.half(), 0.0), a.half())
+
+
+def test_loop_latents_visit_every_keyframe_and_close_the_loop():
+    keys = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    frames = sampling.loop_latents(keys, 450)
+    assert frames.shape == (450, 4, 8, 8)
+    for k in range(5):  # 90 frames per segment; frame 90k is keyframe k itself
+        assert torch.equal(frames[90 * k], keys[k])
+    # The last frame is one step before keyframe 0, so the loop does not show a frame twice.
+    step = (frames[1] - frames[0]).norm()
+    assert (frames[-1] - keys[0]).norm() < 1.5 * step
+    assert not torch.equal(frames[-1], keys[0])
+    steps = (frames.roll(-1, 0) - frames).flatten(1).norm(dim=1)  # including the wrap-around
+    assert steps.max() < 2.0 * steps.min()  # even speed: no jump anywhere in the loop
+    uneven = sampling.loop_latents(keys, 7)  # frame counts that do not divide evenly work too
+    assert uneven.shape == (7, 4, 8, 8) and torch.equal(uneven[0], keys[0])
+
+
+def test_keyframe_latents_are_the_noise_the_pipeline_draws_for_that_seed(tiny_pipe):
+    sampling.use_multistep_solver(tiny_pipe)
+    settings = sampling.SamplingSettings(num_inference_steps=3, guidance_scale=3.0)
+    keys = sampling.keyframe_latents(tiny_pipe, [7, 8], 64, 64)
+    assert keys.shape == (2, 4, 16, 16)
+    by_seed, _ = sampling.generate(tiny_pipe, ["a fabric"] * 2, [7, 8], settings, progress=False)
+    by_latent, _ = sampling.generate(tiny_pipe, ["a fabric"] * 2, [0, 0], settings, progress=False, latents=keys)
+    for x, y in zip(by_seed, by_latent):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_same_seed_same_image_whatever_the_batch(tiny_pipe):
+    sampling.use_multistep_solver(tiny_pipe)
+    prompts, seeds = ["a sks african fabric pattern", "a fabric pattern", "a sks african fabric pattern"], [1, 2, 1]
+    one = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(3, 7.5, batch_size=1),
+                            progress=False)[0]
+    three = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(3, 7.5, batch_size=3),
+                              progress=False)[0]
+    for x, y in zip(one, three):
+        assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+    assert np.array_equal(np.asarray(three[0]), np.asarray(three[2]))
+    assert not np.array_equal(np.asarray(three[0]), np.asarray(three[1]))
+
+
+def test_many_frames_encode_the_prompt_once(tiny_pipe):
+    calls = []
+    tiny_pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    settings = sampling.SamplingSettings(num_inference_steps=2, guidance_scale=7.5, batch_size=4)
+    sampling.generate(tiny_pipe, ["a sks african fabric pattern"] * 10, [0] * 10, settings, progress=False)
+    assert len(calls) == 2  # the prompt and the empty negative prompt, once each, for all ten images
