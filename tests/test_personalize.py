@@ -77,7 +77,7 @@ def test_embedding_loads_and_returns_the_token_to_write(vectors, tiny_pipe, tmp_
 def test_embedding_of_the_wrong_width_is_explained(tiny_pipe, tmp_path):
     path = tmp_path / "sd15_embeds.safetensors"
     safetensors.torch.save_file({"<african-fabric>": torch.randn(768)}, str(path))  # SD v1.5 width, tiny is 32
-    with pytest.raises(LessonError, match=r"Textual Inversion embedding \(its vectors have another width; .* 32 wide"):
+    with pytest.raises(LessonError, match=r"768-wide vectors .* 32 wide"):
         personalize.load_adapters(tiny_pipe, None, embedding_path=path)
 
 
