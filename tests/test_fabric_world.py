@@ -94,3 +94,21 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     # run again: every stage resumes from its checkpoint instead of training again
     again = script.main(args + ["--stage", "unet"])
     assert again["unet_seconds"] == card["unet_seconds"]
+
+
+def test_evaluate_script_runs_on_tiny(workdir):
+    """The DreamBooth evaluation, at toy size: trains three ways with the course's scripts, scores four."""
+    import json
+
+    world_metrics.build_classifier().save_pretrained("models/judge")
+    results = load_script("tools/evaluate_dreambooth.py").main([
+        "--model", "tiny", "--classifier-dir", "models/judge", "--lora-steps", "2", "--ti-steps", "2",
+        "--num-class-images", "2", "--samples", "4", "--num-inference-steps", "2"])
+    assert list(results) == ["base model", "Textual Inversion", "LoRA, no prior preservation",
+                             "LoRA + prior preservation"]
+    for row in results.values():
+        assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["prompt_fidelity"] <= 1
+    saved = json.loads((workdir / "outputs/evaluation/results.json").read_text())
+    assert saved["results"]["LoRA + prior preservation"]["train_seconds"] > 0
+    assert "| LoRA + prior preservation |" in (workdir / "outputs/evaluation/results.md").read_text()
+    assert (workdir / "outputs/evaluation/samples.png").is_file()
