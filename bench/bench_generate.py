@@ -101,7 +101,8 @@ def main(argv=None):
         sampling.use_multistep_solver(pipe)  # as every generation script does
         resolution = args.resolution or models.native_resolution(pipe)
         name = args.name or harness.default_name("generate", args, runtime, resolution)
-        run = SimpleNamespace(pipe=pipe, args=args, device=device, resolution=resolution, workdir=workdir, loaded=None)
+        run = SimpleNamespace(pipe=pipe, args=args, device=device, resolution=resolution, workdir=workdir,
+                              loaded=None, name=name, part=None)
         print(f"{args.arch} at {resolution} px on {device} ({str(runtime.dtype).replace('torch.', '')})")
 
         results = {}
@@ -110,6 +111,7 @@ def main(argv=None):
                 run.loaded = personalize.load_adapters(pipe, random_lora(pipe, workdir / "fabric_lora",
                                                                          ex3b.LORA_RANK, lora.TARGET_MODULES), 1.0)
             print(f"\nPart '{part}'")
+            run.part = part
             results[part] = {"class": class_images, "exercise1": exercise1, "morph": morph_frames,
                              "fast": fast}[part](run, ex1=ex1, morph=morph, ex3b=ex3b)
 
@@ -255,7 +257,8 @@ def _compare(run, ours, loop, count, steps, batch, unit):
     _warm(run, ours, min(count, batch))
     _warm(run, loop, 1)
     variants = [harness.Variant("ours", lambda i: ours(count)), harness.Variant("per_call_loop", lambda i: loop(count))]
-    harness.measure(variants, 0, run.args.repeats, run.device)
+    harness.measure(variants, 0, run.args.repeats, run.device,
+                    profile_to=run.args.results_dir / f"{run.name}.{run.part}" if run.args.profile else None)
     out = {}
     for v, b in zip(variants, (batch, 1)):
         out[v.name] = {**v.summary(), "count": count, "unit": unit, "steps": steps, "batch": min(b, count),
@@ -267,7 +270,8 @@ def _compare(run, ours, loop, count, steps, batch, unit):
 def _measure_one(run, name, fn, count, steps, batch):
     _warm(run, fn, min(count, batch))
     variant = harness.Variant(name, lambda i: fn(count))
-    harness.measure([variant], 0, run.args.repeats, run.device)
+    harness.measure([variant], 0, run.args.repeats, run.device,
+                    profile_to=run.args.results_dir / f"{run.name}.{run.part}" if run.args.profile else None)
     return {**variant.summary(), "count": count, "unit": "images", "steps": steps, "batch": min(batch, count),
             "per_s": count / variant.median}
 

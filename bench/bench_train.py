@@ -115,7 +115,8 @@ def main(argv=None):
         bench = textual_inversion_variants if loop == "3a" else lora_variants
         script = script_a if loop == "3a" else script_b
         variants, facts, cleanup = bench(script, pipe, noise_scheduler, data, accelerator, runtime, args)
-        harness.measure(variants, args.warmup, args.steps, device)
+        harness.measure(variants, args.warmup, args.steps, device,
+                        profile_to=args.results_dir / f"{name}.{loop}" if args.profile else None)
         results[loop] = summarize(variants, facts, args, script)
         del variants
         cleanup()

@@ -57,6 +57,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--name", default=None, help="results file name (default: made from the settings)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where <name>.json goes")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, run each variant once more under torch.profiler and write its "
+                             "top operators to <results-dir>/<name>.<variant>.profile.txt")
 
 
 def default_name(kind: str, args, runtime, resolution: int, *extra: str) -> str:
@@ -147,8 +150,9 @@ class Variant:
 
 
 def measure(variants: list[Variant], warmup: int, repeats: int, device: torch.device,
-            log: Callable[[str], None] = print) -> None:
-    """Round-robin: ``warmup`` untimed rounds, then ``repeats`` timed ones; fills each variant's times."""
+            log: Callable[[str], None] = print, profile_to: Path | None = None) -> None:
+    """Round-robin: ``warmup`` untimed rounds, then ``repeats`` timed ones; fills each variant's times.
+    With ``profile_to`` (a path prefix), one more run of each variant is profiled (see ``profile``)."""
     memory = PeakMemory(device)
     for round_index in range(warmup + repeats):
         timed = round_index >= warmup
@@ -164,7 +168,27 @@ def measure(variants: list[Variant], warmup: int, repeats: int, device: torch.de
                 variant.times.append(seconds)
                 variant.peaks.append(memory.peak())
             log(f"  {'round' if timed else 'warm-up'} {round_index + 1 - (warmup if timed else 0)}: "
-                f"{variant.name:<10} {seconds:8.3f} s")
+                f"{variant.name:<14} {seconds:8.3f} s")
+    if profile_to is not None:
+        for variant in variants:
+            log(f"  profiled: {profile(variant, warmup + repeats, device, profile_to)}")
+
+
+def profile(variant: Variant, index: int, device: torch.device, prefix: Path) -> Path:
+    """One more run under ``torch.profiler``; its operators by self time go to <prefix>.<variant>.profile.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    variant.place()
+    with torch_profile(activities=activities) as prof:
+        variant.run(index)
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path = Path(f"{prefix}.{variant.name}.profile.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30), encoding="utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------- the record
