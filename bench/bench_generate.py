@@ -1,7 +1,7 @@
 """Generation cost: our batched paths against one pipeline call per image, and FAST_MODE against the default.
 
     python bench/bench_generate.py                                          # tiny: does it run? (seconds)
-    python bench/bench_generate.py --arch sd15-shapes --resolution 256 --steps 4 --warmup 0   # this CPU
+    python bench/bench_generate.py --arch sd15-shapes --resolution 256 --steps 4 --parts morph --frames 8  # CPU
     python bench/bench_generate.py --arch sd15-shapes --device cuda --resolution 512 --precision fp16  # GPU
 
 Four parts, each a pair of variants timed on the same pipeline (round-robin, except FAST_MODE):
@@ -246,16 +246,17 @@ def _with_steps(settings, steps, count):
                                      batch_size=min(settings.batch_size, count))
 
 
-def _warm(run, fn, count):
-    """Untimed warm-up rounds at 1 denoising step (first calls set up kernels for each batch shape)."""
+def _warm(run, fn):
+    """Untimed warm-up runs of one image at one denoising step: first calls page the weights in and set up
+    kernels and allocators; one image keeps it cheap (a batch would cost a VAE decode per image)."""
     for _ in range(run.args.warmup):
-        fn(count, 1)
+        fn(1, 1)
 
 
 def _compare(run, ours, loop, count, steps, batch, unit):
     """Round-robin ``repeats`` runs of both variants over ``count`` images; rates and the ratio."""
-    _warm(run, ours, min(count, batch))
-    _warm(run, loop, 1)
+    _warm(run, ours)
+    _warm(run, loop)
     variants = [harness.Variant("ours", lambda i: ours(count)), harness.Variant("per_call_loop", lambda i: loop(count))]
     harness.measure(variants, 0, run.args.repeats, run.device,
                     profile_to=run.args.results_dir / f"{run.name}.{run.part}" if run.args.profile else None)
@@ -268,7 +269,7 @@ def _compare(run, ours, loop, count, steps, batch, unit):
 
 
 def _measure_one(run, name, fn, count, steps, batch):
-    _warm(run, fn, min(count, batch))
+    _warm(run, fn)
     variant = harness.Variant(name, lambda i: fn(count))
     harness.measure([variant], 0, run.args.repeats, run.device,
                     profile_to=run.args.results_dir / f"{run.name}.{run.part}" if run.args.profile else None)
