@@ -212,6 +212,7 @@ def main(argv=None):
             for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
                 with accelerator.accumulate(embedding):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
+                    # The loss through the new word (textual_inversion_loss, above: noise, timesteps, UNet call).
                     loss = textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, runtime.dtype)
                     training.check_finite(loss, step, checkpoint_root)
                     accelerator.backward(loss)

@@ -223,6 +223,7 @@ def main(argv=None):
             for micro in range(cfg.GRADIENT_ACCUMULATION):
                 with accelerator.accumulate(unet):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
+                    # Concept 3's loss on this batch (dreambooth_loss, above: noise, timesteps, one UNet call).
                     loss, instance_loss, prior_loss = dreambooth_loss(
                         unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, runtime.dtype)
                     training.check_finite(loss, step, checkpoint_root)
