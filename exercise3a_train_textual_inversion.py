@@ -97,6 +97,28 @@ def validate(cfg):
         warn("no SAMPLE_PROMPTS contains '{}', so the progress grids never show the new word.")
 
 
+def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, dtype):
+    """One micro-batch's loss: the frozen UNet's noise prediction error, read through the new word.
+
+    ``cache`` holds what step 4 computed once (latent distributions, tokenized captions); every random
+    draw comes from ``g``. (A function of its own so that bench/bench_train.py times this very step.)
+    """
+    # The batch: fresh latents of random images, each with a random caption.
+    latents = training.sample_latents(cache.latents[torch.randint(len(cache.latents), (n,), generator=g)],
+                                      g, cache.vae_config)
+    ids = cache.caption_ids[torch.randint(len(cache.caption_ids), (n,), generator=g)]
+    # Forward diffusion, then the frozen UNet predicts the noise from the caption's embedding.
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    text_states = embedding(ids.to(device))  # the only part with a gradient: the new vector(s)
+    model_pred = unet(noisy_latents.to(dtype), timesteps, text_states.to(dtype)).sample
+    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+              else noise_scheduler.get_velocity(latents, noise, timesteps))
+    return F.mse_loss(model_pred.float(), target.float())
+
+
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
     validate(cfg)
@@ -134,10 +156,11 @@ def main(argv=None):
 
     lesson.step(4, "Encode the images once (the VAE then leaves the GPU) and tokenize the captions once")
     # The text encoder cannot be run ahead: the embedding it reads is what trains. Its input can.
-    latent_dist = training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP)
     templates = ti.TEMPLATES[cfg.LEARNABLE_PROPERTY]
-    caption_ids = ti.tokenize_templates(tokenizer, templates, tokens)
-    print(f"  {len(latent_dist)} latent distributions, {len(templates)} {cfg.LEARNABLE_PROPERTY} captions such as "
+    cache = SimpleNamespace(  # everything the training step reads, computed once
+        latents=training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP),
+        caption_ids=ti.tokenize_templates(tokenizer, templates, tokens), vae_config=vae.config)
+    print(f"  {len(cache.latents)} latent distributions, {len(templates)} {cfg.LEARNABLE_PROPERTY} captions such as "
           f"{templates[0].format(cfg.PLACEHOLDER_TOKEN)!r}")
     sample_prompts = [p.replace("{}", cfg.PLACEHOLDER_TOKEN) for p in cfg.SAMPLE_PROMPTS
                       for _ in range(cfg.NUM_SAMPLE_SEEDS)]
@@ -189,20 +212,8 @@ def main(argv=None):
             for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
                 with accelerator.accumulate(embedding):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
-                    # The batch: fresh latents of random images, each with a random caption.
-                    latents = training.sample_latents(latent_dist[torch.randint(len(latent_dist), (n,), generator=g)],
-                                                      g, vae.config)
-                    ids = caption_ids[torch.randint(len(caption_ids), (n,), generator=g)]
-                    # Forward diffusion, then the frozen UNet predicts the noise from the caption's embedding.
-                    noise = torch.randn(latents.shape, generator=g)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=g)
-                    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    text_states = embedding(ids.to(device))  # the only part with a gradient: the new vector(s)
-                    model_pred = unet(noisy_latents.to(runtime.dtype), timesteps, text_states.to(runtime.dtype)).sample
-                    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
-                              else noise_scheduler.get_velocity(latents, noise, timesteps))
-                    loss = F.mse_loss(model_pred.float(), target.float())
+                    # The loss through the new word (textual_inversion_loss, above: noise, timesteps, UNet call).
+                    loss = textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, runtime.dtype)
                     training.check_finite(loss, step, checkpoint_root)
                     accelerator.backward(loss)
                     optimizer.step()  # accelerate applies it once all micro-batches are summed

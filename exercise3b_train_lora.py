@@ -98,6 +98,34 @@ def validate(cfg):
              "the model will learn your images without a word to call them by.")
 
 
+def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, device, dtype):
+    """One training step's loss (Concept 3): instance loss + PRIOR_LOSS_WEIGHT x prior loss.
+
+    ``cache`` holds what step 4 computed once (latent distributions and prompt embeddings); every
+    random draw comes from ``g``. Returns ``(total, instance_loss, prior_loss)``. (A function of its
+    own so that bench/bench_train.py times this very step.)
+    """
+    # The batch: instance latents (+ class latents), each with its prompt's embedding.
+    pick = torch.randint(len(cache.instance), (n_inst,), generator=g)
+    latents = training.sample_latents(cache.instance[pick], g, cache.vae_config)
+    embeds = [cache.instance_embeds] * n_inst
+    if cache.klass is not None:
+        pick = torch.randint(len(cache.klass), (n_inst,), generator=g)
+        latents = torch.cat([latents, training.sample_latents(cache.klass[pick], g, cache.vae_config)])
+        embeds += [cache.class_embeds] * n_inst
+    # Forward diffusion: independent noise and timestep for every sample.
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    # One UNet call for instance and class images together: predict the noise.
+    model_pred = unet(noisy_latents.to(dtype), timesteps, torch.cat(embeds).to(device, dtype)).sample
+    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+              else noise_scheduler.get_velocity(latents, noise, timesteps))
+    # The first n_inst rows are instance images, the rest class images (prior.prior_preservation_loss).
+    return prior.prior_preservation_loss(model_pred, target, n_inst, prior_loss_weight)
+
+
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
     validate(cfg)
@@ -138,11 +166,12 @@ def main(argv=None):
         class_images = [images.center_crop_resize(images.open_image(p), resolution) for p in files]
 
     lesson.step(4, "Encode images and prompts once (the VAE and text encoder then leave the GPU)")
-    instance_dist = training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP)
-    class_dist = (training.cache_latent_distributions(vae, images.to_tensor(class_images), cfg.RANDOM_FLIP)
-                  if class_images else None)
-    instance_embeds = training.encode_text(pipe, cfg.INSTANCE_PROMPT)
-    class_embeds = training.encode_text(pipe, cfg.CLASS_PROMPT)
+    cache = SimpleNamespace(  # everything the training step reads, computed once
+        instance=training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP),
+        klass=(training.cache_latent_distributions(vae, images.to_tensor(class_images), cfg.RANDOM_FLIP)
+               if class_images else None),
+        instance_embeds=training.encode_text(pipe, cfg.INSTANCE_PROMPT),
+        class_embeds=training.encode_text(pipe, cfg.CLASS_PROMPT), vae_config=vae.config)
     sample_prompts = [p for p in cfg.SAMPLE_PROMPTS for _ in range(cfg.NUM_SAMPLE_SEEDS)]
     sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
     sample_embeds = sampling.encode_prompts(pipe, sample_prompts, guidance=cfg.GUIDANCE_SCALE > 1)
@@ -194,25 +223,9 @@ def main(argv=None):
             for micro in range(cfg.GRADIENT_ACCUMULATION):
                 with accelerator.accumulate(unet):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
-                    # The batch: instance latents (+ class latents), each with its prompt's embedding.
-                    pick = torch.randint(len(instance_dist), (n_inst,), generator=g)
-                    latents, embeds = training.sample_latents(instance_dist[pick], g, vae.config), [instance_embeds] * n_inst
-                    if class_dist is not None:
-                        pick = torch.randint(len(class_dist), (n_inst,), generator=g)
-                        latents = torch.cat([latents, training.sample_latents(class_dist[pick], g, vae.config)])
-                        embeds += [class_embeds] * n_inst
-                    # Forward diffusion: independent noise and timestep for every sample.
-                    noise = torch.randn(latents.shape, generator=g)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
-                    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    # One UNet call for instance and class images together: predict the noise.
-                    model_pred = unet(noisy_latents.to(runtime.dtype), timesteps,
-                                      torch.cat(embeds).to(device, runtime.dtype)).sample
-                    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
-                              else noise_scheduler.get_velocity(latents, noise, timesteps))
-                    loss, instance_loss, prior_loss = prior.prior_preservation_loss(
-                        model_pred, target, n_inst, cfg.PRIOR_LOSS_WEIGHT)
+                    # Concept 3's loss on this batch (dreambooth_loss, above: noise, timesteps, one UNet call).
+                    loss, instance_loss, prior_loss = dreambooth_loss(
+                        unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, runtime.dtype)
                     training.check_finite(loss, step, checkpoint_root)
                     accelerator.backward(loss)
                     optimizer.step()

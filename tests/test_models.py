@@ -91,3 +91,20 @@ def test_broken_checkpoint_file_is_explained(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(LessonError, match="model.safetensors"):
         models.load_pipeline(str(bad))
+
+
+def test_sd15_shapes_pipeline_has_sd15s_shapes_and_runs(tmp_path):
+    pipe = models.build_sd15_shapes_pipeline(tmp_path / "tokenizer")
+    count = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert round(count["unet"] / 1e6) == 860 and round(count["vae"] / 1e6) == 84
+    assert round(count["text_encoder"] / 1e6) == 123  # SD v1.5's 49408-row token table kept
+    assert models.native_resolution(pipe) == 512 and pipe.vae_scale_factor == 8
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 768
+    embeds, _ = pipe.encode_prompt("a sks african fabric pattern", "cpu", 1, False)
+    assert embeds.shape == (1, 77, 768) and torch.isfinite(embeds).all()
+    # Position ids survive the fast random fill (garbage ids would make every token the same)
+    assert torch.equal(dict(pipe.text_encoder.named_buffers())["embeddings.position_ids"],
+                       torch.arange(77).unsqueeze(0))
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)

@@ -1,0 +1,62 @@
+"""The benchmarks run on the tiny model and write valid JSON. Timings are never asserted."""
+
+import importlib.util
+import json
+import math
+
+from conftest import ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(path):
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["machine"]["cpu_count"] >= 1 and record["machine"]["device"] == "cpu"
+    assert record["libraries"]["torch"] and record["libraries"]["diffusers"]
+    return record
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_train_times_one_step_of_each_variant(workdir, tmp_path):
+    out = _load("bench_train").main(["--arch", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1",
+                                     "--results-dir", str(tmp_path / "results")])
+    assert out.path == tmp_path / "results" / "train-tiny-cpu-64px-fp32.json"
+    record = _record(out.path)
+    assert record["benchmark"] == "train"
+    assert record["settings"]["steps"] == 1 and record["settings"]["resolution"] == 64
+    for loop, unet_batch in (("3b", 2), ("3a", 1)):  # 3b: one instance + one class image per UNet call
+        result = record["results"][loop]
+        assert set(result["variants"]) == {"ours", "floor", "course"}
+        for variant in result["variants"].values():
+            assert len(variant["times_s"]) == 1 and _positive(variant["median_s"])
+            assert variant["peak_memory_bytes"] > 0
+        assert _positive(result["ratios"]["ours/floor"]) and _positive(result["ratios"]["ours/course"])
+        assert result["unet_batch"] == unet_batch
+    assert record["results"]["3b"]["trainable_parameters"] > record["results"]["3a"]["trainable_parameters"]
+
+
+def test_bench_generate_runs_each_part_once(workdir, tmp_path):
+    out = _load("bench_generate").main([
+        "--arch", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--images", "2", "--frames", "2",
+        "--class-images", "2", "--fast-images", "1", "--fast-default-steps", "2", "--batch", "2",
+        "--name", "generate-test", "--results-dir", str(tmp_path / "results")])
+    record = _record(tmp_path / "results" / "generate-test.json")
+    assert out.path.name == "generate-test.json" and record["benchmark"] == "generate"
+    results = record["results"]
+    assert set(results) == {"class", "exercise1", "morph", "fast"}
+    for part in ("class", "exercise1", "morph"):
+        ours, loop = results[part]["variants"]["ours"], results[part]["variants"]["per_call_loop"]
+        assert ours["count"] == loop["count"] == 2 and ours["batch"] == 2 and loop["batch"] == 1
+        assert _positive(ours["per_s"]) and _positive(loop["per_s"])
+    fast = results["fast"]["variants"]
+    assert fast["default"]["steps"] == 2 and fast["fast_mode"]["steps"] == 4  # exercise 1's FAST_STEPS
+    assert _positive(results["morph"]["morph_450_frames_s_extrapolated"])
+    assert not list(workdir.glob("class_images*")) and not (workdir / "outputs").exists()  # wrote only results
