@@ -103,7 +103,10 @@ def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str,
 def tokenize_templates(tokenizer, templates: list[str], tokens: list[str]) -> torch.Tensor:
     """The training captions, tokenized once: shape (len(templates), 77). A multi-vector concept is
     written as all of its tokens in a row."""
+    from common.sampling import warn_if_truncated
+
     captions = [t.format(" ".join(tokens)) for t in templates]
+    warn_if_truncated(tokenizer, max(captions, key=len))  # only a very long placeholder or NUM_VECTORS gets here
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
