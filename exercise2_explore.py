@@ -77,7 +77,8 @@ def validate(cfg):
     if not isinstance(cfg.NEGATIVE_PROMPT, str):
         cfg.NEGATIVE_PROMPT = "" if cfg.NEGATIVE_PROMPT is None else str(cfg.NEGATIVE_PROMPT)
     if "{}" not in cfg.STYLE_PROMPT:
-        raise LessonError(f"STYLE_PROMPT must contain {{}} where each style goes, got {cfg.STYLE_PROMPT!r}.")
+        raise LessonError(f"STYLE_PROMPT must contain {{}} where each style goes, got {cfg.STYLE_PROMPT!r}. "
+                          "For example: 'sks african fabric pattern, {} style'.")
     if not cfg.GUIDANCE_SCALES or not all(isinstance(g, (int, float)) and g >= 0 for g in cfg.GUIDANCE_SCALES):
         raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 (on the command line: "
                           f"--guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")

@@ -95,6 +95,7 @@ def validate(cfg):
                           f"{'-'.join(token.lower().split())!r}.")
     if not any("{}" in p for p in cfg.SAMPLE_PROMPTS):
         warn("no SAMPLE_PROMPTS contains '{}', so the progress grids never show the new word.")
+    images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 
 def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, dtype):

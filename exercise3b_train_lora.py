@@ -96,6 +96,7 @@ def validate(cfg):
     if cfg.SUBJECT_TOKEN not in cfg.INSTANCE_PROMPT.split():
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")
+    images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 
 def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, device, dtype):

@@ -74,7 +74,7 @@ def validate(cfg):
     lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", "LORA_SCALE")
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     if cfg.GIF_COLORS > 256:
-        raise LessonError(f"GIF_COLORS must be at most 256 (a GIF's limit), got {cfg.GIF_COLORS}.")
+        raise LessonError(f"GIF_COLORS must be at most 256 (a GIF's limit), got {cfg.GIF_COLORS}. Set 256 or fewer.")
     if round(cfg.DURATION_SECONDS * cfg.FPS) < cfg.NUM_KEYFRAMES:
         raise LessonError(f"DURATION_SECONDS x FPS gives {round(cfg.DURATION_SECONDS * cfg.FPS)} frames, fewer than "
                           f"NUM_KEYFRAMES ({cfg.NUM_KEYFRAMES}). Make the animation longer or use fewer keyframes.")

@@ -44,7 +44,8 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
     if device == "mps" and not torch.backends.mps.is_available():
         raise LessonError("DEVICE is 'mps' but this PyTorch has no Apple-GPU support. Set DEVICE = 'auto'.")
     if not (device.startswith("cuda") or device in ("mps", "cpu")):
-        raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}.")
+        raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}. "
+                          "DEVICE = 'auto' picks the best one there is.")
     dev = torch.device(device)
 
     mp = (mixed_precision or "auto").lower()

@@ -13,3 +13,12 @@ class LessonError(Exception):
 def warn(message: str) -> None:
     """Something the student should know, that does not stop the run."""
     print(f"  Warning: {message}", flush=True)
+
+
+def brief(exc: BaseException, limit: int = 120) -> str:
+    """"TypeName: the first line of its message", cut at a word near ``limit``: a library's failure,
+    quoted inside one of our messages."""
+    text = (str(exc).strip().splitlines() or [""])[0].strip()
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,14 +1,20 @@
 """Saving files so that an interrupted save never destroys a good one.
 
 Every write goes to a temporary file beside the target and is renamed into place (``os.replace`` is
-atomic on the same filesystem, on Windows too). A crash mid-save leaves the previous file intact.
+atomic on the same filesystem, on Windows too). A crash mid-save leaves the previous file intact, and
+the next save of the same file removes the temporary one the crash left behind.
+
+For the tests that prove it, the environment variable ``DREAMBOOTH_KILL_DURING_SAVE`` makes a save of
+a matching path kill its own process half-way (after writing, before the rename), as a power cut would.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +22,26 @@ from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+KILL_DURING_SAVE_ENV = "DREAMBOOTH_KILL_DURING_SAVE"  # tests: a save of a path containing this text dies half-way
+
+
+def fault_point(path) -> None:
+    """Kill this process at once (SIGKILL: no clean-up, no ``finally``) when ``path`` contains the text
+    in ``DREAMBOOTH_KILL_DURING_SAVE``. Called between writing a save and renaming it into place."""
+    pattern = os.environ.get(KILL_DURING_SAVE_ENV)
+    if pattern and pattern in Path(path).as_posix():
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary copies of ``path`` (".name.xxxx") that an interrupted save left behind.
+    Called only once a new ``path`` is in place. (Only one process saves a given file.)"""
+    for old in map(Path, glob.glob(str(path.parent / f".{glob.escape(path.name)}.*"))):
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -27,11 +53,13 @@ def atomic_path(path, suffix: str | None = None):
     os.close(fd)
     try:
         yield Path(tmp)
+        fault_point(path)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_leftovers(path)
 
 
 @contextmanager
@@ -43,6 +71,7 @@ def atomic_dir(path):
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes folders private; give them the usual permissions
     try:
         yield tmp
+        fault_point(path)
         if path.exists():  # rename the old one aside first: a folder cannot be replaced in one step
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -53,6 +82,7 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_leftovers(path)
 
 
 def save_image(image, path, **options) -> Path:

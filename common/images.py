@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import LessonError, warn
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+SUFFIX_LIST = "/".join(sorted(IMAGE_SUFFIXES))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -63,24 +64,44 @@ def list_image_files(folder) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def check_instance_folder(folder, constant: str = "TRAINING_IMAGES_DIR") -> list[Path]:
+    """The picture files in ``folder``, or a LessonError saying why there are none.
+
+    Nothing is decoded, so the training scripts call this before any model loads: a missing folder
+    is reported at once, not after a 4 GB download.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.is_file() else f"does not exist (looked in {Path.cwd()})"
+        raise LessonError(f"{constant} folder '{folder}' {what}. Run the script from the project folder, or put "
+                          f"your training images in '{folder}/'.")
+    files = list_image_files(folder)
+    if not files:
+        others = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        held = f"holds only {len(others)} other file(s) ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})" \
+            if others else "is empty"
+        heic = " Convert iPhone .heic photos to .jpg first." if any(
+            n.lower().endswith((".heic", ".heif")) for n in others) else ""
+        raise LessonError(f"{constant} folder '{folder}/' {held}: no pictures ({SUFFIX_LIST}). Add 5-20 pictures of "
+                          f"your subject and run again.{heic}")
+    return files
+
+
 def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAGES_DIR") -> list[Image.Image]:
     """Every usable image in ``folder`` as an RGB ``resolution``-square; skipped files are named."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise LessonError(f"{constant} folder '{folder}' does not exist (looked in {Path.cwd()}). Run the script "
-                          f"from the project folder, or put your training images in '{folder}/'.")
-    files = list_image_files(folder)
+    files = check_instance_folder(folder, constant)
     others = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
               and not p.name.startswith(".")]
     if others:
-        warn(f"ignoring {len(others)} file(s) that are not .jpg/.jpeg/.png/.webp/.bmp: {', '.join(others[:5])}"
+        warn(f"ignoring {len(others)} file(s) that are not {SUFFIX_LIST}: {', '.join(others[:5])}"
              + (" ..." if len(others) > 5 else ""))
     images, upscaled = [], []
     for path in files:
         try:
             image = open_image(path, longest_needed=resolution)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            warn(f"skipping '{path.name}': not a readable image ({type(exc).__name__}: {str(exc)[:80]})")
+            warn(f"skipping '{path.name}': {_why_unreadable(path, exc)}. Replace or remove it.")
             continue
         side = min(image.size)
         if side < 32:
@@ -96,9 +117,20 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
              "Upscaled pictures are blurry and the model learns the blur: use photos of at least "
              f"{resolution}px if you can.")
     if not images:
-        raise LessonError(f"No usable training images in '{folder}/' ({len(files)} image file(s) found, all "
-                          "unreadable or too small). Add 5-20 .jpg/.png pictures of your subject and run again.")
+        raise LessonError(f"No usable training images in '{folder}/' ({len(files)} picture file(s) found, all "
+                          "unreadable or smaller than 32 px; each is named above). Add 5-20 .jpg/.png pictures of "
+                          "your subject and run again.")
     return images
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if "truncated" in str(exc):
+        return "the file is cut short (an interrupted download or copy?)"
+    if isinstance(exc, UnidentifiedImageError):
+        return "its content is not a picture, whatever its name says (PIL cannot read it)"
+    return f"not a readable picture ({type(exc).__name__}: {str(exc)[:80]})"
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import io
 import math
 import os
+import re
 import sys
 import tokenize
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
-from common.errors import LessonError
+from common.errors import LessonError, brief
 
 MODEL_ENV_VAR = "DREAMBOOTH_MODEL"
 SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
@@ -108,6 +110,21 @@ def _coerce(name: str, text: str, like):
         raise LessonError(f"{name} must be {kind}, got {text!r} (from {flag}). Fix the value and run again.") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
+
+    def error(self, message):
+        options = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        if "unrecognized arguments" in message:
+            for flag in re.findall(r"--[\w-]+", message):
+                close = difflib.get_close_matches(flag.split("=")[0], options, n=1)
+                if close:
+                    hints.append(f"did you mean {close[0]} instead of {flag}?")
+        hint = (" " + " ".join(h[0].upper() + h[1:] for h in hints)) if hints else ""
+        raise LessonError(f"command line: {message}.{hint} 'python {self.prog} --help' lists every option.")
+
+
 def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None,
               extra_flags: dict | None = None) -> Config:
     """Read the script's CONSTANTS (as they are now), apply ``argv`` overrides, return a ``Config``.
@@ -117,7 +134,7 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     """
     script = script_globals.get("__file__", sys.argv[0])
     names = _constants_in_source(script)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=Path(script).name,
         description=(description or "").strip().split("\n\n")[0],
         epilog="Every option is a CONSTANT at the top of the script; the command line overrides it for one run.",
@@ -264,26 +281,49 @@ def print_reflection(questions: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- the entry point
-OOM_ADVICE = (
-    "The GPU ran out of memory. Try, one at a time: TRAIN_BATCH_SIZE = 1, GRADIENT_CHECKPOINTING = True, "
-    "a smaller RESOLUTION (384 or 256), USE_8BIT_ADAM = True (needs bitsandbytes), or FAST_MODE = True for "
-    "generation; close other programs that use the GPU."
+# Out-of-memory advice, one tip per constant: a script is told only about the constants it has.
+OOM_TIPS = (
+    ("TRAIN_BATCH_SIZE", "TRAIN_BATCH_SIZE = 1 (--train-batch-size 1; raise GRADIENT_ACCUMULATION to compensate)"),
+    ("BATCH_SIZE", "a smaller BATCH_SIZE (--batch-size 1)"),
+    ("SAMPLE_BATCH_SIZE", "SAMPLE_BATCH_SIZE = 1 (--sample-batch-size 1)"),
+    ("GRADIENT_CHECKPOINTING", "GRADIENT_CHECKPOINTING = True (--gradient-checkpointing)"),
+    ("RESOLUTION", "a smaller RESOLUTION (--resolution 384 or 256)"),
+    ("USE_8BIT_ADAM", "USE_8BIT_ADAM = True (--use-8bit-adam; needs bitsandbytes)"),
+    ("FAST_MODE", "FAST_MODE = True (--fast-mode)"),
 )
 
 
-def explain(exc: BaseException) -> str | None:
-    """A one-line explanation for failures a student can cause outside our own checks (None if unknown)."""
+def out_of_memory_advice(constants=None, what: str = "The GPU") -> str:
+    """What to try when memory runs out, naming only ``constants`` the script has (all tips when None)."""
+    tips = [tip for name, tip in OOM_TIPS if constants is None or name in constants]
+    return (f"{what} ran out of memory. Try, one at a time: " + "; ".join(tips)
+            + f". Close other programs that use the {'GPU' if what == 'The GPU' else 'memory'}.")
+
+
+OOM_ADVICE = out_of_memory_advice()
+
+
+def explain(exc: BaseException, constants=None) -> str | None:
+    """A one-line explanation for failures a student can cause outside our own checks (None if unknown).
+
+    ``constants``: the names of the running script's constants, so that advice names only what it has.
+    """
     if isinstance(exc, LessonError):
         return str(exc)
     name = type(exc).__name__
     text = str(exc)
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
-        return OOM_ADVICE
     if isinstance(exc, MemoryError):
-        return "The computer ran out of memory (RAM). " + OOM_ADVICE
+        return out_of_memory_advice(constants, "The computer (RAM)")
+    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+        return out_of_memory_advice(constants)
     if isinstance(exc, OSError) and exc.errno == 28:
         return "The disk is full. Free some space (old class_images/ or models/ checkpoints) and run again."
     return None
+
+
+def one_line(message: str) -> str:
+    """The message on one line (a library's text inside it may have brought line breaks)."""
+    return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
 def run(main) -> None:
@@ -297,12 +337,13 @@ def run(main) -> None:
         print("\nStopped (Ctrl-C).", file=sys.stderr)
         sys.exit(130)
     except BaseException as exc:  # noqa: BLE001 - this is the last line of defence for students
-        message = explain(exc)
+        constants = {k for k in getattr(main, "__globals__", {}) if k.isupper()} or None
+        message = explain(exc, constants)
         if debug:
             traceback.print_exc()
         if message is None:
-            message = (f"unexpected {type(exc).__name__}: {exc}. Run again with --debug for the full traceback, "
+            message = (f"unexpected {brief(exc, 300)}. Run again with --debug for the full traceback, "
                        "and include it if you ask for help.")
-        print(f"\nERROR: {message}", file=sys.stderr)
+        print(f"\nERROR: {one_line(message)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)

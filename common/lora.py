@@ -128,39 +128,68 @@ def read_settings(path) -> dict:
 
 # --------------------------------------------------------------------------- loading, whatever the layout
 def find_lora_file(path) -> tuple[str, Path]:
-    """Which layout ``path`` holds: ("peft" | "file", the weights file). Refuses what it cannot load."""
+    """Which layout ``path`` holds: ("peft" | "file", the weights file). Refuses what it cannot load.
+
+    Only file headers are read, so the generation scripts call this before any model loads.
+    """
     path = Path(path)
     if not path.exists():
         raise LessonError(f"No LoRA at '{path}'. Train one first with 'python exercise3b_train_lora.py' "
                           "(or download the course's and put it there).")
     if path.is_file():
+        require_readable(path)
+        if _is_embedding(path):
+            raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
+                              "and LORA_PATH to the LoRA folder.")
         if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
             return "peft", path
         return "file", path
     if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
-        return "file", path / WEIGHT_NAME
+        return "file", require_readable(path / WEIGHT_NAME)
     if (path / PEFT_WEIGHTS).is_file():
         if not (path / PEFT_CONFIG).is_file():
             raise LessonError(f"'{path / PEFT_WEIGHTS}' needs its '{PEFT_CONFIG}' beside it (it holds the rank "
                               "and alpha). Download both files.")
-        return "peft", path / PEFT_WEIGHTS
-    candidates = sorted(p for p in path.glob("*.safetensors") if not _is_embedding(p))
+        return "peft", require_readable(path / PEFT_WEIGHTS)
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))  # (.x: unfinished saves)
+    candidates = [p for p in files if not _is_embedding(p)]
     if len(candidates) == 1:
-        return "file", candidates[0]
+        return "file", require_readable(candidates[0])
     if not candidates:
-        raise LessonError(f"The folder '{path}' holds no LoRA weights (.safetensors). Train one with "
+        embeddings = f" It holds only a Textual Inversion embedding ({files[0].name}): set EMBEDDING_PATH to it." \
+            if files else ""
+        raise LessonError(f"The folder '{path}' holds no LoRA weights (.safetensors).{embeddings} Train a LoRA with "
                           "'python exercise3b_train_lora.py', or point LORA_PATH at the right folder or file.")
     raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "
                       "set LORA_PATH to the one you mean.")
 
 
-def _is_embedding(path: Path) -> bool:
-    """A Textual Inversion file: one tensor per token, or AUTOMATIC1111's emb_params/string_to_param."""
+def safetensors_keys(path) -> list[str] | None:
+    """The tensor names in a .safetensors file (its header only), or None when it cannot be read."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader itself
-        return False
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - damaged, cut short, or not safetensors at all
+        return None
+
+
+def require_readable(path: Path, script: str = "exercise3b_train_lora.py") -> Path:
+    """Refuse a .safetensors file whose header cannot be read (cut short by a download, or not one at all)."""
+    if path.suffix == ".safetensors" and safetensors_keys(path) is None:
+        raise LessonError(f"'{path}' is not a readable .safetensors file ({path.stat().st_size} bytes): it is damaged "
+                          f"or incompletely downloaded. Download it again, or retrain with {script}.")
+    return path
+
+
+def is_lora_file(path) -> bool:
+    """A readable .safetensors file with LoRA weights in it (``lora_`` layers or kohya ``.alpha`` values)."""
+    keys = safetensors_keys(path)
+    return bool(keys) and any("lora" in k or k.endswith(".alpha") for k in keys)
+
+
+def _is_embedding(path: Path) -> bool:
+    """A Textual Inversion file: one tensor per token, or AUTOMATIC1111's emb_params/string_to_param."""
+    keys = safetensors_keys(path)  # (unreadable files are reported by require_readable)
     return bool(keys) and not any("lora" in k or k.endswith(".alpha") for k in keys)
 
 

@@ -80,13 +80,18 @@ def resolve(model_id: str) -> ModelSource:
         return ModelSource("folder", str(path))
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-            raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint.")
+            raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint. Point MODEL_ID at "
+                              "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
         return ModelSource("single_file", str(path))
+    first = model_id.replace("\\", "/").split("/")[0]
+    # "models/my-sd" reads like a Hub id (owner/name), but the project's models/ folder says it is a path.
+    local_parent = "/" in model_id and first in ("models", "outputs") and Path(first).is_dir()
     looks_like_path = (model_id.startswith((".", "/", "~")) or "\\" in model_id or ":" in model_id
-                       or model_id.lower().endswith(CHECKPOINT_SUFFIXES) or model_id.count("/") > 1)
+                       or model_id.lower().endswith(CHECKPOINT_SUFFIXES) or model_id.count("/") > 1 or local_parent)
     if looks_like_path:
         raise LessonError(f"MODEL_ID '{model_id}' does not exist on this computer. Check the path "
-                          f"(relative paths start from {Path.cwd()}), or use a Hub id, or 'tiny'.")
+                          f"(relative paths start from {Path.cwd()}"
+                          + (f", where '{first}/' is a folder" if local_parent else "") + "), or use a Hub id, or 'tiny'.")
     if model_id.count("/") != 1:
         raise LessonError(f"MODEL_ID '{model_id}' is not a Hub id (owner/name), an existing folder or file, "
                           "or 'tiny'/'pocket'. The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")

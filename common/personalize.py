@@ -62,6 +62,8 @@ def check_adapter_files(lora_path, embedding_path=None) -> None:
         raise LessonError(
             f"No embedding at '{embedding_path}' (EMBEDDING_PATH). Train one with "
             "'python exercise3a_train_textual_inversion.py', or set EMBEDDING_PATH = None.")
+    if embedding_path is not None:
+        textual_inversion.find_embedding_file(embedding_path)  # one readable file, not a LoRA
 
 
 def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=None) -> Personalization:

@@ -26,7 +26,7 @@ import torch
 
 from common.errors import LessonError
 from common.files import atomic_path
-from common.lora import SETTINGS_KEY
+from common.lora import SETTINGS_KEY, is_lora_file, require_readable
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
 
@@ -103,7 +103,10 @@ def add_placeholder(tokenizer, text_encoder, placeholder: str, initializer: str,
 def tokenize_templates(tokenizer, templates: list[str], tokens: list[str]) -> torch.Tensor:
     """The training captions, tokenized once: shape (len(templates), 77). A multi-vector concept is
     written as all of its tokens in a row."""
+    from common.sampling import warn_if_truncated
+
     captions = [t.format(" ".join(tokens)) for t in templates]
+    warn_if_truncated(tokenizer, max(captions, key=len))  # only a very long placeholder or NUM_VECTORS gets here
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -165,22 +168,33 @@ def load_checkpoint(module: PlaceholderEmbedding, folder) -> None:
 
 
 def find_embedding_file(path) -> Path:
-    """The embedding file at ``path``: a file, or a folder holding learned_embeds.* or one .safetensors/.pt/.bin."""
+    """The embedding file at ``path``: a file, or a folder holding learned_embeds.* or one .safetensors/.pt/.bin.
+
+    LoRA files and unfinished saves (".name") in the folder are passed over; a damaged .safetensors file
+    is refused here, before any model loads.
+    """
     path = Path(path)
     if not path.exists():
         raise LessonError(f"No Textual Inversion embedding at '{path}'. Train one with "
                           "'python exercise3a_train_textual_inversion.py', or point EMBEDDING_PATH at the file.")
-    if path.is_file():
-        return path
-    for name in (WEIGHT_NAME, "learned_embeds.bin"):
-        if (path / name).is_file():
-            return path / name
-    candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file())
-    if len(candidates) != 1:
-        raise LessonError(f"The folder '{path}' holds {len(candidates) or 'no'} embedding files"
-                          + (f" ({', '.join(p.name for p in candidates)})" if candidates else "")
-                          + ": point EMBEDDING_PATH at the one file you mean.")
-    return candidates[0]
+    found = path if path.is_file() else next((path / n for n in (WEIGHT_NAME, "learned_embeds.bin")
+                                              if (path / n).is_file()), None)
+    if found is None:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file()
+                       and not p.name.startswith("."))
+        candidates = [p for p in files if not is_lora_file(p)]
+        if len(candidates) != 1:
+            loras = [p.name for p in files if p not in candidates]
+            raise LessonError(f"The folder '{path}' holds {len(candidates) or 'no'} embedding files"
+                              + (f" ({', '.join(p.name for p in candidates)})" if candidates else "")
+                              + (f" (and the LoRA {', '.join(loras)}, which belongs in LORA_PATH)" if loras else "")
+                              + ": point EMBEDDING_PATH at the one embedding file you mean.")
+        found = candidates[0]
+    require_readable(found, "exercise3a_train_textual_inversion.py")
+    if is_lora_file(found):
+        raise LessonError(f"'{found}' is a LoRA, not a Textual Inversion embedding. Set LORA_PATH to it, and "
+                          "EMBEDDING_PATH to an embedding (or None).")
+    return found
 
 
 def _token_and_vectors(state, file: Path, token: str | None, width: int) -> tuple[str, torch.Tensor]:
@@ -198,7 +212,8 @@ def _token_and_vectors(state, file: Path, token: str | None, width: int) -> tupl
             # AUTOMATIC1111 .safetensors stores its vectors under "emb_params" and names the word after the file.
             return token or (file.stem if key == "emb_params" else key), value
     keys = ", ".join(list(map(str, state))[:4])
-    lora_hint = " It looks like a LoRA: load it with LORA_PATH instead." if any("lora" in str(k) for k in state) else ""
+    lora_hint = " It looks like a LoRA: load it with LORA_PATH instead." if any("lora" in str(k) for k in state) else \
+        " Point EMBEDDING_PATH at an embedding file (exercise 3a writes learned_embeds.safetensors)."
     raise LessonError(f"'{file}' is not a Textual Inversion embedding (it holds {len(state)} entries: {keys}...)."
                       f"{lora_hint}")
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import LessonError
+from common.errors import LessonError, brief
+from common.files import fault_point
 
-NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests set this to check the NaN stop
+NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests: "5" makes step 5's loss NaN, "5:inf" infinite
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -57,6 +58,9 @@ def sample_latents(distribution_params: torch.Tensor, generator: torch.Generator
 @torch.no_grad()
 def encode_text(pipe, prompt: str) -> torch.Tensor:
     """The text encoder's output for one prompt, shape (1, 77, width): the UNet's cross-attention input."""
+    from common.sampling import check_prompt_lengths
+
+    check_prompt_lengths(pipe, [prompt])
     embeds, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)
     return embeds
 
@@ -81,8 +85,9 @@ def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, we
 
 def check_finite(loss: torch.Tensor, step: int, checkpoint_dir) -> None:
     """Stop at once on a NaN/inf loss: continuing would only write broken weights over good ones."""
-    if os.environ.get(NAN_FAULT_ENV) == str(step):
-        loss = loss * float("nan")
+    at, _, value = os.environ.get(NAN_FAULT_ENV, "").partition(":")
+    if at == str(step):
+        loss = loss * float(value or "nan")
     if not torch.isfinite(loss).all():
         raise LessonError(f"The loss became {loss.item()} at step {step}, so training stopped (nothing was "
                           f"saved over your checkpoints in '{checkpoint_dir}/'). Lower LEARNING_RATE (e.g. by 10x), "
@@ -146,12 +151,14 @@ def save_checkpoint(accelerator, root, step: int, keep: int) -> Path:
     root = Path(root)
     final, partial = root / f"checkpoint-{step:06d}", root / f".checkpoint-{step:06d}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in root.glob(".checkpoint-*.partial"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fault_point(final)  # (tests: killed with everything written, before the rename)
         if final.exists():  # the same step saved again (after a resume): the new one is as good
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -167,7 +174,17 @@ def resume(accelerator, root, state: TrainState) -> bool:
     if not found:
         print(f"  --resume: no checkpoint in '{root}/' yet; starting from step 0.")
         return False
-    accelerator.load_state(str(found[-1]))
+    try:
+        accelerator.load_state(str(found[-1]))
+    except LessonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - damaged files, or settings changed since the save
+        before = f" ('{found[-2]}')" if len(found) > 1 else ""
+        raise LessonError(
+            f"--resume could not load the checkpoint '{found[-1]}' ({brief(exc)}). If you changed "
+            "a setting since it was saved (LORA_RANK, NUM_VECTORS, MODEL_ID, ...), change it back; if its files are "
+            f"damaged, delete that folder to resume from the one before{before}; or run without --resume to start "
+            "afresh.") from exc
     print(f"  Resumed from '{found[-1]}' at step {state.step}.")
     return True
 

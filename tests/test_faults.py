@@ -1,0 +1,696 @@
+"""Faults and bad input (issue 6): every failure a student can cause ends in one clear line, and nothing is lost.
+
+Every script runs as a student runs it: ``python <script> <args>`` in a project folder, in a process of its
+own (``tests/student.py``: forked from a Python that has imported torch and diffusers once, so that ~100
+runs take seconds; ``FAULTS_COLD=1`` makes every run a fresh interpreter). Each failure case asserts
+
+1. a non-zero exit code;
+2. one line ``ERROR: <what is wrong> ... <what to do>``, the last line on stderr, with no traceback
+   (and the traceback with ``--debug``);
+3. every file that existed before is byte-for-byte intact, and nothing appeared outside ``outputs/``,
+   ``models/`` and ``class_images/``.
+
+Cases that need a trained LoRA or embedding copy one project trained once per session (``trained``).
+Covered elsewhere, not repeated here: each image mode, EXIF, animated GIF, bad files, non-ASCII names and
+the upscaling warning at the loader's level (test_images.py); 3b's NaN stop, Ctrl-C + resume, and resume ==
+uninterrupted (test_train_lora.py); 3a's resume == uninterrupted within 1e-6 (test_textual_inversion.py);
+3b's constants in-process (test_lesson.py); model sources (test_models.py); LoRA layouts (test_lora.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from common import lesson, lora, training
+from common import textual_inversion as ti
+from common.files import KILL_DURING_SAVE_ENV
+from conftest import ROOT, SHARED_SEED, needs_shared
+from student import Student
+
+SCRIPTS = ["exercise3b_train_lora.py", "exercise3a_train_textual_inversion.py", "exercise1_generate.py",
+           "exercise2_explore.py", "generate_dreambooth_morph.py"]
+B, A, E1, E2, MORPH = SCRIPTS
+SHORT = {B: "3b", A: "3a", E1: "1", E2: "2", MORPH: "morph"}
+WRITABLE = ("outputs", "models", "class_images")
+
+QUICK = ["--model", "tiny", "--num-inference-steps", "1"]
+TRAIN = {  # a few steps, a checkpoint after each, no progress grids but the first and the last
+    B: QUICK + ["--max-train-steps", "2", "--num-class-images", "2", "--checkpoint-every", "1", "--sample-every",
+                "100", "--num-sample-seeds", "1"],
+    A: QUICK + ["--max-train-steps", "2", "--gradient-accumulation", "1", "--checkpoint-every", "1",
+                "--sample-every", "100", "--num-sample-seeds", "1"],
+}
+GENERATE = {
+    E1: QUICK,
+    E2: QUICK,
+    MORPH: QUICK + ["--duration-seconds", "0.5", "--fps", "8", "--num-keyframes", "2", "--gif-size", "32"],
+}
+ARGS = {**TRAIN, **GENERATE}
+
+
+# --------------------------------------------------------------------------- the project folder and its files
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root``: relative path -> SHA-256 of its bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_writes_only_where_allowed(before: dict, after: dict) -> None:
+    touched = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    outside = sorted(p for p in touched if p.split("/")[0] not in WRITABLE)
+    assert not outside, f"written outside {WRITABLE}: {outside}"
+
+
+def assert_nothing_lost(before: dict, after: dict) -> None:
+    lost = sorted(p for p, digest in before.items() if after.get(p) != digest)
+    assert not lost, f"files changed or removed: {lost}"
+    assert_writes_only_where_allowed(before, after)
+
+
+def assert_one_line_error(result, *patterns: str) -> str:
+    """Non-zero exit, no traceback, and the last line on stderr is the only ``ERROR:`` line."""
+    assert result.rc not in (0, None), str(result)
+    assert "Traceback" not in result.err + result.out, str(result)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], str(result)
+    line = errors[0].replace("\\", "/")  # (paths in the patterns are written the POSIX way)
+    for pattern in patterns:
+        assert re.search(pattern, line), f"{pattern!r} not in: {line}"
+    return line
+
+
+def warnings_in(result) -> list[str]:
+    return [line.strip() for line in result.out.splitlines() if line.strip().startswith("Warning:")]
+
+
+def odd_pictures(folder: Path) -> tuple[list[str], list[str]]:
+    """Real photos come in every shape: write one of each into ``folder``. Returns (loadable, skipped) names."""
+    size = (96, 96)
+    Image.new("L", size, 128).save(folder / "grayscale.png")
+    Image.new("RGBA", size, (200, 30, 30, 120)).save(folder / "transparent.png")
+    Image.new("RGB", size, (30, 200, 30)).convert("P").save(folder / "palette.png")
+    Image.new("CMYK", size, (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.linspace(0, 65535, 96 * 96).reshape(size).astype(np.uint16)).save(folder / "deep_16bit.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    Image.new("RGB", (128, 96), (20, 20, 200)).save(folder / "phone_rotated.jpg", exif=exif)
+    frames = [Image.new("RGB", size, c) for c in [(250, 0, 0), (0, 250, 0)]]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:], duration=100)
+    Image.new("RGB", size, (240, 200, 10)).save(folder / "tissu_àéü_布.jpg")
+    loadable = ["grayscale.png", "transparent.png", "palette.png", "cmyk.jpg", "deep_16bit.png",
+                "phone_rotated.jpg", "animated.gif", "animated.webp", "tissu_àéü_布.jpg"]
+    full = sorted((ROOT / "training_images").glob("*.jpg"))[0].read_bytes()
+    (folder / "cut_short.jpg").write_bytes(full[:len(full) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "letter.png").write_text("Dear teacher, this is not a picture.", encoding="utf-8")
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(folder / "icon_16px.png")
+    (folder / "notes.txt").write_text("where I bought the fabric", encoding="utf-8")
+    return loadable, ["cut_short.jpg", "empty.jpg", "letter.png", "icon_16px.png", "notes.txt"]
+
+
+# --------------------------------------------------------------------------- session fixtures
+@pytest.fixture(scope="session")
+def student(tmp_path_factory):
+    runner = Student(tmp_path_factory.mktemp("runs"))
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_dir, student):
+    """One project trained once: 3b then 3a on the tiny model, with every odd kind of picture in
+    training_images/. Tests copy it (``project``); they never change it."""
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(tiny_dir, root / "models" / "tiny-sd")
+    shutil.copytree(ROOT / "training_images", root / "training_images")
+    loadable, skipped = odd_pictures(root / "training_images")
+    runs = {script: student.run(script, TRAIN[script], root) for script in (B, A)}
+    for result in runs.values():
+        assert result.rc == 0, str(result)
+    return root, runs, loadable, skipped
+
+
+@pytest.fixture
+def project(trained, tmp_path) -> Path:
+    """A copy of the trained project, for one test to change as it likes."""
+    copy = tmp_path / "project"
+    shutil.copytree(trained[0], copy)
+    return copy
+
+
+# ========================================================================== the failure table
+@dataclass
+class Case:
+    id: str
+    script: str
+    args: list[str]
+    match: str  # what is wrong (a regex the ERROR line must match)
+    advice: str  # what to do (another)
+    setup: Callable[[Path], None] | None = None
+    env: dict = field(default_factory=dict)
+    before_model: bool = False  # refused before any model loads ("[Step 1]" never printed)
+    cold: bool = False  # a fresh interpreter: the case depends on the environment at import time
+
+
+def _rm(*paths):
+    def setup(root):
+        for p in paths:
+            shutil.rmtree(root / p) if (root / p).is_dir() else (root / p).unlink()
+    return setup
+
+
+def _empty_images(root):
+    shutil.rmtree(root / "training_images")
+    (root / "training_images").mkdir()
+
+
+def _only_other_files(root):
+    _empty_images(root)
+    (root / "training_images/notes.txt").write_text("x")
+    (root / "training_images/IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+
+
+def _only_broken_pictures(root):
+    folder = root / "training_images"
+    keep = {"cut_short.jpg", "empty.jpg", "letter.png", "icon_16px.png", "notes.txt"}
+    for p in folder.iterdir():
+        if p.name not in keep:
+            p.unlink()
+
+
+def _truncate(path, size):
+    def setup(root):
+        data = (root / path).read_bytes()
+        (root / path).write_bytes(data[:size] if size else b"\0" * 1000)
+    return setup
+
+
+def _write(path, content: bytes):
+    def setup(root):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+    return setup
+
+
+def _tensors(path, tensors):
+    def setup(root):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(tensors, str(root / path))
+    return setup
+
+
+def _sdxl_lora(path):
+    # What an SDXL LoRA's cross-attention layers look like: they read 2048-wide text features.
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    return _tensors(path, {f"unet.{name}.lora.down.weight": torch.zeros(4, 2048),
+                           f"unet.{name}.lora.up.weight": torch.zeros(32, 4)})
+
+
+def _lora_folder_with_only_an_embedding(root):
+    shutil.rmtree(root / "models/fabric_lora")
+    (root / "models/fabric_lora").mkdir()
+    shutil.copy(root / "models/fabric_textual_inversion/learned_embeds.safetensors", root / "models/fabric_lora")
+
+
+def _two_embeddings(root):
+    folder = root / "models/embeddings"
+    folder.mkdir()
+    shutil.copy(root / "models/fabric_textual_inversion/learned_embeds.safetensors", folder / "kente.safetensors")
+    shutil.copy(root / "models/fabric_textual_inversion/learned_embeds.safetensors", folder / "wax.safetensors")
+
+
+def _peft_without_config(root):
+    folder = root / "models/course_lora"
+    folder.mkdir()
+    shutil.copy(root / "models/fabric_lora/pytorch_lora_weights.safetensors", folder / "adapter_model.safetensors")
+
+
+def _edited(script, constant, value):
+    """The script as a student edited it: ``CONSTANT = value`` at the top, saved into the project folder."""
+    def setup(root):
+        source = (ROOT / script).read_text(encoding="utf-8")
+        edited, count = re.subn(rf"^{constant} = [^#\n]*", f"{constant} = {value}  ", source, count=1, flags=re.M)
+        assert count == 1
+        (root / script).write_text(edited, encoding="utf-8")
+    return setup
+
+
+# Each invalid constant, for every script that has it. (value, what the message says)
+BAD_CONSTANTS = {
+    "MAX_TRAIN_STEPS": ("0", r"must be a whole number >= 1, got 0"),
+    "NUM_INFERENCE_STEPS": ("-5", r"must be a whole number >= 1, got -5"),
+    "FAST_STEPS": ("0", r"must be a whole number >= 1, got 0"),
+    "LORA_RANK": ("-4", r"must be a whole number >= 1, got -4"),
+    "NUM_VECTORS": ("0", r"must be a whole number >= 1, got 0"),
+    "RESOLUTION": ("500", r"must be a multiple of 8 .*got 500"),
+    "GUIDANCE_SCALE": ("-1", r"must be a number >= 0, got -1"),
+    "FAST_GUIDANCE_SCALE": ("-0.5", r"must be a number >= 0, got -0.5"),
+    "TRAIN_BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),
+    "BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),
+    "SAMPLE_BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),
+    "LEARNING_RATE": ("1e-4x", r"must be a number, got '1e-4x'"),
+}
+
+
+def _constant_cases() -> list[Case]:
+    cases = []
+    for script in SCRIPTS:
+        names = {name for name, _ in lesson._constants_in_source(str(ROOT / script))}
+        for name, (value, says) in BAD_CONSTANTS.items():
+            if name in names:
+                cases.append(Case(f"{SHORT[script]}-{name}={value}", script,
+                                  QUICK + [lesson.dashed(name), value], rf"^ERROR: {name} {says}",
+                                  rf"(Edit it at the top of {script} or pass {lesson.dashed(name)}"
+                                  r"|Fix the value and run again)", before_model=True))
+    return cases
+
+
+CASES = _constant_cases() + [
+    # ---------------------------------------------------------------- constants edited in the file
+    Case("3b-edited-LEARNING_RATE", B, QUICK, r"LEARNING_RATE must be a number, got 'fast'",
+         rf"Edit it at the top of {B}", setup=_edited(B, "LEARNING_RATE", '"fast"'), before_model=True,
+         env={"PYTHONPATH": str(ROOT)}),
+    Case("3b-edited-LORA_RANK", B, QUICK, r"LORA_RANK must be a whole number >= 1, got 0",
+         rf"Edit it at the top of {B}", setup=_edited(B, "LORA_RANK", "0"), before_model=True,
+         env={"PYTHONPATH": str(ROOT)}),
+    Case("morph-edited-RESOLUTION", MORPH, QUICK, r"RESOLUTION must be a multiple of 8 .*got 300",
+         rf"Edit it at the top of {MORPH}", setup=_edited(MORPH, "RESOLUTION", "300"), before_model=True,
+         env={"PYTHONPATH": str(ROOT)}),
+    Case("2-GUIDANCE_SCALES", E2, QUICK + ["--guidance-scales", "1.5,-2"], r"GUIDANCE_SCALES must be a list of "
+         r"numbers >= 0", r"--guidance-scales 1\.5,7\.5,12", before_model=True),
+    Case("3b-mistyped-flag", B, QUICK + ["--max-trian-steps", "5"], r"unrecognized arguments: --max-trian-steps 5",
+         r"Did you mean --max-train-steps .*--help' lists every option", before_model=True),
+    Case("1-unknown-flag", E1, QUICK + ["--steps", "5"], r"unrecognized arguments: --steps",
+         r"--help' lists every option", before_model=True),
+    Case("morph-DEVICE", MORPH, QUICK + ["--device", "tpu"], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
+         r"'cpu', got 'tpu'", r"DEVICE must be"),
+    # ---------------------------------------------------------------- training_images/
+    Case("3b-no-training-images", B, TRAIN[B], r"TRAINING_IMAGES_DIR folder 'training_images' does not exist",
+         r"put your training images in 'training_images/'", setup=_rm("training_images"), before_model=True),
+    Case("3a-no-training-images", A, TRAIN[A], r"TRAINING_IMAGES_DIR folder 'training_images' does not exist",
+         r"Run the script from the project folder", setup=_rm("training_images"), before_model=True),
+    Case("3b-empty-training-images", B, TRAIN[B], r"'training_images/' is empty: no pictures",
+         r"Add 5-20 pictures of your subject", setup=_empty_images, before_model=True),
+    Case("3a-empty-training-images", A, TRAIN[A], r"'training_images/' is empty: no pictures",
+         r"Add 5-20 pictures", setup=_empty_images, before_model=True),
+    Case("3b-only-non-pictures", B, TRAIN[B], r"holds only 2 other file\(s\) \(IMG_0001\.HEIC, notes\.txt\): "
+         r"no pictures", r"Convert iPhone \.heic photos to \.jpg", setup=_only_other_files, before_model=True),
+    Case("3a-images-dir-is-a-file", A, TRAIN[A] + ["--training-images-dir", "models/fabric_lora/"
+                                                   "pytorch_lora_weights.safetensors"],
+         r"is a file, not a folder", r"put your training images in", before_model=True),
+    Case("3b-only-broken-pictures", B, TRAIN[B], r"No usable training images in 'training_images/' \(4 picture "
+         r"file\(s\) found, all unreadable or smaller than 32 px", r"Add 5-20 \.jpg/\.png pictures",
+         setup=_only_broken_pictures),
+    # ---------------------------------------------------------------- models
+    Case("1-not-a-model-id", E1, ["--model", "sd15"], r"MODEL_ID 'sd15' is not a Hub id",
+         r"The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
+    Case("2-unknown-hub-id-offline", E2, ["--model", "someone/no-such-model"],
+         r"MODEL_ID 'someone/no-such-model': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'tiny'"),
+    Case("3a-missing-local-folder", A, TRAIN[A] + ["--model", "models/my-sd15"],
+         r"MODEL_ID 'models/my-sd15' does not exist on this computer", r"Check the path"),
+    Case("morph-missing-local-folder", MORPH, ["--model", "./downloads/sd15"],
+         r"MODEL_ID './downloads/sd15' does not exist on this computer", r"or 'tiny'"),
+    Case("3b-missing-checkpoint-file", B, TRAIN[B] + ["--model", "v1-5-pruned.safetensors"],
+         r"MODEL_ID 'v1-5-pruned.safetensors' does not exist", r"Check the path"),
+    Case("3b-folder-is-not-a-model", B, TRAIN[B] + ["--model", "models"], r"is not a diffusers model \(it has "
+         r"no model_index.json\)", r"Point it at the folder that holds model_index.json"),
+    Case("1-damaged-model-file", E1, ["--model", "models/sd15.safetensors"], r"Could not load MODEL_ID "
+         r"'models/sd15.safetensors'", r"download it again", setup=_write("models/sd15.safetensors", b"\0" * 4096)),
+    Case("1-hub-unreachable", E1, [], r"Could not download the model for MODEL_ID 'stable-diffusion-v1-5/"
+         r"stable-diffusion-v1-5': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'tiny'",
+         env={"HF_HUB_OFFLINE": "1", "DREAMBOOTH_MODEL": ""}, cold=True),
+    # ---------------------------------------------------------------- adapters
+    Case("1-lora-for-sdxl", E1, QUICK + ["--lora-path", "models/sdxl_lora.safetensors"],
+         r"'sdxl_lora.safetensors' was made for another base model: .* width 2048, this model's takes 32",
+         r"Use a LoRA trained on this MODEL_ID", setup=_sdxl_lora("models/sdxl_lora.safetensors")),
+    Case("2-embedding-for-sdxl", E2, QUICK + ["--part", "a", "--embedding-path", "models/sdxl.safetensors"],
+         r"is an SDXL embedding \(vectors 768 and 1280 wide.*text encoder is 32 wide",
+         r"Use an embedding made for this MODEL_ID",
+         setup=_tensors("models/sdxl.safetensors", {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)})),
+    Case("morph-embedding-for-sd2", MORPH, GENERATE[MORPH] + ["--embedding-path", "models/sd2.safetensors"],
+         r"holds 1024-wide vectors \(made for Stable Diffusion 2.x\).* 32 wide", r"use one made for this MODEL_ID",
+         setup=_tensors("models/sd2.safetensors", {"<sd2>": torch.zeros(1, 1024)})),
+    Case("1-lora-cut-short", E1, QUICK, r"'models/fabric_lora/pytorch_lora_weights.safetensors' is not a readable "
+         r"\.safetensors file \(300 bytes\)", r"Download it again, or retrain with exercise3b_train_lora\.py",
+         setup=_truncate("models/fabric_lora/pytorch_lora_weights.safetensors", 300), before_model=True),
+    Case("morph-lora-garbage", MORPH, GENERATE[MORPH], r"is not a readable \.safetensors file \(1000 bytes\)",
+         r"Download it again", setup=_truncate("models/fabric_lora/pytorch_lora_weights.safetensors", 0),
+         before_model=True),
+    Case("2-embedding-cut-short", E2, QUICK + ["--embedding-path", "models/fabric_textual_inversion"],
+         r"learned_embeds.safetensors' is not a readable \.safetensors file",
+         r"retrain with exercise3a_train_textual_inversion\.py",
+         setup=_truncate("models/fabric_textual_inversion/learned_embeds.safetensors", 100), before_model=True),
+    Case("1-empty-lora-folder", E1, QUICK, r"The folder 'models/fabric_lora' holds no LoRA weights",
+         r"Train a LoRA with 'python exercise3b_train_lora.py', or point LORA_PATH at the right folder",
+         setup=lambda root: (_rm("models/fabric_lora")(root), (root / "models/fabric_lora").mkdir()),
+         before_model=True),
+    Case("2-no-lora", E2, QUICK, r"No LoRA at 'models/fabric_lora' \(LORA_PATH\)",
+         r"Train one first: 'python exercise3b_train_lora.py'.*USE_LORA = False", setup=_rm("models/fabric_lora"),
+         before_model=True),
+    Case("1-lora-folder-holds-an-embedding", E1, QUICK, r"holds no LoRA weights .*It holds only a Textual "
+         r"Inversion embedding \(learned_embeds.safetensors\)", r"set EMBEDDING_PATH to it",
+         setup=_lora_folder_with_only_an_embedding, before_model=True),
+    Case("1-embedding-as-lora", E1, QUICK + ["--lora-path", "models/fabric_textual_inversion/"
+                                                           "learned_embeds.safetensors"],
+         r"is a Textual Inversion embedding, not a LoRA", r"Set EMBEDDING_PATH to it", before_model=True),
+    Case("2-lora-as-embedding", E2, QUICK + ["--embedding-path", "models/fabric_lora"],
+         r"holds no embedding files \(and the LoRA pytorch_lora_weights.safetensors, which belongs in LORA_PATH\)",
+         r"point EMBEDDING_PATH at the one embedding file", before_model=True),
+    Case("morph-two-embeddings", MORPH, GENERATE[MORPH] + ["--embedding-path", "models/embeddings"],
+         r"holds 2 embedding files \(kente.safetensors, wax.safetensors\)", r"point EMBEDDING_PATH at the one",
+         setup=_two_embeddings, before_model=True),
+    Case("1-peft-without-config", E1, QUICK + ["--lora-path", "models/course_lora"],
+         r"adapter_model.safetensors' needs its 'adapter_config.json' beside it", r"Download both files",
+         setup=_peft_without_config, before_model=True),
+    Case("2-fast-mode-offline", E2, QUICK + ["--part", "a", "--fast-mode"], r"FAST_MODE needs the LCM-LoRA "
+         r"'latent-consistency/lcm-lora-sdv1-5' \(LCM_LORA_ID\)", r"hf download .*or run without FAST_MODE"),
+    # ---------------------------------------------------------------- resuming
+    Case("3b-resume-damaged-checkpoint", B, TRAIN[B] + ["--resume", "--max-train-steps", "3"],
+         r"--resume could not load the checkpoint 'models/fabric_lora/checkpoints/checkpoint-000002'",
+         r"delete that folder to resume from the one before \('models/fabric_lora/checkpoints/checkpoint-000001'\)",
+         setup=_write("models/fabric_lora/checkpoints/checkpoint-000002/optimizer.bin", b"garbage")),
+    Case("3b-resume-other-rank", B, TRAIN[B] + ["--resume", "--max-train-steps", "3", "--lora-rank", "8"],
+         r"--resume could not load the checkpoint", r"LORA_RANK.*change it back"),
+    Case("3a-resume-other-num-vectors", A, TRAIN[A] + ["--resume", "--max-train-steps", "3", "--num-vectors", "2"],
+         r"holds \(1, 32\) vectors, this run trains \(2, 32\)", r"Start afresh without --resume, or restore"),
+    # ---------------------------------------------------------------- training faults
+    Case("3b-nan-loss", B, TRAIN[B] + ["--resume", "--max-train-steps", "4"], r"The loss became nan at step 3",
+         r"Lower LEARNING_RATE.*--resume", env={training.NAN_FAULT_ENV: "3"}),
+    Case("3a-inf-loss", A, TRAIN[A] + ["--resume", "--max-train-steps", "4"], r"The loss became inf at step 3",
+         r"Lower LEARNING_RATE.*--resume", env={training.NAN_FAULT_ENV: "3:inf"}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_failure_is_one_line_and_loses_nothing(case, student, project):
+    if case.setup:
+        case.setup(project)
+    env = dict(case.env)
+    if case.cold:
+        env.setdefault("HF_HOME", str(project.parent / "empty_hf_home"))  # nothing cached, whatever this machine has
+    script = str(project / case.script) if (project / case.script).is_file() else case.script
+    before = snapshot(project)
+    result = student.run(script, case.args, project, env=env, cold=case.cold)
+    assert_one_line_error(result, case.match, case.advice)
+    assert_nothing_lost(before, snapshot(project))
+    if case.before_model:
+        assert "[Step 1]" not in result.out, "refused only after loading the model"
+    debug = student.run(script, case.args + ["--debug"], project, env=env, cold=case.cold)
+    assert debug.rc == result.rc and "Traceback (most recent call last)" in debug.err, str(debug)
+    assert [line for line in debug.err.splitlines() if line.strip()][-1].startswith("ERROR:")
+
+
+def test_every_script_has_cases():
+    for script in SCRIPTS:
+        assert sum(c.script == script for c in CASES) >= 8, script
+
+
+# ========================================================================== what works, with a warning
+def test_odd_pictures_train_and_each_skipped_one_is_named(trained):
+    root, runs, loadable, skipped = trained
+    shipped = len(list((ROOT / "training_images").glob("*.jpg")))
+    for script, count in ((B, "instance images"), (A, "training images")):
+        result = runs[script]
+        assert f"  {shipped + len(loadable)} {count}" in result.out, str(result)
+        said = "\n".join(warnings_in(result))
+        for name in skipped:
+            assert name in said, name
+        assert "'cut_short.jpg': the file is cut short" in said
+        assert "'empty.jpg': the file is empty (0 bytes)" in said
+        assert "'letter.png': its content is not a picture" in said
+        assert "'icon_16px.png': 16x16 is too small" in said
+        assert "ignoring 1 file(s) that are not" in said and "notes.txt" in said
+        assert not any(name in said for name in loadable)
+
+
+def test_long_instance_prompt_without_the_token_warns_and_shows_the_cut(student, project):
+    prompt = "a fabric pattern" + " with red and blue stripes" * 20  # 3 + 100 tokens; no "sks"
+    result = student.run(B, TRAIN[B] + ["--max-train-steps", "1", "--instance-prompt", prompt], project)
+    assert result.rc == 0, str(result)
+    said = warnings_in(result)
+    assert any("does not contain SUBJECT_TOKEN 'sks'" in w for w in said), said
+    cut = [w for w in said if "tokens long" in w]
+    assert len(cut) == 1, said  # once, though the prompt is encoded for training and for nothing else
+    assert re.search(r"is 103 tokens long, but CLIP reads only 75: it is cut after '\.\.\..*stripes with red', so "
+                     r"the model never sees 'and blue stripes with red", cut[0]), cut[0]
+
+
+def test_long_prompt_and_negative_prompt_warn_in_generation(student, project):
+    prompt = "a sks african fabric pattern" + " with red and blue stripes" * 20  # 5 + 100 tokens
+    negative = "blurry " * 80
+    result = student.run(E2, QUICK + ["--part", "a", "--prompt", prompt, "--negative-prompt", negative], project)
+    assert result.rc == 0, str(result)
+    cut = [w for w in warnings_in(result) if "tokens long" in w]
+    assert len(cut) == 2, cut
+    assert re.search(r"is 105 tokens long, but CLIP reads only 75: it is cut after '\.\.\..*blue stripes', so the "
+                     r"model never sees 'with red and blue stripes", cut[0]), cut[0]
+    assert "is 80 tokens long" in cut[1] and "never sees 'blurry blurry blurry blurry blurry'" in cut[1]
+
+
+def test_mixed_folder_picks_the_lora_for_lora_path_and_the_embedding_for_embedding_path(student, project):
+    mixed = project / "models/mixed"
+    mixed.mkdir()
+    shutil.copy(project / "models/fabric_lora/pytorch_lora_weights.safetensors", mixed / "fabric.safetensors")
+    shutil.copy(project / "models/fabric_textual_inversion/learned_embeds.safetensors", mixed / "fabric_ti.safetensors")
+    (mixed / ".fabric.safetensors.x1y2.safetensors").write_bytes(b"\0" * 10)  # a save that never finished
+    before = snapshot(project)
+    result = student.run(E1, QUICK + ["--no-compare-without-token", "--lora-path", "models/mixed", "--embedding-path",
+                                      "models/mixed", "--prompts", "a sks <african-fabric> pattern"], project)
+    assert result.rc == 0, str(result)
+    assert "LoRA: models/mixed/fabric.safetensors (diffusers layout): 56 layers patched" in result.out
+    assert "Embedding: models/mixed: token(s) <african-fabric>" in result.out
+    assert_writes_only_where_allowed(before, snapshot(project))
+
+
+@needs_shared
+def test_course_64px_photos_train_with_an_upscaling_warning(student, project):
+    result = student.run(B, TRAIN[B] + ["--training-images-dir", str(SHARED_SEED / "training_images_64px"),
+                                        "--resolution", "128", "--no-prior-preservation", "--max-train-steps", "1"],
+                         project)
+    assert result.rc == 0, str(result)
+    assert "  10 instance images" in result.out
+    assert any("10 image(s) are smaller than 128x128 and were upscaled up to 2x" in w for w in warnings_in(result))
+
+
+def test_huge_photo_is_downscaled_while_it_loads(tmp_path):
+    """A 10000x10000 JPEG (300 MB as pixels) is decoded at 1/8 size: memory grows by megabytes, not 300 MB."""
+    pytest.importorskip("resource")  # the child reads its peak memory with it (not on Windows)
+    folder = tmp_path / "training_images"
+    folder.mkdir()
+    Image.new("RGB", (10000, 10000), (180, 60, 20)).save(folder / "huge.jpg", quality=80)
+    from common import images
+
+    assert images.open_image(folder / "huge.jpg", longest_needed=512).size == (1250, 1250)
+    code = ("import resource, sys\nfrom common import images\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "out = images.load_instance_images(sys.argv[1], 512)\n"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(before, after, len(out), out[0].size)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after, count, *_ = done.stdout.split()
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    assert int(count) == 1
+    assert (int(after) - int(before)) * unit < 100 * 2**20, done.stdout
+
+
+# ========================================================================== training faults
+posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals (SIGINT to a process, SIGKILL)")
+
+
+@posix_signals
+def test_ctrl_c_saves_3a_and_resume_equals_an_uninterrupted_run(student, project):
+    shutil.rmtree(project / "models/fabric_textual_inversion")
+    forever = ["--max-train-steps", "100000", "--checkpoint-every", "100000", "--sample-every", "100000",
+               "--no-random-flip"]
+    run = student.start(A, TRAIN[A] + forever, project)
+    run.wait_for("Training:", stream="err")  # the loop (and its Ctrl-C guard) is running
+    time.sleep(1.0)
+    run.send_signal(signal.SIGINT)
+    result = run.wait()
+    assert result.rc == 130 and "Traceback" not in result.out + result.err, str(result)
+    assert "--resume" in result.out
+    saved = training.checkpoint_dirs(project / "models/fabric_textual_inversion/checkpoints")
+    assert len(saved) == 1
+    step = int(saved[0].name.split("-")[1])
+    assert 0 < step < 100000
+
+    common = TRAIN[A] + ["--no-random-flip", "--sample-every", "100000", "--max-train-steps", str(step + 2)]
+    resumed = student.run(A, common + ["--resume"], project)
+    assert resumed.rc == 0 and f"at step {step}." in resumed.out, str(resumed)
+    straight = student.run(A, common + ["--embedding-dir", "models/straight"], project)
+    assert straight.rc == 0, str(straight)
+    a = safetensors.torch.load_file(str(project / "models/fabric_textual_inversion/learned_embeds.safetensors"))
+    b = safetensors.torch.load_file(str(project / "models/straight/learned_embeds.safetensors"))
+    assert torch.allclose(a["<african-fabric>"], b["<african-fabric>"], atol=1e-6, rtol=0)
+
+
+@posix_signals
+def test_killed_while_saving_a_checkpoint_the_previous_one_loads_and_resume_works(student, project):
+    from diffusers import StableDiffusionPipeline
+
+    root = project / "models/fabric_lora/checkpoints"
+    shutil.rmtree(root)
+    final = project / "models/fabric_lora/pytorch_lora_weights.safetensors"
+    kept = final.read_bytes()
+    args = TRAIN[B] + ["--max-train-steps", "4", "--checkpoint-every", "2"]
+    result = student.run(B, args, project, env={KILL_DURING_SAVE_ENV: "checkpoint-000004"})
+    assert result.rc == -signal.SIGKILL, str(result)
+    assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000002"]
+    assert (root / ".checkpoint-000004.partial").is_dir()  # it died half-way through the save
+    assert final.read_bytes() == kept
+    pipe = StableDiffusionPipeline.from_pretrained(str(project / "models/tiny-sd"))
+    pipe.load_lora_weights(str(root / "checkpoint-000002"))  # plain diffusers reads the previous checkpoint
+    assert len(lora.lora_layer_names(pipe.unet)) == 56
+
+    resumed = student.run(B, args + ["--resume"], project)
+    assert resumed.rc == 0, str(resumed)
+    assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000002' at step 2" in resumed.out
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
+
+
+@posix_signals
+def test_killed_before_a_checkpoint_is_renamed_3a_resumes_from_the_one_before(student, project):
+    root = project / "models/fabric_textual_inversion/checkpoints"
+    shutil.rmtree(root)
+    result = student.run(A, TRAIN[A], project, env={KILL_DURING_SAVE_ENV: "checkpoints/checkpoint-000002"})
+    assert result.rc == -signal.SIGKILL, str(result)
+    assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000001"]
+    partial = root / ".checkpoint-000002.partial"
+    assert (partial / ti.WEIGHT_NAME).is_file() and (partial / "optimizer.bin").is_file()  # all written, not renamed
+    resumed = student.run(A, TRAIN[A] + ["--resume"], project)
+    assert resumed.rc == 0 and "checkpoint-000001' at step 1" in resumed.out, str(resumed)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+
+
+@posix_signals
+def test_killed_while_writing_the_lora_the_old_one_stays_whole(student, project):
+    from diffusers import StableDiffusionPipeline
+
+    folder = project / "models/fabric_lora"
+    kept = (folder / lora.WEIGHT_NAME).read_bytes()
+    result = student.run(B, TRAIN[B], project, env={KILL_DURING_SAVE_ENV: "fabric_lora/pytorch_lora_weights"})
+    assert result.rc == -signal.SIGKILL, str(result)
+    assert "[Step 7]" in result.out  # it died while saving the LoRA
+    assert (folder / lora.WEIGHT_NAME).read_bytes() == kept
+    leftovers = list(folder.glob(f".{lora.WEIGHT_NAME}.*"))
+    assert len(leftovers) == 1
+    pipe = StableDiffusionPipeline.from_pretrained(str(project / "models/tiny-sd"))
+    pipe.load_lora_weights(str(folder))  # the course's one line still loads the old LoRA
+    assert len(lora.lora_layer_names(pipe.unet)) == 56
+    again = student.run(B, TRAIN[B], project)
+    assert again.rc == 0, str(again)
+    assert not list(folder.glob(f".{lora.WEIGHT_NAME}.*"))  # the next save cleans up after the killed one
+
+
+# ========================================================================== out of memory
+def _oom():
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB (GPU 0; 7.79 GiB total "
+                                       "capacity; 6.10 GiB already allocated)")
+
+
+@pytest.mark.parametrize("script, tips", [
+    (B, ["TRAIN_BATCH_SIZE = 1", "GRADIENT_CHECKPOINTING = True", "RESOLUTION", "USE_8BIT_ADAM = True"]),
+    (A, ["TRAIN_BATCH_SIZE = 1", "GRADIENT_CHECKPOINTING = True", "RESOLUTION"]),
+    (E1, ["BATCH_SIZE", "RESOLUTION", "FAST_MODE = True"]),
+    (E2, ["BATCH_SIZE", "RESOLUTION", "FAST_MODE = True"]),
+    (MORPH, ["BATCH_SIZE", "RESOLUTION", "FAST_MODE = True"]),
+])
+def test_out_of_memory_advice_names_what_the_script_can_change(script, tips):
+    constants = {name for name, _ in lesson._constants_in_source(str(ROOT / script))}
+    message = lesson.explain(_oom(), constants)
+    assert message.startswith("The GPU ran out of memory. Try, one at a time:") and "\n" not in message
+    for tip in tips:
+        assert tip in message, tip
+    for name, _ in lesson.OOM_TIPS:
+        if re.search(rf"\b{name}\b", message):
+            assert name in constants, f"{script} has no {name}"
+    everything = lesson.explain(_oom())
+    for tip in ["TRAIN_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "RESOLUTION", "USE_8BIT_ADAM", "FAST_MODE"]:
+        assert tip in everything
+    assert lesson.explain(RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)"), constants) == message
+    assert lesson.explain(MemoryError(), constants).startswith("The computer (RAM) ran out of memory. Try")
+
+
+def test_out_of_memory_ends_a_script_in_one_line_of_advice(student, project):
+    (project / "oom_lesson.py").write_text(
+        "import torch\nfrom common import lesson\n\n"
+        "BATCH_SIZE = 4  # images at once\nFAST_MODE = False  # quick\n\n"
+        "def main(argv=None):\n    lesson.configure(globals(), argv)\n"
+        "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 1.50 GiB')\n\n"
+        "if __name__ == '__main__':\n    lesson.run(main)\n", encoding="utf-8")
+    result = student.run(str(project / "oom_lesson.py"), [], project, env={"PYTHONPATH": str(ROOT)})
+    line = assert_one_line_error(result, r"^ERROR: The GPU ran out of memory", r"BATCH_SIZE", r"FAST_MODE = True")
+    assert "GRADIENT_CHECKPOINTING" not in line and "USE_8BIT_ADAM" not in line  # this script has neither
+
+
+def test_generation_halves_the_batch_when_memory_runs_out_and_explains_at_one(tiny_pipe, capsys):
+    from common import sampling
+
+    settings = sampling.SamplingSettings(num_inference_steps=2, guidance_scale=7.5, batch_size=4)
+    prompts, seeds = ["a sks african fabric pattern"] * 4, [1, 2, 3, 4]
+    reference, _ = sampling.generate(tiny_pipe, prompts, seeds, settings, progress=False)
+    most = {"images": 2}  # more than this many images at once (x2 with guidance) "do not fit"
+
+    def limit(module, args):
+        if args[0].shape[0] > 2 * most["images"]:
+            raise _oom()
+
+    hook = tiny_pipe.unet.register_forward_pre_hook(limit)
+    try:
+        images, _ = sampling.generate(tiny_pipe, prompts, seeds, settings, progress=False)
+        assert "Out of memory: generating 2 image(s) at a time from now on." in capsys.readouterr().out
+        assert all(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+                   for a, b in zip(images, reference))  # each image keeps its own seed, whatever the batch
+        most["images"] = 0  # not even one fits
+        with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+            sampling.generate(tiny_pipe, prompts, seeds, settings, progress=False)
+    finally:
+        hook.remove()
+    assert lesson.explain(info.value, {"BATCH_SIZE", "FAST_MODE"}).startswith("The GPU ran out of memory")
+
+
+# ========================================================================== outputs
+STUDENT_FILES = {"my_notes.txt": b"ideas for the next run", "outputs/my_favourite.png": b"\x89PNG not really",
+                 "models/downloaded/README.txt": b"my other models", "class_images/README.txt": b"mine too",
+                 "training_images/extra_notes.md": b"# fabric"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, student, project):
+    for path, content in STUDENT_FILES.items():
+        (project / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / path).write_bytes(content)
+    start = snapshot(project)
+    first = student.run(script, ARGS[script], project)
+    assert first.rc == 0, str(first)
+    middle = snapshot(project)
+    assert_writes_only_where_allowed(start, middle)
+    second = student.run(script, ARGS[script], project)
+    assert second.rc == 0, str(second)
+    end = snapshot(project)
+    assert end.keys() == middle.keys(), "the second run left other files than the first"
+    own = {p for p in middle if start.get(p) != middle[p]}
+    assert own, "the first run wrote nothing"
+    others = {p: d for p, d in middle.items() if p not in own}
+    assert all(end[p] == d for p, d in others.items()), [p for p, d in others.items() if end[p] != d]
+    for path, content in STUDENT_FILES.items():
+        assert (project / path).read_bytes() == content
