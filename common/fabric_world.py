@@ -37,7 +37,7 @@ ORIENTATIONS = {
 }
 
 
-def _coords(kind: str, rng: np.random.Generator, size: int, period_range=(9.0, 20.0)):
+def _coords(kind: str, rng: np.random.Generator, size: int, period_range=(12.0, 22.0)):
     """Rotated, shifted pixel coordinates (u, v) and a period: the pattern's scale, phase and rotation."""
     period = rng.uniform(*period_range)
     angle = math.radians(rng.choice(ORIENTATIONS[kind]) + rng.uniform(-8, 8))
@@ -50,7 +50,8 @@ def _coords(kind: str, rng: np.random.Generator, size: int, period_range=(9.0, 2
 
 def pattern_mask(kind: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """Boolean mask: True where the pattern's first colour goes."""
-    u, v, p = _coords(kind, rng, size, (13.0, 22.0) if kind in ("diamond", "triangle") else (9.0, 20.0))
+    # Periods of 12-24 px: 3-6 latent pixels of a 4x autoencoder, so a small UNet can draw the shapes.
+    u, v, p = _coords(kind, rng, size, (14.0, 24.0) if kind in ("diamond", "triangle") else (12.0, 22.0))
     fu, fv = (u / p) % 1.0, (v / p) % 1.0
     if kind == "striped":
         return fu < rng.uniform(0.35, 0.6)

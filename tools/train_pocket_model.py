@@ -37,10 +37,12 @@ OUTPUT_DIR = "models/pocket-sd"  # the finished model
 WORK_DIR = "models/pocket-build"  # per-stage checkpoints
 TRAINING_IMAGES_DIR = "training_images"  # the DreamBooth subject, for the classifier's "subject" class
 CLASSIFIER_STEPS = 1500  # batches of 128
-VAE_STEPS = 1200  # batches of 24 (18 world pictures, 6 off-world collages)
-UNET_STEPS = 4500  # batches of UNET_BATCH_SIZE
-UNET_BATCH_SIZE = 64  # world pictures per UNet step
-UNET_LEARNING_RATE = 4e-4  # AdamW, with warm-up and cosine decay
+VAE_STEPS = 1800  # batches of 24 (18 world pictures, 6 off-world collages)
+VAE_LEARNING_RATE = 3e-3  # AdamW, with warm-up and cosine decay (3e-3 halved the error of 1e-3 at 900 steps)
+UNET_STEPS = 8500  # batches of UNET_BATCH_SIZE
+UNET_BATCH_SIZE = 32  # world pictures per UNet step (more, smaller steps learned faster than 64)
+UNET_LEARNING_RATE = 1e-3  # AdamW, with warm-up and cosine decay
+MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges ~3x faster than plain MSE
 NUM_WORLD_IMAGES = 40000  # world pictures encoded once for the UNet stage
 EVAL_IMAGES_PER_CAPTION = 2  # samples per held-out caption in the evaluate stage
 EVAL_INFERENCE_STEPS = 25  # DPM-Solver++ steps for those samples
@@ -209,7 +211,7 @@ def build_vae():
 
 def train_vae(cfg, device):
     vae = build_vae().to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.VAE_LEARNING_RATE)
     stage = Stage("vae", cfg.WORK_DIR, model=vae, optimizer=optimizer)
 
     def step_fn(step):
@@ -224,7 +226,7 @@ def train_vae(cfg, device):
         optimizer.zero_grad()
         return loss.item()
 
-    seconds = train_loop("vae", cfg, cfg.VAE_STEPS, stage, optimizer, 1e-3, step_fn)
+    seconds = train_loop("vae", cfg, cfg.VAE_STEPS, stage, optimizer, cfg.VAE_LEARNING_RATE, step_fn)
     return vae.eval(), {"vae_seconds": seconds}
 
 
@@ -237,7 +239,7 @@ def scale_vae(vae, latents_params: torch.Tensor):
 
 def train_unet(cfg, device, vae, tokenizer):
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.RANDOM_SEED)
@@ -275,7 +277,10 @@ def train_unet(cfg, device, vae, tokenizer):
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(device)
         pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids.to(device))[0]).sample
-        loss = F.mse_loss(pred, noise)
+        # Min-SNR weighting: easy, almost noise-free timesteps stop dominating the gradient.
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=cfg.MIN_SNR_GAMMA) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
