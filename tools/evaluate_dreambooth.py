@@ -1,6 +1,6 @@
 """Does DreamBooth do what the paper says? Measured against ground truth on the pocket model.
 
-    python tools/evaluate_dreambooth.py                  # pocket model: trains 3 ways, scores 4 (~10 min on a CPU)
+    python tools/evaluate_dreambooth.py                  # pocket model: trains 3 ways, scores 4 (~7 min on a 2-core CPU)
     python tools/evaluate_dreambooth.py --model tiny --lora-steps 4 --ti-steps 4 --samples 4   # machinery check
 
 It trains with the course's own scripts - exercise 3b with and without prior preservation, exercise
@@ -67,12 +67,13 @@ def train_all(cfg, work: Path) -> dict:
         folder = work / ("lora_prior" if "+" in method else "lora_no_prior")
         started = time.perf_counter()
         _script("exercise3b_train_lora.py").main(common + extra + ["--class-data-dir", str(work / "class_images"),
-            "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE), "--lora-dir", str(folder), "--sample-every", "1000000"])
+            "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE),
+            "--lora-dir", str(folder), "--sample-every", "1000000"])
         made[method] = (folder, time.perf_counter() - started)
     folder, started = work / "textual_inversion", time.perf_counter()
     _script("exercise3a_train_textual_inversion.py").main(common + [
-        "--max-train-steps", str(cfg.TI_STEPS), "--learning-rate", str(cfg.TI_LEARNING_RATE), "--embedding-dir", str(folder), "--sample-every", "1000000",
-        "--lora-dir", str(work / "none")])
+        "--max-train-steps", str(cfg.TI_STEPS), "--learning-rate", str(cfg.TI_LEARNING_RATE),
+        "--embedding-dir", str(folder), "--sample-every", "1000000", "--lora-dir", str(work / "none")])
     made["Textual Inversion"] = (folder, time.perf_counter() - started)
     return made
 
@@ -121,8 +122,8 @@ def main(argv=None):
         if len(names) != 2 or not set(names) <= set(fabric_world.COLOUR_NAMES):
             raise LessonError(f"COLOUR_PAIRS holds {pair!r}: each must be two world colours like 'red and blue' "
                               f"({', '.join(fabric_world.COLOUR_NAMES)}).")
-    lesson.print_summary(cfg, "DreamBooth against ground truth", ["MODEL_ID", "LORA_STEPS", "LORA_LEARNING_RATE", "TI_STEPS",
-                                                                   "TI_LEARNING_RATE", "SAMPLES"])
+    lesson.print_summary(cfg, "DreamBooth against ground truth",
+                         ["MODEL_ID", "LORA_STEPS", "LORA_LEARNING_RATE", "TI_STEPS", "TI_LEARNING_RATE", "SAMPLES"])
     classifier = world_metrics.load_classifier(cfg.CLASSIFIER_DIR).float()
     started = time.perf_counter()
 
