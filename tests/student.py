@@ -57,7 +57,7 @@ class Run:
         path = self._out if stream == "out" else self._err
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
-    def wait_for(self, text: str, stream: str = "out", timeout: float = 120) -> None:
+    def wait_for(self, text: str, stream: str = "out", timeout: float = 900) -> None:
         """Block until ``text`` appears in stdout (or ``stream="err"``): the script reached that point."""
         deadline = time.monotonic() + timeout
         while text not in self.output_so_far(stream):
@@ -71,7 +71,7 @@ class Run:
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
-    def wait(self, timeout: float = 300) -> Result:
+    def wait(self, timeout: float = 1200) -> Result:
         rc, maxrss = self._finish(timeout)
         read = lambda p: p.read_text(encoding="utf-8", errors="replace")  # noqa: E731
         return Result(rc, read(self._out), read(self._err), maxrss)
@@ -99,7 +99,7 @@ class Student:
         return self._start_warm(command, Path(cwd), environment, out, err)
 
     def run(self, script: str, args: list[str], cwd: Path, env: dict | None = None, cold: bool = False,
-            timeout: float = 300) -> Result:
+            timeout: float = 1200) -> Result:
         return self.start(script, args, cwd, env, cold).wait(timeout)
 
     def close(self) -> None:

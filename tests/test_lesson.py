@@ -12,7 +12,7 @@ from conftest import ROOT, load_script
 
 def test_every_constant_has_a_dashed_flag_in_help():
     out = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     script = load_script("exercise3b_train_lora.py")
     for name, _ in lesson._constants_in_source(script.__file__):
@@ -65,12 +65,12 @@ def test_bad_constants_are_rejected_by_name_before_loading(args, constant, monke
 
 def test_script_failure_is_one_readable_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "exercise3b_train_lora.py"), "--max-train-steps", "0"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("ERROR: MAX_TRAIN_STEPS")
     debug = subprocess.run([sys.executable, str(ROOT / "exercise3b_train_lora.py"), "--max-train-steps", "0",
-                            "--debug"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            "--debug"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert "Traceback" in debug.stderr and debug.returncode == 1
 
 

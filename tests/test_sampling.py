@@ -97,8 +97,8 @@ def test_keyframe_latents_are_the_noise_the_pipeline_draws_for_that_seed(tiny_pi
     assert keys.shape == (2, 4, 16, 16)
     by_seed, _ = sampling.generate(tiny_pipe, ["a fabric"] * 2, [7, 8], settings, progress=False)
     by_latent, _ = sampling.generate(tiny_pipe, ["a fabric"] * 2, [0, 0], settings, progress=False, latents=keys)
-    for x, y in zip(by_seed, by_latent):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(by_seed, by_latent):  # same noise in, same picture out (within rounding)
+        assert _max_pixel_difference(x, y) <= 1
 
 
 def test_same_seed_same_image_whatever_the_batch(tiny_pipe):
@@ -109,9 +109,15 @@ def test_same_seed_same_image_whatever_the_batch(tiny_pipe):
     three = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(3, 7.5, batch_size=3),
                               progress=False)[0]
     for x, y in zip(one, three):
-        assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
-    assert np.array_equal(np.asarray(three[0]), np.asarray(three[2]))
-    assert not np.array_equal(np.asarray(three[0]), np.asarray(three[1]))
+        assert _max_pixel_difference(x, y) <= 1
+    # Rows of one batch may take different CPU kernel paths (vector tails differ with the row's place), so
+    # the same seed in two rows gives the same picture within rounding, not bit for bit.
+    assert _max_pixel_difference(three[0], three[2]) <= 1
+    assert np.abs(np.asarray(three[0], np.int16) - np.asarray(three[1], np.int16)).mean() > 5  # another seed
+
+
+def _max_pixel_difference(x, y) -> int:
+    return int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max())
 
 
 def test_many_frames_encode_the_prompt_once(tiny_pipe):

@@ -80,7 +80,7 @@ def test_embedding_loads_with_plain_diffusers_and_changes_prompt_and_pixels(trai
     assert result.sample_prompts[0] == f"a {TOKEN} pattern"
     assert np.abs(after[0] - _pixels(result.samples)[0]).max() <= 1  # the last progress sample, from the file
     assert np.abs(after[0] - start[0]).mean() > 0.5  # the learned word draws something else than "pattern"
-    assert np.array_equal(after[-1], base[-1])  # "a fabric pattern": not a pixel changed
+    assert np.abs(after[-1] - base[-1]).max() <= 1  # "a fabric pattern": unchanged (within rounding)
 
 
 def test_every_other_weight_is_bit_identical_after_training(trained):
