@@ -37,6 +37,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (puts the project root on sys.path)
+import sd15_shapes  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -231,7 +232,7 @@ def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator,
     token_ids = ti.add_placeholder(tokenizer, text_encoder, script.PLACEHOLDER_TOKEN, script.INITIALIZER_TOKEN,
                                    script.NUM_VECTORS)
     if args.arch == "sd15-shapes":  # the tiny tokenizer's vocabulary shrank the table: give it SD's 49408 rows back
-        rows = models.SD15_TEXT_CONFIG["vocab_size"] + len(token_ids)
+        rows = sd15_shapes.SD15_TEXT_CONFIG["vocab_size"] + len(token_ids)
         text_encoder.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
     tokens = ti.placeholder_tokens(script.PLACEHOLDER_TOKEN, script.NUM_VECTORS)
     templates = ti.TEMPLATES[script.LEARNABLE_PROPERTY]

@@ -35,6 +35,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import sd15_shapes  # noqa: E402  (beside this file)
 from common import models  # noqa: E402
 from common.files import save_json  # noqa: E402
 
@@ -81,7 +82,7 @@ def load_pipeline(arch: str, dtype: torch.dtype, workdir: Path):
     (``models/tiny-sd`` relative to the current folder, built once), or SD v1.5's shapes."""
     if arch == "tiny":
         return models.load_pipeline("tiny", dtype=dtype)
-    pipe = models.build_sd15_shapes_pipeline(Path(workdir) / "tokenizer")
+    pipe = sd15_shapes.build_sd15_shapes_pipeline(Path(workdir) / "tokenizer")
     return pipe.to(dtype=dtype)
 
 

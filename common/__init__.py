@@ -6,7 +6,6 @@ One module per idea of the lesson:
 - ``device``      which accelerator and precision to use
 - ``models``      where the base model comes from (Hub id, local folder, single file, ``tiny``)
 - ``images``      loading and preparing the instance (training) images
-- ``textiles``    the procedural African-textile pictures shipped in ``training_images/``
 - ``prior``       class images and the prior-preservation term of the DreamBooth loss
 - ``lora``        adding, saving and loading LoRA adapters
 - ``textual_inversion``  the placeholder token, training only its embedding, loading embeddings
@@ -14,6 +13,9 @@ One module per idea of the lesson:
 - ``training``    cached latents, checkpoints, the Ctrl-C guard and other training-loop helpers
 - ``sampling``    generating images in batches with fixed seeds
 - ``figures``     grids, strips and loss curves
+
+The pocket world (the procedural fabric universe the ``pocket`` model learned, and its judge) lives
+beside this package in ``pocket/``; the benchmarks' SD v1.5-shaped builders in ``bench/``.
 """
 
 import importlib.util as _importlib_util

@@ -5,8 +5,8 @@ import pytest
 import safetensors
 import torch
 
-from common import fabric_world as world
-from common import world_metrics
+from pocket import fabric_world as world
+from pocket import world_metrics
 from conftest import ROOT, load_script
 
 

@@ -93,7 +93,7 @@ def test_tensor_range():
 
 
 def test_shipped_training_images_are_512_and_reproducible(tmp_path):
-    from common.textiles import shipped_designs
+    from pocket.textiles import shipped_designs
     from conftest import ROOT
 
     shipped = sorted((ROOT / "training_images").glob("*.jpg"))

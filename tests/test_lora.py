@@ -8,6 +8,7 @@ import safetensors
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from bench import sd15_shapes
 from common import lora, models
 from common.errors import LessonError
 from conftest import SHARED_SEED, needs_shared
@@ -130,7 +131,7 @@ def test_course_published_lora_applies_exactly_as_peft(tmp_path):
     folder = SHARED_SEED / "fabric_lora"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 32)
-    unet = models.random_sd15_unet()
+    unet = sd15_shapes.random_sd15_unet()
     peft_model = PeftModel.from_pretrained(unet, str(folder))
     reference = _unet_output(peft_model)
     unet = peft_model.unload()  # back to the bare UNet, same weights

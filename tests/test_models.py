@@ -5,6 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from bench import sd15_shapes
 from common import models
 from common.errors import LessonError
 
@@ -94,7 +95,7 @@ def test_broken_checkpoint_file_is_explained(tmp_path):
 
 
 def test_sd15_shapes_pipeline_has_sd15s_shapes_and_runs(tmp_path):
-    pipe = models.build_sd15_shapes_pipeline(tmp_path / "tokenizer")
+    pipe = sd15_shapes.build_sd15_shapes_pipeline(tmp_path / "tokenizer")
     count = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
     assert round(count["unet"] / 1e6) == 860 and round(count["vae"] / 1e6) == 84
     assert round(count["text_encoder"] / 1e6) == 123  # SD v1.5's 49408-row token table kept

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import fabric_world, models, sampling, world_metrics
+from common import models, sampling
+from pocket import fabric_world, world_metrics
 from conftest import ROOT
 
 POCKET = ROOT / "models" / "pocket-sd"

@@ -5,7 +5,7 @@
 
 It trains with the course's own scripts - exercise 3b with and without prior preservation, exercise
 3a - then draws the same prompts and seeds with the base model and with each result, and scores the
-pictures with the pocket world's classifier and colour reading (``common/world_metrics.py``):
+pictures with the pocket world's classifier and colour reading (``pocket/world_metrics.py``):
 
 - subject fidelity: share of "a sks african fabric pattern" samples recognised as the subject;
 - prompt fidelity: colour adherence of "a sks african fabric pattern in {c1} and {c2}";
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import device as devices  # noqa: E402
-from common import fabric_world, figures, lesson, models, personalize, sampling, world_metrics  # noqa: E402
+from common import figures, lesson, models, personalize, sampling  # noqa: E402
+from pocket import fabric_world, world_metrics  # noqa: E402
 from common.errors import LessonError  # noqa: E402
 from common.files import save_json  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.files import save_image  # noqa: E402
-from common.textiles import shipped_designs  # noqa: E402
+from pocket.textiles import shipped_designs  # noqa: E402
 
 
 def main(folder: str = "training_images") -> None:

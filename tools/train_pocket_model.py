@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import device as devices  # noqa: E402
-from common import fabric_world, lesson, models, sampling, training, world_metrics  # noqa: E402
+from common import lesson, models, sampling, training  # noqa: E402
+from pocket import fabric_world, world_metrics  # noqa: E402
 from common.files import atomic_dir, atomic_path, save_json  # noqa: E402
 from common.images import center_crop_resize, list_image_files, open_image  # noqa: E402
 
@@ -338,9 +339,9 @@ def model_card(card: dict) -> str:
     return f"""# pocket-sd
 
 A small Stable-Diffusion-shaped model trained from scratch on the procedural fabric world of
-`common/fabric_world.py` (64x64 pictures of eight two-colour pattern kinds in ten named colours). It lets
+`pocket/fabric_world.py` (64x64 pictures of eight two-colour pattern kinds in ten named colours). It lets
 a CPU classroom run the whole course with real pictures, and lets the project measure DreamBooth against
-ground truth (`common/world_metrics.py`). Standard diffusers folder: `StableDiffusionPipeline.from_pretrained`
+ground truth (`pocket/world_metrics.py`). Standard diffusers folder: `StableDiffusionPipeline.from_pretrained`
 loads it; `world_classifier/` is a `transformers` ResNet that scores pictures of this world.
 
 Made with: `{card.get('command', '')}`

@@ -9,7 +9,7 @@ pattern", the DreamBooth class prompt).
 
 The DreamBooth subject - the African textiles in ``training_images/`` - lies outside this world:
 multi-coloured strip weaves, wax-print rings and mudcloth marks, none of which is a two-colour
-world kind. ``common.world_metrics`` holds the classifier that tells them apart.
+world kind. ``pocket.world_metrics`` holds the classifier that tells them apart.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import fabric_world
+from pocket import fabric_world
 from common.errors import LessonError
 
 LABELS = fabric_world.KINDS + ("subject",)
