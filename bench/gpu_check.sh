@@ -4,14 +4,14 @@
 #      memory, and the 3a step; seconds for an 800-step 3b run, extrapolated from the measured steps;
 #   2. generation: morph frames/s vs one pipeline call per frame (25 steps, the script's batch of 8), the
 #      450-frame morph in seconds (extrapolated), exercise 1, class images and FAST_MODE.
-# Results: $OUT (the device tool's folder) or bench/results/: gpu-summary.txt, two JSON records, two logs
-# and profiles.tar.gz (six files: the device tool brings back at most eight).
+# Results: bench/results/ (or $OUT when set): gpu-summary.txt, two JSON records, two logs
+# and profiles.tar.gz (six files).
 #
-#   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU, or through the device tool
+#   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   ARCH=tiny DEVICE=cpu RES=64 PRECISION=no bash bench/gpu_check.sh    # a dry run of the plumbing, anywhere
 #
-# The device image has torch, transformers, peft and accelerate but no diffusers: carry its wheel (and
-# importlib_metadata's) in .whl/ (bench/README.md says how to fetch them); they are installed into /tmp/site.
+# Where diffusers is missing but its wheel (and importlib_metadata's) lies in .whl/, they are installed into
+# /tmp/site first (for machines that cannot reach the package index).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-bench/results}"

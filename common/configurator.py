@@ -1,0 +1,115 @@
+"""The CONSTANTS block at the top of a lesson script becomes its command line (after nanoGPT's configurator).
+
+    MAX_TRAIN_STEPS = 800  # optimizer updates            ->   --max-train-steps 800
+
+Every UPPER_CASE name the block assigns is an option, whatever its right-hand side (``4 * 200`` works):
+its value is read from the script *when main() runs*, and the comment beside it is its ``--help`` text.
+A command-line value is read as what it looks like (a number, ``true``/``false``, ``none``, else text;
+lists separated by ``|``, numbers by ``,``); the script's ``validate()`` then checks it, by name.
+The environment variable DREAMBOOTH_MODEL stands in for ``--model``. Every override is remembered
+with where it came from, and the run summary shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import io
+import re
+import sys
+import tokenize
+from pathlib import Path
+from types import SimpleNamespace
+
+from common.errors import LessonError
+
+MODEL_ENV_VAR = "DREAMBOOTH_MODEL"
+
+
+class Config(SimpleNamespace):
+    """The constants of one run: ``cfg.MAX_TRAIN_STEPS``; ``cfg.SOURCES`` says where overrides came from."""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k.isupper() and k != "SOURCES"}
+
+
+def dashed(name: str) -> str:
+    """MAX_TRAIN_STEPS -> --max-train-steps"""
+    return "--" + name.lower().replace("_", "-")
+
+
+def constants(script: str) -> list[tuple[str, str]]:
+    """(NAME, comment) for each UPPER_CASE name assigned between the ``CONSTANTS`` banner and the next
+    ``# ====`` line of the script (the whole file when it has no banner), in order."""
+    source = Path(script).read_text(encoding="utf-8")
+    comments, start, end = {}, 0, 10**9
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
+            if not start and "CONSTANTS" in tok.string:
+                start = tok.start[0]
+            elif start and end == 10**9 and tok.string.startswith("# ===") and tok.start[0] > start:
+                end = tok.start[0]
+    return [(node.targets[0].id, comments.get(node.end_lineno, comments.get(node.lineno, "")))
+            for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and start < node.lineno < end and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()]
+
+
+def parse_value(text: str, like):
+    """A command-line string as the value it reads as; ``like`` (the script's value) only decides whether
+    text is a list and whether a number-looking text stays text (prompts such as "1990")."""
+    if isinstance(like, (tuple, list)):
+        numbers = bool(like) and not isinstance(like[0], str)
+        items = [s.strip() for s in text.split("," if numbers else "|") if s.strip()]
+        return type(like)(parse_value(s, like[0] if numbers else "") for s in items)
+    if text.strip().lower() == "none":
+        return None
+    if isinstance(like, str):
+        return text
+    for kind in (int, float):  # a number when it reads as one; validate() says if it must be whole
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
+
+    def error(self, message):
+        options = [flag for action in self._actions for flag in action.option_strings]
+        hints = [f"Did you mean {close[0]} instead of {flag}?" for flag in re.findall(r"--[\w-]+", message)
+                 for close in [difflib.get_close_matches(flag.split("=")[0], options, n=1)] if close]
+        raise LessonError(f"command line: {message}. {' '.join(hints + [''])}"
+                          f"'python {self.prog} --help' lists every option.")
+
+
+def configure(script_globals: dict, argv: list[str] | None, description: str | None, environ: dict) -> Config:
+    """Read the script's constants as they are now, apply ``argv`` (and DREAMBOOTH_MODEL), return a Config."""
+    script = script_globals.get("__file__", sys.argv[0])
+    names = constants(script)
+    parser = _Parser(prog=Path(script).name, description=(description or "").strip().split("\n\n")[0],
+                     epilog="Every option is a CONSTANT at the top of the script; the command line overrides it "
+                            "for one run.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, comment in names:
+        value = script_globals[name]
+        shown = " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+        flags = [dashed(name)] + (["--model"] if name == "MODEL_ID" else [])
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(metavar="VALUE")
+        parser.add_argument(*flags, dest=name, default=None, help=f"{comment} [{name} = {shown}]".replace("%", "%%"),
+                            **kind)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug, SOURCES={})
+    for name, _ in names:
+        value, given = script_globals[name], getattr(args, name)
+        if given is not None:
+            cfg.SOURCES[name] = dashed(name)
+        elif name == "MODEL_ID" and environ.get(MODEL_ENV_VAR):
+            given, cfg.SOURCES[name] = environ[MODEL_ENV_VAR], MODEL_ENV_VAR
+        setattr(cfg, name, value if given is None else given if isinstance(given, bool) else parse_value(given, value))
+    return cfg
