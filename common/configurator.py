@@ -87,7 +87,7 @@ class _Parser(argparse.ArgumentParser):
                           f"'python {self.prog} --help' lists every option.")
 
 
-def configure(script_globals: dict, argv: list[str] | None, description: str | None, environ: dict) -> Config:
+def configure(script_globals: dict, argv: list[str] | None, description: str | None, environ) -> Config:
     """Read the script's constants as they are now, apply ``argv`` (and DREAMBOOTH_MODEL), return a Config."""
     script = script_globals.get("__file__", sys.argv[0])
     names = constants(script)

@@ -1,169 +1,37 @@
-"""Lesson-script plumbing: the CONSTANTS block becomes a command line, gets validated, and errors read well.
+"""Lesson-script plumbing: constants in, validated, and every failure one readable line out.
 
-Every lesson script starts with a block of UPPER_CASE constants that a student edits. This module
-turns that block into a command line without the script declaring anything twice:
-
-    MAX_TRAIN_STEPS = 800   # how many optimizer updates   ->   --max-train-steps 800
-
-``configure(globals(), argv)`` reads the constants *when it is called* (so a test can change them and
-call ``main()``), applies command-line overrides, and returns them as a ``Config``. The comment after
-each constant becomes its ``--help`` text. ``run(main)`` wraps a script's ``main`` so that any
-:class:`LessonError` (or a known library failure) ends in one readable line; ``--debug`` adds the
-traceback.
+``configure(globals(), argv)`` reads the script's CONSTANTS block *when it is called* (so a test can
+change them and call ``main()``) and applies command-line overrides (``common.configurator``); the
+``require_*`` checks validate them by name before any model loads; ``print_summary``, ``step`` and
+``print_reflection`` are what the student reads; ``run(main)`` turns any :class:`LessonError` (or a known
+library failure) into one line, ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import difflib
-import io
 import math
 import os
 import re
 import sys
-import tokenize
 import traceback
-from pathlib import Path
-from types import SimpleNamespace
 
+from common import configurator
 from common.errors import LessonError, brief
 
-MODEL_ENV_VAR = "DREAMBOOTH_MODEL"
-SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
+Config = configurator.Config
+dashed = configurator.dashed
+MODEL_ENV_VAR = configurator.MODEL_ENV_VAR
 
 
-def dashed(name: str) -> str:
-    """MAX_TRAIN_STEPS -> --max-train-steps"""
-    return "--" + name.lower().replace("_", "-")
+def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None) -> Config:
+    """The script's CONSTANTS as they are now, with ``argv`` overrides applied (``common.configurator``).
 
-
-class Config(SimpleNamespace):
-    """The constants of one run, after command-line overrides. ``cfg.MAX_TRAIN_STEPS`` etc."""
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k.isupper()}
-
-
-# --------------------------------------------------------------------------- reading the CONSTANTS block
-def _constants_in_source(path: str) -> list[tuple[str, str]]:
-    """(NAME, comment) for each top-level ``NAME = literal`` of the script's CONSTANTS block, in order.
-
-    The block runs from the comment line that says CONSTANTS to the next line of "# ====..."; a script
-    without that banner has all its top-level UPPER_CASE literals read.
+    ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` is accepted
+    everywhere. Libraries are imported only after the command line is read, so ``--help`` answers at once.
     """
-    source = Path(path).read_text(encoding="utf-8")
-    comments, banner, block_end = {}, None, None
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
-            if banner is None and "CONSTANTS" in tok.string:
-                banner = tok.start[0]
-            elif banner is not None and block_end is None and tok.string.startswith("# ===") and tok.start[0] > banner:
-                block_end = tok.start[0]
-    found = []
-    for node in ast.parse(source).body:
-        if banner is not None and not (banner < node.lineno < (block_end or 10**9)):
-            continue
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if name.isupper() and not name.startswith("_"):
-                try:
-                    ast.literal_eval(node.value)
-                except ValueError:
-                    continue  # computed values are not student constants
-                found.append((name, comments.get(node.end_lineno, comments.get(node.lineno, ""))))
-    return found
-
-
-def _coerce(name: str, text: str, like):
-    """Turn a command-line string into the type of the constant's current value."""
-    flag = dashed(name)
-    try:
-        if text.lower() == "none":
-            return None
-        if isinstance(like, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            return float(text)
-        if isinstance(like, (tuple, list)):  # text items are split on "|" (prompts contain commas)
-            items = [s.strip() for s in text.split("|" if not like or isinstance(like[0], str) else ",")]
-            items = [s for s in items if s]
-            if like and not isinstance(like[0], str):
-                items = [type(like[0])(s) for s in items]
-            return type(like)(items)
-        if like is None:  # no type to go by: a number if it reads as one
-            for kind in (int, float):
-                try:
-                    return kind(text)
-                except ValueError:
-                    pass
-        return text
-    except ValueError:
-        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(like), "a list")
-        raise LessonError(f"{name} must be {kind}, got {text!r} (from {flag}). Fix the value and run again.") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
-
-    def error(self, message):
-        options = [flag for action in self._actions for flag in action.option_strings]
-        hints = []
-        if "unrecognized arguments" in message:
-            for flag in re.findall(r"--[\w-]+", message):
-                close = difflib.get_close_matches(flag.split("=")[0], options, n=1)
-                if close:
-                    hints.append(f"did you mean {close[0]} instead of {flag}?")
-        hint = (" " + " ".join(h[0].upper() + h[1:] for h in hints)) if hints else ""
-        raise LessonError(f"command line: {message}.{hint} 'python {self.prog} --help' lists every option.")
-
-
-def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None,
-              extra_flags: dict | None = None) -> Config:
-    """Read the script's CONSTANTS (as they are now), apply ``argv`` overrides, return a ``Config``.
-
-    ``--model`` is an alias of ``--model-id``; the environment variable DREAMBOOTH_MODEL overrides the
-    MODEL_ID written in the file (the flag overrides both). ``--debug`` is accepted everywhere.
-    """
-    script = script_globals.get("__file__", sys.argv[0])
-    names = _constants_in_source(script)
-    parser = _Parser(
-        prog=Path(script).name,
-        description=(description or "").strip().split("\n\n")[0],
-        epilog="Every option is a CONSTANT at the top of the script; the command line overrides it for one run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for name, comment in names:
-        value = script_globals[name]
-        flags = [dashed(name)] + (["--model"] if name == "MODEL_ID" else [])
-        shown = " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        if isinstance(value, bool):
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{comment} [{name} = {value}]")
-        else:
-            parser.add_argument(*flags, dest=name, metavar="VALUE", default=None,
-                                help=f"{comment} [{name} = {shown!r}]".replace("%", "%%"))
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
+    cfg = configurator.configure(script_globals, argv, description, os.environ)
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
         sys.stdout = open(os.devnull, "w")
-    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug)
-    for name, _ in names:
-        value = script_globals[name]
-        given = getattr(args, name)
-        if name == "MODEL_ID" and given is None and os.environ.get(MODEL_ENV_VAR):
-            given = os.environ[MODEL_ENV_VAR]
-        if given is not None:
-            value = given if isinstance(given, bool) else _coerce(name, given, value)
-        setattr(cfg, name, value)
     _quiet_libraries(cfg.DEBUG)
     return cfg
 
@@ -264,7 +132,12 @@ def print_summary(cfg: Config, title: str, names: list[str]) -> None:
     print("=" * 72)
     width = max(map(len, names))
     for name in names:
-        print(f"  {name:<{width}} = {getattr(cfg, name)!r}")
+        source = cfg.SOURCES.get(name) if hasattr(cfg, "SOURCES") else None
+        print(f"  {name:<{width}} = {getattr(cfg, name)!r}" + (f"  (from {source})" if source else ""))
+    others = [name for name in getattr(cfg, "SOURCES", {}) if name not in names]
+    if others:  # every override is shown, as nanoGPT's configurator prints each one
+        print("  also set: " + ", ".join(f"{name} = {getattr(cfg, name)!r} (from {cfg.SOURCES[name]})"
+                                          for name in others))
     print()
 
 
@@ -299,8 +172,6 @@ def out_of_memory_advice(constants=None, what: str = "The GPU") -> str:
     return (f"{what} ran out of memory. Try, one at a time: " + "; ".join(tips)
             + f". Close other programs that use the {'GPU' if what == 'The GPU' else 'memory'}.")
 
-
-OOM_ADVICE = out_of_memory_advice()
 
 
 def explain(exc: BaseException, constants=None) -> str | None:

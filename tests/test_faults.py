@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from common import lesson, lora, training
+from common import configurator, lesson, lora, training
 from common import textual_inversion as ti
 from common.files import KILL_DURING_SAVE_ENV
 from conftest import ROOT, SHARED_SEED, needs_shared
@@ -272,7 +272,7 @@ BAD_CONSTANTS = {
 def _constant_cases() -> list[Case]:
     cases = []
     for script in SCRIPTS:
-        names = {name for name, _ in lesson._constants_in_source(str(ROOT / script))}
+        names = {name for name, _ in configurator.constants(str(ROOT / script))}
         for name, (value, says) in BAD_CONSTANTS.items():
             if name in names:
                 cases.append(Case(f"{SHORT[script]}-{name}={value}", script,
@@ -615,7 +615,7 @@ def _oom():
     (MORPH, ["BATCH_SIZE", "RESOLUTION", "FAST_MODE = True"]),
 ])
 def test_out_of_memory_advice_names_what_the_script_can_change(script, tips):
-    constants = {name for name, _ in lesson._constants_in_source(str(ROOT / script))}
+    constants = {name for name, _ in configurator.constants(str(ROOT / script))}
     message = lesson.explain(_oom(), constants)
     assert message.startswith("The GPU ran out of memory. Try, one at a time:") and "\n" not in message
     for tip in tips:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from common import lesson
+from common import configurator, lesson
 from common.errors import LessonError
 from conftest import ROOT, load_script
 
@@ -15,7 +15,7 @@ def test_every_constant_has_a_dashed_flag_in_help():
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     script = load_script("exercise3b_train_lora.py")
-    for name, _ in lesson._constants_in_source(script.__file__):
+    for name, _ in configurator.constants(script.__file__):
         assert lesson.dashed(name) in out.stdout, name
     assert "--model" in out.stdout and "--debug" in out.stdout
     assert "optimizer updates" in out.stdout  # the constant's comment is its help text
@@ -79,3 +79,67 @@ def test_instance_prompt_without_token_warns(capsys):
     cfg = lesson.configure(vars(script), ["--instance-prompt", "a fabric pattern"])
     script.validate(cfg)
     assert "does not contain SUBJECT_TOKEN" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the configurator's traps (issue 14)
+SCRIPTS = ["exercise3b_train_lora.py", "exercise3a_train_textual_inversion.py", "exercise1_generate.py",
+           "exercise2_explore.py", "generate_dreambooth_morph.py"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_renders_every_flag_of_every_script(name):
+    out = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    names = configurator.constants(str(ROOT / name))
+    assert len(names) >= 10
+    shown = " ".join(out.stdout.split())  # (argparse wraps long lines)
+    for constant, comment in names:
+        assert lesson.dashed(constant) in shown, constant
+        assert f"[{constant} = " in shown, constant  # each flag shows the value written in the file
+        assert " ".join(comment.split()[:4]) in shown, constant  # and its comment is the help text
+    assert "%(" not in shown and "%%" not in shown  # a '%' in a comment is printed as it is
+
+
+def test_a_computed_constant_is_a_constant_too(tmp_path):
+    """A student writes MAX_TRAIN_STEPS = 4 * 200: it keeps its flag, its value, and validation."""
+    source = (ROOT / "exercise3b_train_lora.py").read_text(encoding="utf-8")
+    edited = source.replace("MAX_TRAIN_STEPS = 800 ", "MAX_TRAIN_STEPS = 4 * 200 ", 1)
+    assert edited != source
+    (tmp_path / "exercise3b_train_lora.py").write_text(edited, encoding="utf-8")
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
+    shown = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert "--max-train-steps" in shown.stdout and "[MAX_TRAIN_STEPS = 800]" in shown.stdout, shown.stdout
+    refused = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--lr-scheduler", "sometimes"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert refused.stderr.strip().splitlines()[-1].startswith("ERROR: LR_SCHEDULER must be one of"), refused.stderr
+
+
+@pytest.mark.parametrize("args, name, value", [
+    (["--lora-alpha", "0.5"], "LORA_ALPHA", 0.5),  # the file says 4, but alpha may be any number > 0
+    (["--lora-alpha", "16"], "LORA_ALPHA", 16),
+    (["--guidance-scale", "7"], "GUIDANCE_SCALE", 7),
+    (["--resolution", "none"], "RESOLUTION", None),
+    (["--instance-prompt", "1990"], "INSTANCE_PROMPT", "1990"),  # text stays text, even when it reads as a number
+])
+def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, value):
+    script = load_script("exercise3b_train_lora.py")
+    cfg = lesson.configure(vars(script), args)
+    assert getattr(cfg, name) == value and type(getattr(cfg, name)) is type(value)
+    script.validate(cfg)  # accepted
+    with pytest.raises(LessonError, match=r"LORA_RANK must be a whole number"):
+        script.validate(lesson.configure(vars(script), ["--lora-rank", "2.5"]))
+
+
+def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, capsys):
+    script = load_script("exercise3b_train_lora.py")
+    monkeypatch.setenv("DREAMBOOTH_MODEL", "pocket")
+    cfg = lesson.configure(vars(script), ["--max-train-steps", "12", "--sample-every", "3"])
+    lesson.print_summary(cfg, "title", ["MODEL_ID", "MAX_TRAIN_STEPS", "LORA_RANK"])
+    said = capsys.readouterr().out
+    assert "MODEL_ID        = 'pocket'  (from DREAMBOOTH_MODEL)" in said
+    assert "MAX_TRAIN_STEPS = 12  (from --max-train-steps)" in said
+    assert "LORA_RANK       = 4\n" in said  # as written in the file: no note
+    assert "also set: SAMPLE_EVERY = 3 (from --sample-every)" in said  # an override not in the summary's list
+    cfg = lesson.configure(vars(script), ["--model", "tiny"])
+    assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model-id"  # the flag beats the variable
