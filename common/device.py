@@ -22,10 +22,6 @@ class Runtime:
     dtype: torch.dtype  # weights of the frozen models; trainable LoRA/embedding stays fp32
     mixed_precision: str  # what accelerate calls it: "no", "fp16" or "bf16"
 
-    @property
-    def is_gpu(self) -> bool:
-        return self.device.type in ("cuda", "mps")
-
 
 def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: bool = False,
                  verbose: bool = True) -> Runtime:
@@ -38,6 +34,10 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
             device = "mps"
         else:
             device = "cpu"
+    if training and device.startswith("cuda:"):  # accelerate places each training process itself
+        raise LessonError(f"DEVICE = {device!r} cannot choose the GPU for training (accelerate does). Set "
+                          f"DEVICE = 'cuda' and run with CUDA_VISIBLE_DEVICES={device.split(':')[1]} in front of the "
+                          "command, or 'accelerate launch --gpu_ids N' for several GPUs.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LessonError("DEVICE is 'cuda' but PyTorch sees no NVIDIA GPU. Install a CUDA build of PyTorch "
                           "(https://pytorch.org/get-started/locally/) or set DEVICE = 'auto' to use what you have.")

@@ -109,3 +109,12 @@ def test_sd15_shapes_pipeline_has_sd15s_shapes_and_runs(tmp_path):
     with torch.no_grad():
         latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8)
+
+
+def test_training_refuses_a_numbered_gpu_and_says_how_to_choose_one():
+    from common import device
+
+    with pytest.raises(LessonError, match=r"DEVICE = 'cuda:1' cannot choose the GPU for training.*"
+                                          r"CUDA_VISIBLE_DEVICES=1"):
+        device.pick_runtime("cuda:1", training=True, verbose=False)
+    assert device.pick_runtime("cpu", training=True, verbose=False).device.type == "cpu"
