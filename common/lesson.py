@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import errno
 import io
 import math
 import os
@@ -132,6 +133,7 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     ``--model`` is an alias of ``--model-id``; the environment variable DREAMBOOTH_MODEL overrides the
     MODEL_ID written in the file (the flag overrides both). ``--debug`` is accepted everywhere.
     """
+    robust_console()
     script = script_globals.get("__file__", sys.argv[0])
     names = _constants_in_source(script)
     parser = _Parser(
@@ -155,17 +157,34 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
 
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
         sys.stdout = open(os.devnull, "w")
-    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug)
+    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug, origin={})
     for name, _ in names:
         value = script_globals[name]
         given = getattr(args, name)
         if name == "MODEL_ID" and given is None and os.environ.get(MODEL_ENV_VAR):
             given = os.environ[MODEL_ENV_VAR]
+            cfg.origin[name] = MODEL_ENV_VAR
         if given is not None:
             value = given if isinstance(given, bool) else _coerce(name, given, value)
         setattr(cfg, name, value)
+    _ORIGIN.clear()
+    _ORIGIN.update(cfg.origin)  # so that an error about MODEL_ID can say where it came from
     _quiet_libraries(cfg.DEBUG)
     return cfg
+
+
+_ORIGIN: dict[str, str] = {}  # constant -> environment variable it was read from, in the running script
+
+
+def robust_console() -> None:
+    """A console that cannot show a character (PYTHONIOENCODING=ascii, a cp1252 Windows console) shows
+    it escaped instead of ending the run with UnicodeEncodeError over a file name or a prompt."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "") == "strict":
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
+                pass
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -207,29 +226,51 @@ def _as_number(cfg: Config, name: str, kind):
     return kind(value)
 
 
-def require_int(cfg: Config, *names: str, minimum: int = 1, allow_none: bool = False) -> None:
-    """Each named constant is a whole number >= minimum (or None when allowed)."""
+def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None = None,
+                allow_none: bool = False) -> None:
+    """Each named constant is a whole number >= minimum (and <= maximum; or None when allowed)."""
     for name in names:
         if allow_none and getattr(cfg, name) is None:
             continue
-        if _as_number(cfg, name, int) < minimum:
+        value = _as_number(cfg, name, int)
+        if value < minimum:
             _fail(cfg, name, f"must be a whole number >= {minimum}")
+        if maximum is not None and value > maximum:
+            _fail(cfg, name, f"must be a whole number between {minimum} and {maximum}")
 
 
-def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False) -> None:
-    """Each named constant is a number >= minimum (> minimum when ``above``)."""
+def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False,
+                  maximum: float | None = None) -> None:
+    """Each named constant is a number >= minimum (> minimum when ``above``; <= maximum when given)."""
     for name in names:
         value = _as_number(cfg, name, float)
         if value < minimum or (above and value == minimum):
             _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")
+        if maximum is not None and value > maximum:
+            _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g} and <= {maximum:g}")
 
 
-def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = True) -> None:
+# Seeds go to torch.Generator.manual_seed, which takes 64 bits, and scripts add small offsets to them.
+MAX_SEED = 2**32 - 1
+MAX_RESOLUTION = 2048
+MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
+MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
+
+
+def require_seed(cfg: Config, *names: str) -> None:
+    require_int(cfg, *names, minimum=0, maximum=MAX_SEED)
+
+
+def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = True,
+                        maximum: int = MAX_RESOLUTION) -> None:
     if allow_none and getattr(cfg, name) is None:
         return
     require_int(cfg, name, minimum=factor)
     if getattr(cfg, name) % factor:
         _fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
+    if getattr(cfg, name) > maximum:
+        _fail(cfg, name, f"must be a multiple of {factor} between {factor} and {maximum} (512 for SD v1.5; "
+                         "larger pictures need more memory than any GPU has)")
 
 
 def require_choice(cfg: Config, name: str, choices) -> None:
@@ -256,6 +297,65 @@ def require_text_list(cfg: Config, *names: str) -> None:
             _fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
 
 
+def require_model_id(cfg: Config) -> None:
+    """MODEL_ID names something loadable (a typo'd path or a web address is refused before anything loads)."""
+    from common.models import resolve
+
+    require_text(cfg, "MODEL_ID")
+    resolve(cfg.MODEL_ID)
+
+
+def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:
+    """Each named constant names a file or folder: text (a number typed on the command line is read as a name)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and allow_none:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+            setattr(cfg, name, value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(cfg, name, value)
+        if not isinstance(value, str) or not value.strip():
+            _fail(cfg, name, "must be the name of a file or folder" + (" (or None)" if allow_none else ""))
+
+
+def _writable_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written to or created, or None when it can."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    existing = folder
+    while not existing.exists():  # the nearest part of the path that is there
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"cannot be created: '{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ("is not writable (permission denied)" if existing == folder
+                else f"cannot be created: '{existing}' is not writable (permission denied)")
+    return None
+
+
+def require_writable_dir(cfg: Config, *names: str) -> None:
+    """Each named constant is a folder this run can write into, or create (checked before any model loads,
+    so that a typo does not cost a model download and an hour of training)."""
+    require_path(cfg, *names)
+    for name in names:
+        problem = _writable_problem(Path(getattr(cfg, name)).expanduser())
+        if problem:
+            raise LessonError(f"{name} '{getattr(cfg, name)}' {problem}. Set {name} to a folder you can write to "
+                              f"(edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}).")
+    model_id = getattr(cfg, "MODEL_ID", None)
+    if isinstance(model_id, str) and model_id.strip().lower() == "tiny":
+        from common.models import TINY_DIR, tiny_model_is_built
+
+        if not tiny_model_is_built() and _writable_problem(TINY_DIR):
+            raise LessonError(f"MODEL_ID 'tiny' is built into '{TINY_DIR}/', which {_writable_problem(TINY_DIR)}. "
+                              "Run the script from a project folder you can write to.")
+
+
 # --------------------------------------------------------------------------- what the student sees
 def print_summary(cfg: Config, title: str, names: list[str]) -> None:
     """The run summary a script prints first: what it will do, with which constants."""
@@ -264,7 +364,8 @@ def print_summary(cfg: Config, title: str, names: list[str]) -> None:
     print("=" * 72)
     width = max(map(len, names))
     for name in names:
-        print(f"  {name:<{width}} = {getattr(cfg, name)!r}")
+        origin = getattr(cfg, "origin", {}).get(name)
+        print(f"  {name:<{width}} = {getattr(cfg, name)!r}" + (f"  (from {origin})" if origin else ""))
     print()
 
 
@@ -312,13 +413,29 @@ def explain(exc: BaseException, constants=None) -> str | None:
         return str(exc)
     name = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, MemoryError):
+    lower = text.lower()
+    if isinstance(exc, MemoryError) or any(s in lower for s in RAM_TEXTS) or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
         return out_of_memory_advice(constants, "The computer (RAM)")
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+    if name == "OutOfMemoryError" or "out of memory" in lower:
         return out_of_memory_advice(constants)
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return "The disk is full. Free some space (old class_images/ or models/ checkpoints) and run again."
+    if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in lower for s in DISK_TEXTS):
+        return DISK_FULL
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
+        return (f"No permission to write '{exc.filename}' ({exc.strerror}). Make that folder writable, or set "
+                "OUTPUT_DIR (and the other ..._DIR constants) to a folder you can write to.")
+    if isinstance(exc, UnicodeError) and "codec" in lower:
+        return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
+                "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")
     return None
+
+
+# What the libraries say when memory or disk runs out, in words of their own:
+RAM_TEXTS = ("defaultcpuallocator: can't allocate memory", "cannot allocate memory")
+DISK_TEXTS = ("no space left on device", "disk quota exceeded", "file write failed", "storagefull",
+              "unexpected pos")  # torch.save's PytorchStreamWriter ("file write failed", "unexpected pos")
+DISK_FULL = ("The disk is full. Free some space (old class_images/ or models/*/checkpoints/) and run again, or "
+             "set OUTPUT_DIR and the other ..._DIR constants to a disk with room.")
 
 
 def one_line(message: str) -> str:
@@ -329,6 +446,7 @@ def one_line(message: str) -> str:
 def run(main) -> None:
     """Call ``main()``; turn any failure into one readable line and a non-zero exit code."""
     debug = "--debug" in sys.argv[1:]
+    robust_console()
     try:
         code = main()
     except SystemExit:
@@ -344,6 +462,10 @@ def run(main) -> None:
         if message is None:
             message = (f"unexpected {brief(exc, 300)}. Run again with --debug for the full traceback, "
                        "and include it if you ask for help.")
+        for name, variable in _ORIGIN.items():
+            if re.search(rf"\b{name}\b", message):
+                message += (f" ({name} = {os.environ.get(variable, '')!r} came from the environment variable {variable}: "
+                            f"change it, or unset it to use the value in the script.)")
         print(f"\nERROR: {one_line(message)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)
