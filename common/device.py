@@ -30,7 +30,7 @@ class Runtime:
 def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: bool = False,
                  verbose: bool = True) -> Runtime:
     """Choose device and precision; print one line saying what was chosen."""
-    device = str(device or "auto").lower()  # (a number or a list typed by mistake is refused below, by name)
+    device = "auto" if device is None else str(device).lower()  # (a number typed by mistake is refused below)
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -48,7 +48,7 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
                           "DEVICE = 'auto' picks the best one there is.")
     dev = torch.device(device)
 
-    mp = str(mixed_precision or "auto").lower()
+    mp = "auto" if mixed_precision is None else str(mixed_precision).lower()
     if mp == "auto":
         if dev.type == "cuda":
             mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
