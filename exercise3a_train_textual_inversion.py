@@ -104,6 +104,8 @@ def validate(cfg):
     lesson.require_path(cfg, "LORA_DIR", allow_none=True)
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "EMBEDDING_DIR")
     lesson.require_model_id(cfg)
+    for name in ("OUTPUT_DIR", "EMBEDDING_DIR"):
+        lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
     images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 

@@ -104,8 +104,10 @@ def validate(cfg):
     lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "LORA_DIR", *(["CLASS_DATA_DIR"] if cfg.PRIOR_PRESERVATION else []))
     lesson.require_model_id(cfg)
+    for name in ("OUTPUT_DIR", "LORA_DIR"):
+        lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
     if cfg.PRIOR_PRESERVATION:  # before anything is set aside: the class folder must not hold the student's pictures
-        prior.check_class_folder(cfg.CLASS_DATA_DIR, cfg.TRAINING_IMAGES_DIR)
+        lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
     images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 

@@ -7,6 +7,7 @@ Attention uses PyTorch's fused scaled-dot-product kernel (diffusers' default pro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
             device = "mps"
         else:
             device = "cpu"
+    if device.startswith("cuda") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}. "
+                          "DEVICE = 'auto' picks the best one there is.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LessonError("DEVICE is 'cuda' but PyTorch sees no NVIDIA GPU. Install a CUDA build of PyTorch "
                           "(https://pytorch.org/get-started/locally/) or set DEVICE = 'auto' to use what you have.")
@@ -47,6 +51,9 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
         raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}. "
                           "DEVICE = 'auto' picks the best one there is.")
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LessonError(f"DEVICE is {device!r}, but PyTorch sees {torch.cuda.device_count()} NVIDIA GPU(s), numbered "
+                          "from 0. Use 'cuda:0' (or 'cuda', or 'auto').")
 
     mp = "auto" if mixed_precision is None else str(mixed_precision).lower()
     if mp == "auto":

@@ -356,6 +356,20 @@ def require_writable_dir(cfg: Config, *names: str) -> None:
                               "Run the script from a project folder you can write to.")
 
 
+def require_apart(cfg: Config, name: str, other: str, nested: bool = False) -> None:
+    """Folder ``name`` is not folder ``other`` (symlinks followed); with ``nested``, neither holds the other.
+
+    Written into the training pictures' folder, a script's outputs would be trained on next time."""
+    mine, theirs = (Path(getattr(cfg, n)).expanduser().resolve() for n in (name, other))
+    how = ("is the same folder as" if mine == theirs else "is inside" if nested and mine.is_relative_to(theirs)
+           else "contains" if nested and theirs.is_relative_to(mine) else None)
+    if how:
+        raise LessonError(f"{name} '{getattr(cfg, name)}' {how} {other} '{getattr(cfg, other)}': what this script "
+                          f"writes there would be mixed with your pictures (and trained on, or moved aside with old "
+                          f"files). Set {name} to a folder of its own (edit it at the top of {cfg.SCRIPT} or pass "
+                          f"{dashed(name)}).")
+
+
 # --------------------------------------------------------------------------- what the student sees
 def print_summary(cfg: Config, title: str, names: list[str]) -> None:
     """The run summary a script prints first: what it will do, with which constants."""
@@ -422,8 +436,8 @@ def explain(exc: BaseException, constants=None) -> str | None:
     if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in lower for s in DISK_TEXTS):
         return DISK_FULL
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
-        return (f"No permission to write '{exc.filename}' ({exc.strerror}). Make that folder writable, or set "
-                "OUTPUT_DIR (and the other ..._DIR constants) to a folder you can write to.")
+        return (f"No permission to use '{exc.filename}' ({exc.strerror}). Make it readable and writable for you, or "
+                "set the constant that names it (OUTPUT_DIR, the other ..._DIR and ..._PATH ones) to a place you own.")
     if isinstance(exc, UnicodeError) and "codec" in lower:
         return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
                 "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")

@@ -85,6 +85,7 @@ def resolve(model_id: str) -> ModelSource:
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint. Point MODEL_ID at "
                               "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
+        _refuse_adapter(path)
         return ModelSource("single_file", str(path))
     first = model_id.replace("\\", "/").split("/")[0]
     # "models/my-sd" reads like a Hub id (owner/name), but the project's models/ folder says it is a path.
@@ -114,6 +115,22 @@ def _web_address_advice(url: str) -> str:
     return (f"MODEL_ID '{url}' is a web address, and the scripts do not download from web pages (civitai and other "
             "sites). Download the .safetensors file in your browser, put it in models/, and set MODEL_ID to its path, "
             "e.g. 'models/my-model.safetensors'.")
+
+
+def _refuse_adapter(path: Path) -> None:
+    """A LoRA or an embedding is not a base model: say where it goes instead (headers only are read)."""
+    from common import lora
+
+    keys = lora.safetensors_keys(path) if path.suffix.lower() == ".safetensors" else None
+    if not keys or len(keys) > 2000:  # a whole model has ~1000 tensors; an adapter a few hundred at most
+        return
+    if any(k.startswith(("unet.", "text_encoder.", "vae.", "model.diffusion_model.", "first_stage_model.",
+                         "cond_stage_model.")) and "lora" not in k for k in keys):
+        return
+    kind, constant = ("a LoRA", "LORA_PATH") if lora.is_lora_file(path) else ("a Textual Inversion embedding",
+                                                                             "EMBEDDING_PATH")
+    raise LessonError(f"MODEL_ID file '{path}' is {kind}, not a base model. Set {constant} to it, and MODEL_ID to the "
+                      "model it was trained on ('stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny').")
 
 
 def tiny_model_is_built(folder: Path = TINY_DIR) -> bool:

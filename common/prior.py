@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from PIL import Image
 
-from common.errors import LessonError, warn
+from common.errors import warn
 from common.files import save_image, save_json
 
 MANIFEST = "manifest.json"
@@ -46,6 +46,15 @@ def class_image_recipe(model: str, prompt: str, resolution: int, num_inference_s
     """What must match for existing class images to be reused."""
     return {"model": model, "prompt": prompt, "resolution": resolution,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+
+
+def _valid_manifest(folder) -> dict | None:
+    """The manifest, or None when there is none or it was edited or damaged beyond reading."""
+    manifest = read_manifest(folder)
+    if isinstance(manifest, dict) and isinstance(manifest.get("recipe", {}), dict) and \
+            isinstance(manifest.get("files", []), list):
+        return manifest
+    return None
 
 
 def read_manifest(folder) -> dict | None:
@@ -76,7 +85,7 @@ def is_good_class_image(path: Path, resolution) -> bool:
 def reusable_class_images(folder, recipe: dict) -> tuple[list[Path], str | None]:
     """The class images already made with this recipe (each checked), and why the others cannot be reused (or None)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = _valid_manifest(folder)
     if manifest is None:
         stray = [p for p in folder.glob("*.png")] if folder.is_dir() else []
         return [], ("there is no manifest saying how the images there were made" if stray else None)
@@ -86,23 +95,6 @@ def reusable_class_images(folder, recipe: dict) -> tuple[list[Path], str | None]
         return [], f"they were made with {was}"
     files = [folder / name for name in manifest.get("files", []) if isinstance(name, str) and "/" not in name]
     return [p for p in files if is_good_class_image(p, recipe.get("resolution"))], None
-
-
-def check_class_folder(class_dir, training_dir) -> None:
-    """Refuse a CLASS_DATA_DIR that is, holds or sits inside TRAINING_IMAGES_DIR (symlinks followed): class
-    images would be mixed with the student's pictures, and old ones set aside would take theirs along."""
-    klass, training = Path(class_dir).expanduser().resolve(), Path(training_dir).expanduser().resolve()
-    if klass == training:
-        how = "is the same folder as"
-    elif klass.is_relative_to(training):
-        how = "is inside"
-    elif training.is_relative_to(klass):
-        how = "contains"
-    else:
-        return
-    raise LessonError(f"CLASS_DATA_DIR '{class_dir}' {how} TRAINING_IMAGES_DIR '{training_dir}': the class images the "
-                      "model draws would be mixed with your training pictures (and old ones moved aside with them). "
-                      "Set CLASS_DATA_DIR to a folder of its own, such as 'class_images' (--class-data-dir).")
 
 
 def set_aside(folder, reason: str) -> None:
@@ -147,7 +139,7 @@ def ensure_class_images(folder, recipe: dict, num_images: int, generate_fn, acce
         print(f"  Reusing {num_images} class images from '{folder}/' (same model, prompt and resolution).")
         return wanted
 
-    listed = (read_manifest(folder) or {}).get("files", []) if not reason else []
+    listed = (_valid_manifest(folder) or {}).get("files", []) if not reason else []
     damaged = [seed for seed in missing if class_image_name(seed) in listed]
     if damaged:
         names = ", ".join(f"{class_image_name(s)} (seed {s})" for s in damaged[:8]) + (" ..." if len(damaged) > 8 else "")

@@ -736,21 +736,28 @@ def _pocket_copy_cut_short(root):
 
 _NO_MODEL = ["--num-inference-steps", "1"]  # (QUICK without --model: MODEL_ID comes from elsewhere)
 _FOLDER = r"Set {0} to a folder you can write to \(edit it at the top of {1} or pass {2}\)"
+_OWN_CLASS_FOLDER = rf"Set CLASS_DATA_DIR to a folder of its own \(edit it at the top of {B} or pass --class-data-dir\)"
 
 INPUT_CASES = [
     # ---------------------------------------------------------------- class images beside the training pictures
     Case("3b-class-dir-is-training-images", B, TRAIN[B] + ["--class-data-dir", "training_images"],
          r"CLASS_DATA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR 'training_images'",
-         r"Set CLASS_DATA_DIR to a folder of its own, such as 'class_images'", before_model=True),
+         _OWN_CLASS_FOLDER, before_model=True),
     Case("3b-class-dir-inside-training-images", B, TRAIN[B] + ["--class-data-dir", "training_images/class"],
-         r"CLASS_DATA_DIR 'training_images/class' is inside TRAINING_IMAGES_DIR", r"a folder of its own",
-         before_model=True),
+         r"CLASS_DATA_DIR 'training_images/class' is inside TRAINING_IMAGES_DIR",
+         _OWN_CLASS_FOLDER, before_model=True),
     Case("3b-class-dir-holds-training-images", B, TRAIN[B] + ["--class-data-dir", "."],
-         r"CLASS_DATA_DIR '\.' contains TRAINING_IMAGES_DIR 'training_images'", r"a folder of its own",
-         before_model=True),
+         r"CLASS_DATA_DIR '\.' contains TRAINING_IMAGES_DIR 'training_images'",
+         _OWN_CLASS_FOLDER, before_model=True),
     Case("3b-class-dir-symlink-to-training-images", B, TRAIN[B] + ["--class-data-dir", "my_class_images"],
-         r"CLASS_DATA_DIR 'my_class_images' is the same folder as TRAINING_IMAGES_DIR", r"a folder of its own",
-         setup=_symlink_to_training_images, before_model=True),
+         r"CLASS_DATA_DIR 'my_class_images' is the same folder as TRAINING_IMAGES_DIR",
+         _OWN_CLASS_FOLDER, setup=_symlink_to_training_images, before_model=True),
+    Case("3a-output-dir-is-training-images", A, TRAIN[A] + ["--output-dir", "./training_images/"],
+         r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
+         r"script writes there would be mixed with your pictures", rf"pass --output-dir", before_model=True),
+    Case("3b-lora-dir-is-training-images", B, TRAIN[B] + ["--lora-dir", "training_images"],
+         r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR", r"Set LORA_DIR to a folder of its own",
+         before_model=True),
     # ---------------------------------------------------------------- output folders
     Case("1-output-dir-is-a-file", E1, QUICK + ["--output-dir", f"training_images/{FIRST_JPG}"],
          rf"OUTPUT_DIR 'training_images/{FIRST_JPG}' is a file, not a folder",
@@ -849,6 +856,13 @@ INPUT_CASES = [
     Case("3b-model-civitai-url", B, TRAIN[B] + ["--model", "https://civitai.com/models/4201?modelVersionId=130072"],
          r"is a web address, and the scripts do not download from web pages \(civitai",
          r"Download the \.safetensors file in your browser.*set MODEL_ID to its path", before_model=True),
+    Case("1-lora-as-model", E1, QUICK + ["--model", "models/fabric_lora/pytorch_lora_weights.safetensors"],
+         r"MODEL_ID file 'models/fabric_lora/pytorch_lora_weights.safetensors' is a LoRA, not a base model",
+         r"Set LORA_PATH to it, and MODEL_ID to the model it was trained on", before_model=True),
+    Case("3a-embedding-as-model", A, TRAIN[A] + ["--model", "models/fabric_textual_inversion/learned_embeds.safetensors"],
+         r"is a Textual Inversion embedding, not a base model", r"Set EMBEDDING_PATH to it", before_model=True),
+    Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
+         r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
     Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",
          r"came from the environment variable DREAMBOOTH_MODEL: change it, or unset it",
          env={"DREAMBOOTH_MODEL": "models/sd15-download"}, before_model=True),
@@ -885,9 +899,9 @@ def _torch_save_to_a_full_disk():
                   "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)"), "The computer (RAM) ran out"),
     (OSError(errno.ENOMEM, "Cannot allocate memory"), "The computer (RAM) ran out"),
     (PermissionError(errno.EACCES, "Permission denied", "outputs/exercise1_output.png"),
-     "No permission to write 'outputs/exercise1_output.png' (Permission denied)"),
+     "No permission to use 'outputs/exercise1_output.png' (Permission denied)"),
     (OSError(errno.EROFS, "Read-only file system", "class_images/class_00000.png"),
-     "No permission to write 'class_images/class_00000.png' (Read-only file system)"),
+     "No permission to use 'class_images/class_00000.png' (Read-only file system)"),
 ])
 def test_library_texts_for_a_full_disk_memory_and_permissions_are_explained(exc, says):
     message = lesson.explain(exc, {"BATCH_SIZE", "RESOLUTION"})

@@ -109,15 +109,31 @@ def test_an_interrupted_run_keeps_the_batches_it_drew(tmp_path):
 def test_class_folder_may_not_be_or_hold_or_sit_in_the_training_images(tmp_path, monkeypatch):
     import pytest
 
+    from common import lesson
     from common.errors import LessonError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "training_images").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "training_images")
+
+    def check(klass):
+        cfg = lesson.Config(SCRIPT="x.py", CLASS_DATA_DIR=klass, TRAINING_IMAGES_DIR="training_images")
+        lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
+
     for klass, how in [("training_images", "is the same folder as"), ("link", "is the same folder as"),
                        ("./training_images/", "is the same folder as"), ("training_images/class", "is inside"),
                        (".", "contains"), (str(tmp_path), "contains")]:
         with pytest.raises(LessonError, match=f"CLASS_DATA_DIR '{klass}' {how} TRAINING_IMAGES_DIR 'training_images'"):
-            prior.check_class_folder(klass, "training_images")
-    prior.check_class_folder("class_images", "training_images")  # its own folder: fine
-    prior.check_class_folder("training_images_class", "training_images")  # a name that merely starts the same
+            check(klass)
+    check("class_images")  # its own folder: fine
+    check("training_images_class")  # a name that merely starts the same
+
+
+def test_a_damaged_manifest_is_no_manifest(tmp_path):
+    calls = []
+    prior.ensure_class_images(tmp_path, _recipe(), 2, _fake_generator(calls))
+    for damaged in ("[1, 2]", '{"recipe": [], "files": 3}', '{"recipe": {}, "files": {"a": 1}}', "{not json"):
+        (tmp_path / "manifest.json").write_text(damaged)
+        calls.clear()
+        files = prior.ensure_class_images(tmp_path, _recipe(), 2, _fake_generator(calls))
+        assert sum(calls, []) == [0, 1] and all(p.is_file() for p in files), damaged
