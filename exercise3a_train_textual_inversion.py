@@ -88,8 +88,8 @@ def validate(cfg):
     lesson.require_int(cfg, "NUM_SAMPLE_SEEDS", maximum=16)  # columns of the progress grids
     lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", minimum=0)
     lesson.require_seed(cfg, "RANDOM_SEED")
-    lesson.require_float(cfg, "LEARNING_RATE", above=True)
-    lesson.require_float(cfg, "GUIDANCE_SCALE")
+    lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])

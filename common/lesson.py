@@ -89,8 +89,11 @@ def _coerce(name: str, text: str, like):
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if isinstance(like, int):
-            return int(text)
+        if isinstance(like, int):  # "1e3" or "2.0" too: validation then says if it must be whole
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)
         if isinstance(like, float):
             return float(text)
         if isinstance(like, (tuple, list)):  # text items are split on "|" (prompts contain commas)
@@ -124,6 +127,11 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(f"did you mean {close[0]} instead of {flag}?")
         hint = (" " + " ".join(h[0].upper() + h[1:] for h in hints)) if hints else ""
         raise LessonError(f"command line: {message}.{hint} 'python {self.prog} --help' lists every option.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "--lora-scale -1e-3" is a value, not an option (argparse knows only "-1" and "-.5" as numbers)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
 
 
 def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None,
@@ -254,6 +262,12 @@ def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = 
 MAX_SEED = 2**32 - 1
 MAX_RESOLUTION = 2048
 MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
+MAX_FAST_STEPS = 50
+# Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without
+# overflow") or only ever give black pictures and NaN losses.
+MAX_GUIDANCE = 100  # the course uses 1.5 to 20
+MAX_LORA_SCALE = 100  # 1 = as trained
+MAX_LEARNING_RATE = 1.0  # the course uses 1e-4 (LoRA) and 5e-4 (Textual Inversion)
 MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
 
 
@@ -438,6 +452,9 @@ def explain(exc: BaseException, constants=None) -> str | None:
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
         return (f"No permission to use '{exc.filename}' ({exc.strerror}). Make it readable and writable for you, or "
                 "set the constant that names it (OUTPUT_DIR, the other ..._DIR and ..._PATH ones) to a place you own.")
+    if "without overflow" in lower:  # a constant far too large for float32 arithmetic
+        return (f"A number is too large for the model's arithmetic ({brief(exc, 100)}). Use values in the range "
+                "the course suggests (GUIDANCE_SCALE 1-20, LEARNING_RATE 1e-5 to 1e-3, LORA_SCALE 0-2) and run again.")
     if isinstance(exc, UnicodeError) and "codec" in lower:
         return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
                 "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")
