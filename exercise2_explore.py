@@ -83,8 +83,8 @@ def validate(cfg):
     cfg.GUIDANCE_SCALES = tuple(scales)  # one number alone is a list of one
     if not scales or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
                              and 0 <= g <= lesson.MAX_GUIDANCE for g in scales):
-        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 and <= {lesson.MAX_GUIDANCE} (on the command line: "
-                          f"--guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
+        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 and <= {lesson.MAX_GUIDANCE} (on the "
+                          f"command line: --guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
     lesson.require_int(cfg, "BATCH_SIZE")
     lesson.require_int(cfg, "NUM_SEEDS", maximum=100)  # part C's grid: one picture per seed
     lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)

@@ -78,7 +78,8 @@ def validate(cfg):
     frames = cfg.DURATION_SECONDS * cfg.FPS
     if frames > MAX_FRAMES:  # every frame is denoised and kept in memory until the GIF is written
         raise LessonError(f"DURATION_SECONDS x FPS gives {frames:.3g} frames, more than {MAX_FRAMES} (for example "
-                          f"{MAX_FRAMES // 30} s at 30 fps). Lower DURATION_SECONDS (--duration-seconds) or FPS (--fps).")
+                          f"{MAX_FRAMES // 30} s at 30 fps). Lower DURATION_SECONDS (--duration-seconds) or FPS "
+                          "(--fps).")
     lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)

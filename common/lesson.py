@@ -260,15 +260,14 @@ def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = 
 
 # Seeds go to torch.Generator.manual_seed, which takes 64 bits, and scripts add small offsets to them.
 MAX_SEED = 2**32 - 1
-MAX_RESOLUTION = 2048
+MAX_RESOLUTION = 2048  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
 MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
-MAX_FAST_STEPS = 50
+MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from
 # Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without
 # overflow") or only ever give black pictures and NaN losses.
 MAX_GUIDANCE = 100  # the course uses 1.5 to 20
 MAX_LORA_SCALE = 100  # 1 = as trained
 MAX_LEARNING_RATE = 1.0  # the course uses 1e-4 (LoRA) and 5e-4 (Textual Inversion)
-MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
 
 
 def require_seed(cfg: Config, *names: str) -> None:
@@ -495,8 +494,8 @@ def run(main) -> None:
                        "and include it if you ask for help.")
         for name, variable in _ORIGIN.items():
             if re.search(rf"\b{name}\b", message):
-                message += (f" ({name} = {os.environ.get(variable, '')!r} came from the environment variable {variable}: "
-                            f"change it, or unset it to use the value in the script.)")
+                message += (f" ({name} = {os.environ.get(variable, '')!r} came from the environment variable "
+                            f"{variable}: change it, or unset it to use the value in the script.)")
         print(f"\nERROR: {one_line(message)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)

@@ -66,7 +66,8 @@ def resolve(model_id: str) -> ModelSource:
         raise LessonError("MODEL_ID is empty. Use a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
                           "a local folder, a .safetensors file, or 'tiny'.")
     model_id = model_id.strip()
-    if re.match(r"(?i)^[a-z][a-z0-9+.-]*://", model_id) or model_id.lower().startswith(("www.", "huggingface.co/", "hf.co/")):
+    if re.match(r"(?i)^[a-z][a-z0-9+.-]*://", model_id) or \
+            model_id.lower().startswith(("www.", "huggingface.co/", "hf.co/")):
         raise LessonError(_web_address_advice(model_id))
     if model_id.lower() == "tiny":
         return ModelSource("tiny", str(TINY_DIR))

@@ -13,11 +13,11 @@ prompt, resolution, seeds), so images made by another model or for another promp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from PIL import Image
 
 from common.errors import warn
@@ -68,7 +68,7 @@ def read_manifest(folder) -> dict | None:
 
 
 def class_image_name(seed: int) -> str:
-    return f"class_{seed:05d}.png"  # (the manifest's seeds are read back from these names)
+    return f"class_{seed:05d}.png"
 
 
 def is_good_class_image(path: Path, resolution) -> bool:
@@ -142,7 +142,8 @@ def ensure_class_images(folder, recipe: dict, num_images: int, generate_fn, acce
     listed = (_valid_manifest(folder) or {}).get("files", []) if not reason else []
     damaged = [seed for seed in missing if class_image_name(seed) in listed]
     if damaged:
-        names = ", ".join(f"{class_image_name(s)} (seed {s})" for s in damaged[:8]) + (" ..." if len(damaged) > 8 else "")
+        names = ", ".join(f"{class_image_name(s)} (seed {s})" for s in damaged[:8])
+        names += " ..." if len(damaged) > 8 else ""
         print(f"  Drawing again {len(damaged)} class image(s) that are missing or damaged: {names}")
     print(f"  Generating {len(missing)} class images for '{recipe['prompt']}' with the base model "
           f"(once; they are kept in '{folder}/')...")
@@ -163,8 +164,8 @@ def ensure_class_images(folder, recipe: dict, num_images: int, generate_fn, acce
             for seed, image in made:
                 done.append(save_image(image, folder / class_image_name(seed)).name)
             done = sorted(set(done))
-            save_json({"recipe": recipe, "seeds": [int(name[6:11]) for name in done], "files": done},
-                      folder / MANIFEST)
+            seeds_done = [int(m.group(1)) for m in map(re.compile(r"class_(\d+)\.png").fullmatch, done) if m]
+            save_json({"recipe": recipe, "seeds": seeds_done, "files": done}, folder / MANIFEST)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return wanted

@@ -756,7 +756,8 @@ INPUT_CASES = [
          r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
          r"script writes there would be mixed with your pictures", rf"pass --output-dir", before_model=True),
     Case("3b-lora-dir-is-training-images", B, TRAIN[B] + ["--lora-dir", "training_images"],
-         r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR", r"Set LORA_DIR to a folder of its own",
+         r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR",
+         r"Set LORA_DIR to a folder of its own",
          before_model=True),
     # ---------------------------------------------------------------- output folders
     Case("1-output-dir-is-a-file", E1, QUICK + ["--output-dir", f"training_images/{FIRST_JPG}"],
@@ -770,7 +771,8 @@ INPUT_CASES = [
          r"LORA_DIR '.*pytorch_lora_weights.safetensors' is a file, not a folder",
          _FOLDER.format("LORA_DIR", B, "--lora-dir"), before_model=True),
     Case("3b-class-dir-is-a-file", B, TRAIN[B] + ["--class-data-dir", "my_notes.txt"],
-         r"CLASS_DATA_DIR 'my_notes.txt' is a file, not a folder", _FOLDER.format("CLASS_DATA_DIR", B, "--class-data-dir"),
+         r"CLASS_DATA_DIR 'my_notes.txt' is a file, not a folder",
+         _FOLDER.format("CLASS_DATA_DIR", B, "--class-data-dir"),
          setup=_write("my_notes.txt", b"ideas"), before_model=True),
     (Case("2-output-dir-read-only", E2, QUICK + ["--output-dir", "my_notes.txt/out"],  # (root ignores chmod)
           r"OUTPUT_DIR 'my_notes.txt/out' cannot be created: 'my_notes.txt' is a file",
@@ -781,7 +783,7 @@ INPUT_CASES = [
           _FOLDER.format("OUTPUT_DIR", E2, "--output-dir"), setup=_read_only_folder, before_model=True)),
     Case("morph-output-dir-empty", MORPH, GENERATE[MORPH] + ["--output-dir", ""],
          r"OUTPUT_DIR must be the name of a file or folder, got ''", r"pass --output-dir", before_model=True),
-    # ---------------------------------------------------------------- absurd sizes, seeds, and values that passed, then crashed
+    # ------------------------------------------------------- absurd sizes and seeds; values that passed, then crashed
     *[Case(f"{SHORT[script]}-{name}={value}", script, ARGS[script] + [lesson.dashed(name), value], rf"{name} {says}",
            rf"pass {lesson.dashed(name)}", before_model=True) for script, name, value, says in [
         (E1, "RESOLUTION", "100000", r"must be a multiple of 8 between 8 and 2048 .*got 100000"),
@@ -808,28 +810,33 @@ INPUT_CASES = [
     Case("morph-frames-overflow", MORPH, GENERATE[MORPH] + ["--duration-seconds", "1e300", "--fps", "50"],
          r"DURATION_SECONDS x FPS gives 5e\+301 frames", r"Lower DURATION_SECONDS", before_model=True),
     Case("2-GUIDANCE_SCALES-inf", E2, QUICK + ["--guidance-scales", "1.5,inf"],
-         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12", before_model=True),
+         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12",
+         before_model=True),
     Case("2-GUIDANCE_SCALES-nan", E2, QUICK + ["--guidance-scales", "nan"],
-         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12", before_model=True),
+         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12",
+         before_model=True),
     Case("1-edited-LORA_PATH-list", E1, QUICK, r"LORA_PATH must be the name of a file or folder \(or None\), got "
-         r"\['models/fabric_lora'\]", rf"Edit it at the top of {E1}", setup=_edited(E1, "LORA_PATH", '["models/fabric_lora"]'),
+         r"\['models/fabric_lora'\]", rf"Edit it at the top of {E1}",
+         setup=_edited(E1, "LORA_PATH", '["models/fabric_lora"]'),
          before_model=True, env={"PYTHONPATH": str(ROOT)}),
     Case("3a-edited-TRAINING_IMAGES_DIR-None", A, TRAIN[A], r"TRAINING_IMAGES_DIR must be the name of a file or "
          r"folder, got None", rf"Edit it at the top of {A}", setup=_edited(A, "TRAINING_IMAGES_DIR", "None"),
          before_model=True, env={"PYTHONPATH": str(ROOT)}),
     Case("morph-edited-DEVICE-number", MORPH, GENERATE[MORPH], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
-         r"'cpu', got '0'", r"DEVICE = 'auto' picks", setup=_edited(MORPH, "DEVICE", "0"), env={"PYTHONPATH": str(ROOT)}),
+         r"'cpu', got '0'", r"DEVICE = 'auto' picks", setup=_edited(MORPH, "DEVICE", "0"),
+         env={"PYTHONPATH": str(ROOT)}),
     # ---------------------------------------------------------------- NaN or inf weights
     Case("1-lora-with-nan", E1, QUICK + ["--lora-path", "models/nan_lora/pytorch_lora_weights.safetensors"],
-         r"'models/nan_lora/pytorch_lora_weights.safetensors' holds 1 value\(s\) that are NaN or inf .*the LoRA is broken",
+         r"'models/nan_lora/pytorch_lora_weights.safetensors' holds 1 value\(s\) that are NaN or inf "
+         r".*the LoRA is broken",
          r"Retrain with a lower LEARNING_RATE \(exercise3b_train_lora\.py\)",
          setup=_non_finite_copy("models/fabric_lora/pytorch_lora_weights.safetensors",
                                 "models/nan_lora/pytorch_lora_weights.safetensors")),
     Case("2-embedding-with-inf", E2, QUICK + ["--part", "a", "--embedding-path", "models/inf_ti.safetensors"],
          r"'models/inf_ti.safetensors' holds 1 value\(s\) that are NaN or inf .*the embedding is broken",
          r"Retrain with a lower LEARNING_RATE \(exercise3a_train_textual_inversion\.py\)",
-         setup=_non_finite_copy("models/fabric_textual_inversion/learned_embeds.safetensors", "models/inf_ti.safetensors",
-                                value=float("inf"))),
+         setup=_non_finite_copy("models/fabric_textual_inversion/learned_embeds.safetensors",
+                                "models/inf_ti.safetensors", value=float("inf"))),
     # ---------------------------------------------------------------- the base model
     Case("1-tiny-model-cut-short", E1, QUICK, r"The built-in tiny model in 'models/tiny-sd/' is damaged",
          r"Delete the folder 'models/tiny-sd/' and run again",
@@ -849,7 +856,8 @@ INPUT_CASES = [
     Case("1-lora-as-model", E1, QUICK + ["--model", "models/fabric_lora/pytorch_lora_weights.safetensors"],
          r"MODEL_ID file 'models/fabric_lora/pytorch_lora_weights.safetensors' is a LoRA, not a base model",
          r"Set LORA_PATH to it, and MODEL_ID to the model it was trained on", before_model=True),
-    Case("3a-embedding-as-model", A, TRAIN[A] + ["--model", "models/fabric_textual_inversion/learned_embeds.safetensors"],
+    Case("3a-embedding-as-model", A,
+         TRAIN[A] + ["--model", "models/fabric_textual_inversion/learned_embeds.safetensors"],
          r"is a Textual Inversion embedding, not a base model", r"Set EMBEDDING_PATH to it", before_model=True),
     Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
          r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
@@ -886,7 +894,8 @@ def _torch_save_to_a_full_disk():
     (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "The disk is full"),
     (_torch_save_to_a_full_disk(), "The disk is full"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
-                  "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)"), "The computer (RAM) ran out"),
+                  "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)"),
+     "The computer (RAM) ran out"),
     (OSError(errno.ENOMEM, "Cannot allocate memory"), "The computer (RAM) ran out"),
     (RuntimeError("value cannot be converted to type float without overflow"), "A number is too large"),
     (PermissionError(errno.EACCES, "Permission denied", "outputs/exercise1_output.png"),
