@@ -70,10 +70,16 @@ def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
     lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "PROMPTS")
-    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", "BATCH_SIZE", "FAST_STEPS")
-    lesson.require_int(cfg, "RANDOM_SEED", minimum=0)
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", "LORA_SCALE")
+    lesson.require_int(cfg, "BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
+    lesson.require_model_id(cfg)
     personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
 
 

@@ -79,13 +79,23 @@ def validate(cfg):
     if "{}" not in cfg.STYLE_PROMPT:
         raise LessonError(f"STYLE_PROMPT must contain {{}} where each style goes, got {cfg.STYLE_PROMPT!r}. "
                           "For example: 'sks african fabric pattern, {} style'.")
-    if not cfg.GUIDANCE_SCALES or not all(isinstance(g, (int, float)) and g >= 0 for g in cfg.GUIDANCE_SCALES):
-        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 (on the command line: "
-                          f"--guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
-    lesson.require_int(cfg, "NUM_SEEDS", "NUM_INFERENCE_STEPS", "BATCH_SIZE", "FAST_STEPS")
-    lesson.require_int(cfg, "RANDOM_SEED", minimum=0)
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", "LORA_SCALE")
+    scales = cfg.GUIDANCE_SCALES if isinstance(cfg.GUIDANCE_SCALES, (tuple, list)) else (cfg.GUIDANCE_SCALES,)
+    cfg.GUIDANCE_SCALES = tuple(scales)  # one number alone is a list of one
+    if not scales or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+                             and 0 <= g <= lesson.MAX_GUIDANCE for g in scales):
+        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 and <= {lesson.MAX_GUIDANCE} (on the "
+                          f"command line: --guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
+    lesson.require_int(cfg, "BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_SEEDS", maximum=100)  # part C's grid: one picture per seed
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
+    lesson.require_model_id(cfg)
     personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
 
 

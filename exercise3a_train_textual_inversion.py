@@ -79,12 +79,17 @@ REFLECTION = [
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN")
-    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "NUM_VECTORS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
-                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "NUM_INFERENCE_STEPS", "SAMPLE_BATCH_SIZE")
-    lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", "NUM_SAMPLE_SEEDS", "RANDOM_SEED", minimum=0)
-    lesson.require_float(cfg, "LEARNING_RATE", above=True)
-    lesson.require_float(cfg, "GUIDANCE_SCALE")
+    lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "CLASS_WORDS")
+    lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "SAMPLE_BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_VECTORS", maximum=64)  # CLIP reads 75 tokens: the captions need room too
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "NUM_SAMPLE_SEEDS", maximum=16)  # columns of the progress grids
+    lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", minimum=0)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
@@ -95,6 +100,12 @@ def validate(cfg):
                           f"{'-'.join(token.lower().split())!r}.")
     if not any("{}" in p for p in cfg.SAMPLE_PROMPTS):
         warn("no SAMPLE_PROMPTS contains '{}', so the progress grids never show the new word.")
+    lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
+    lesson.require_path(cfg, "LORA_DIR", allow_none=True)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR", "EMBEDDING_DIR")
+    lesson.require_model_id(cfg)
+    for name in ("OUTPUT_DIR", "EMBEDDING_DIR"):
+        lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
     images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 

@@ -82,13 +82,19 @@ REFLECTION = [
 def validate(cfg):
     """Every constant checked before any model loads."""
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
-    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "LORA_RANK", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
-                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "NUM_INFERENCE_STEPS", "SAMPLE_BATCH_SIZE")
-    lesson.require_int(cfg, "NUM_CLASS_IMAGES", "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", "NUM_SAMPLE_SEEDS",
-                       "RANDOM_SEED", minimum=0)
-    lesson.require_float(cfg, "LEARNING_RATE", above=True)
-    lesson.require_float(cfg, "LORA_ALPHA", above=True)
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "PRIOR_LOSS_WEIGHT")
+    lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+                       "SAMPLE_EVERY", "CHECKPOINT_EVERY", "SAMPLE_BATCH_SIZE")
+    lesson.require_int(cfg, "LORA_RANK", maximum=1024)
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "NUM_SAMPLE_SEEDS", maximum=16)  # columns of the progress grids
+    lesson.require_int(cfg, "NUM_CLASS_IMAGES", minimum=0, maximum=10000)
+    lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", minimum=0)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
+    lesson.require_float(cfg, "LORA_ALPHA", above=True, maximum=10000)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_float(cfg, "PRIOR_LOSS_WEIGHT", maximum=1000)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
@@ -96,6 +102,13 @@ def validate(cfg):
     if cfg.SUBJECT_TOKEN not in cfg.INSTANCE_PROMPT.split():
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")
+    lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR", "LORA_DIR", *(["CLASS_DATA_DIR"] if cfg.PRIOR_PRESERVATION else []))
+    lesson.require_model_id(cfg)
+    for name in ("OUTPUT_DIR", "LORA_DIR"):
+        lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
+    if cfg.PRIOR_PRESERVATION:  # before anything is set aside: the class folder must not hold the student's pictures
+        lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
     images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 
@@ -162,7 +175,7 @@ def main(argv=None):
         recipe = prior.class_image_recipe(models.describe_source(cfg.MODEL_ID), cfg.CLASS_PROMPT, resolution,
                                           cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE)
         files = prior.ensure_class_images(
-            pipe, cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator,
+            cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator, batch_size=settings.batch_size,
             generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, settings, "Class images")[0])
         class_images = [images.center_crop_resize(images.open_image(p), resolution) for p in files]
 

@@ -51,6 +51,7 @@ DEVICE = "auto"  # auto, cuda, mps or cpu
 MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16
 OUTPUT_DIR = "outputs"  # where the animation goes
 # ==================================================================================
+MAX_FRAMES = 3000
 
 REFLECTION = [
     "The keyframes differ only in their starting noise. What does that tell you about where the variety "
@@ -66,18 +67,30 @@ def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
     lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN", "PROMPT")
     lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2)
-    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", "BATCH_SIZE", "FAST_STEPS")
-    lesson.require_int(cfg, "RANDOM_SEED", minimum=0)
+    lesson.require_int(cfg, "BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
+    lesson.require_seed(cfg, "RANDOM_SEED")
     lesson.require_int(cfg, "GIF_COLORS", minimum=2)
-    lesson.require_int(cfg, "GIF_SIZE", minimum=16, allow_none=True)
-    lesson.require_float(cfg, "DURATION_SECONDS", "FPS", above=True)
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", "LORA_SCALE")
+    lesson.require_int(cfg, "GIF_SIZE", minimum=16, maximum=4096, allow_none=True)
+    lesson.require_float(cfg, "DURATION_SECONDS", above=True)
+    lesson.require_float(cfg, "FPS", above=True, maximum=100)  # a GIF counts its delays in hundredths of a second
+    frames = cfg.DURATION_SECONDS * cfg.FPS
+    if frames > MAX_FRAMES:  # every frame is denoised and kept in memory until the GIF is written
+        raise LessonError(f"DURATION_SECONDS x FPS gives {frames:.3g} frames, more than {MAX_FRAMES} (for example "
+                          f"{MAX_FRAMES // 30} s at 30 fps). Lower DURATION_SECONDS (--duration-seconds) or FPS "
+                          "(--fps).")
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     if cfg.GIF_COLORS > 256:
         raise LessonError(f"GIF_COLORS must be at most 256 (a GIF's limit), got {cfg.GIF_COLORS}. Set 256 or fewer.")
     if round(cfg.DURATION_SECONDS * cfg.FPS) < cfg.NUM_KEYFRAMES:
         raise LessonError(f"DURATION_SECONDS x FPS gives {round(cfg.DURATION_SECONDS * cfg.FPS)} frames, fewer than "
                           f"NUM_KEYFRAMES ({cfg.NUM_KEYFRAMES}). Make the animation longer or use fewer keyframes.")
+    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
+    lesson.require_model_id(cfg)
     personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
 
 

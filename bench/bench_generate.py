@@ -147,8 +147,9 @@ def class_images(run, ex3b, **_):
         s = settings if steps_override is None else _with_steps(settings, steps_override, count)
         r = recipe if steps_override is None else {**recipe, "num_inference_steps": steps_override}
         folder = next(folders)
-        prior.ensure_class_images(pipe, folder, r, count, generate_fn=lambda prompts, seeds: sampling.generate(
-            pipe, prompts, seeds, s, progress=False)[0])
+        prior.ensure_class_images(folder, r, count, batch_size=s.batch_size,
+                                  generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, s,
+                                                                                       progress=False)[0])
         shutil.rmtree(folder)
 
     def loop(count, steps_override=None):

@@ -79,6 +79,11 @@ def parse_value(text: str, like):
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "--lora-scale -1e-3" is a value, not an option (argparse knows only "-1" and "-.5" as numbers)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
     def error(self, message):
         options = [flag for action in self._actions for flag in action.option_strings]
         hints = [f"Did you mean {close[0]} instead of {flag}?" for flag in re.findall(r"--[\w-]+", message)

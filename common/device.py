@@ -7,6 +7,7 @@ Attention uses PyTorch's fused scaled-dot-product kernel (diffusers' default pro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class Runtime:
 def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: bool = False,
                  verbose: bool = True) -> Runtime:
     """Choose device and precision; print one line saying what was chosen."""
-    device = (device or "auto").lower()
+    device = "auto" if device is None else str(device).lower()  # (a number typed by mistake is refused below)
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -34,6 +35,9 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
             device = "mps"
         else:
             device = "cpu"
+    if device.startswith("cuda") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}. "
+                          "DEVICE = 'auto' picks the best one there is.")
     if training and device.startswith("cuda:"):  # accelerate places each training process itself
         raise LessonError(f"DEVICE = {device!r} cannot choose the GPU for training (accelerate does). Set "
                           f"DEVICE = 'cuda' and run with CUDA_VISIBLE_DEVICES={device.split(':')[1]} in front of the "
@@ -47,8 +51,11 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
         raise LessonError(f"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got {device!r}. "
                           "DEVICE = 'auto' picks the best one there is.")
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LessonError(f"DEVICE is {device!r}, but PyTorch sees {torch.cuda.device_count()} NVIDIA GPU(s), numbered "
+                          "from 0. Use 'cuda:0' (or 'cuda', or 'auto').")
 
-    mp = (mixed_precision or "auto").lower()
+    mp = "auto" if mixed_precision is None else str(mixed_precision).lower()
     if mp == "auto":
         if dev.type == "cuda":
             mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -9,11 +9,13 @@ library failure) into one line, ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 from common import configurator
 from common.errors import LessonError, brief
@@ -29,11 +31,28 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` is accepted
     everywhere. Libraries are imported only after the command line is read, so ``--help`` answers at once.
     """
+    robust_console()
     cfg = configurator.configure(script_globals, argv, description, os.environ)
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
         sys.stdout = open(os.devnull, "w")
+    _ORIGIN.clear()  # so that an error about MODEL_ID can say it came from DREAMBOOTH_MODEL
+    _ORIGIN.update({name: source for name, source in cfg.SOURCES.items() if not source.startswith("-")})
     _quiet_libraries(cfg.DEBUG)
     return cfg
+
+
+_ORIGIN: dict[str, str] = {}  # constant -> environment variable it was read from, in the running script
+
+
+def robust_console() -> None:
+    """A console that cannot show a character (PYTHONIOENCODING=ascii, a cp1252 Windows console) shows
+    it escaped instead of ending the run with UnicodeEncodeError over a file name or a prompt."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "") == "strict":
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
+                pass
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -75,29 +94,56 @@ def _as_number(cfg: Config, name: str, kind):
     return kind(value)
 
 
-def require_int(cfg: Config, *names: str, minimum: int = 1, allow_none: bool = False) -> None:
-    """Each named constant is a whole number >= minimum (or None when allowed)."""
+def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None = None,
+                allow_none: bool = False) -> None:
+    """Each named constant is a whole number >= minimum (and <= maximum; or None when allowed)."""
     for name in names:
         if allow_none and getattr(cfg, name) is None:
             continue
-        if _as_number(cfg, name, int) < minimum:
+        value = _as_number(cfg, name, int)
+        if value < minimum:
             _fail(cfg, name, f"must be a whole number >= {minimum}")
+        if maximum is not None and value > maximum:
+            _fail(cfg, name, f"must be a whole number between {minimum} and {maximum}")
 
 
-def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False) -> None:
-    """Each named constant is a number >= minimum (> minimum when ``above``)."""
+def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False,
+                  maximum: float | None = None) -> None:
+    """Each named constant is a number >= minimum (> minimum when ``above``; <= maximum when given)."""
     for name in names:
         value = _as_number(cfg, name, float)
         if value < minimum or (above and value == minimum):
             _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")
+        if maximum is not None and value > maximum:
+            _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g} and <= {maximum:g}")
 
 
-def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = True) -> None:
+# Seeds go to torch.Generator.manual_seed, which takes 64 bits, and scripts add small offsets to them.
+MAX_SEED = 2**32 - 1
+MAX_RESOLUTION = 2048  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
+MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
+MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from
+# Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without
+# overflow") or only ever give black pictures and NaN losses.
+MAX_GUIDANCE = 100  # the course uses 1.5 to 20
+MAX_LORA_SCALE = 100  # 1 = as trained
+MAX_LEARNING_RATE = 1.0  # the course uses 1e-4 (LoRA) and 5e-4 (Textual Inversion)
+
+
+def require_seed(cfg: Config, *names: str) -> None:
+    require_int(cfg, *names, minimum=0, maximum=MAX_SEED)
+
+
+def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = True,
+                        maximum: int = MAX_RESOLUTION) -> None:
     if allow_none and getattr(cfg, name) is None:
         return
     require_int(cfg, name, minimum=factor)
     if getattr(cfg, name) % factor:
         _fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
+    if getattr(cfg, name) > maximum:
+        _fail(cfg, name, f"must be a multiple of {factor} between {factor} and {maximum} (512 for SD v1.5; "
+                         "larger pictures need more memory than any GPU has)")
 
 
 def require_choice(cfg: Config, name: str, choices) -> None:
@@ -122,6 +168,79 @@ def require_text_list(cfg: Config, *names: str) -> None:
         if not isinstance(value, (tuple, list)) or not value or not all(
                 isinstance(v, str) and v.strip() for v in value):
             _fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
+
+
+def require_model_id(cfg: Config) -> None:
+    """MODEL_ID names something loadable (a typo'd path or a web address is refused before anything loads)."""
+    from common.models import resolve
+
+    require_text(cfg, "MODEL_ID")
+    resolve(cfg.MODEL_ID)
+
+
+def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:
+    """Each named constant names a file or folder: text (a number typed on the command line is read as a name)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and allow_none:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+            setattr(cfg, name, value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(cfg, name, value)
+        if not isinstance(value, str) or not value.strip():
+            _fail(cfg, name, "must be the name of a file or folder" + (" (or None)" if allow_none else ""))
+
+
+def _writable_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written to or created, or None when it can."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    existing = folder
+    while not existing.exists():  # the nearest part of the path that is there
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"cannot be created: '{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ("is not writable (permission denied)" if existing == folder
+                else f"cannot be created: '{existing}' is not writable (permission denied)")
+    return None
+
+
+def require_writable_dir(cfg: Config, *names: str) -> None:
+    """Each named constant is a folder this run can write into, or create (checked before any model loads,
+    so that a typo does not cost a model download and an hour of training)."""
+    require_path(cfg, *names)
+    for name in names:
+        problem = _writable_problem(Path(getattr(cfg, name)).expanduser())
+        if problem:
+            raise LessonError(f"{name} '{getattr(cfg, name)}' {problem}. Set {name} to a folder you can write to "
+                              f"(edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}).")
+    model_id = getattr(cfg, "MODEL_ID", None)
+    if isinstance(model_id, str) and model_id.strip().lower() == "tiny":
+        from common.models import TINY_DIR, tiny_model_is_built
+
+        if not tiny_model_is_built() and _writable_problem(TINY_DIR):
+            raise LessonError(f"MODEL_ID 'tiny' is built into '{TINY_DIR}/', which {_writable_problem(TINY_DIR)}. "
+                              "Run the script from a project folder you can write to.")
+
+
+def require_apart(cfg: Config, name: str, other: str, nested: bool = False) -> None:
+    """Folder ``name`` is not folder ``other`` (symlinks followed); with ``nested``, neither holds the other.
+
+    Written into the training pictures' folder, a script's outputs would be trained on next time."""
+    mine, theirs = (Path(getattr(cfg, n)).expanduser().resolve() for n in (name, other))
+    how = ("is the same folder as" if mine == theirs else "is inside" if nested and mine.is_relative_to(theirs)
+           else "contains" if nested and theirs.is_relative_to(mine) else None)
+    if how:
+        raise LessonError(f"{name} '{getattr(cfg, name)}' {how} {other} '{getattr(cfg, other)}': what this script "
+                          f"writes there would be mixed with your pictures (and trained on, or moved aside with old "
+                          f"files). Set {name} to a folder of its own (edit it at the top of {cfg.SCRIPT} or pass "
+                          f"{dashed(name)}).")
 
 
 # --------------------------------------------------------------------------- what the student sees
@@ -183,13 +302,32 @@ def explain(exc: BaseException, constants=None) -> str | None:
         return str(exc)
     name = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, MemoryError):
+    lower = text.lower()
+    if isinstance(exc, MemoryError) or any(s in lower for s in RAM_TEXTS) or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
         return out_of_memory_advice(constants, "The computer (RAM)")
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+    if name == "OutOfMemoryError" or "out of memory" in lower:
         return out_of_memory_advice(constants)
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return "The disk is full. Free some space (old class_images/ or models/ checkpoints) and run again."
+    if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in lower for s in DISK_TEXTS):
+        return DISK_FULL
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
+        return (f"No permission to use '{exc.filename}' ({exc.strerror}). Make it readable and writable for you, or "
+                "set the constant that names it (OUTPUT_DIR, the other ..._DIR and ..._PATH ones) to a place you own.")
+    if "without overflow" in lower:  # a constant far too large for float32 arithmetic
+        return (f"A number is too large for the model's arithmetic ({brief(exc, 100)}). Use values in the range "
+                "the course suggests (GUIDANCE_SCALE 1-20, LEARNING_RATE 1e-5 to 1e-3, LORA_SCALE 0-2) and run again.")
+    if isinstance(exc, UnicodeError) and "codec" in lower:
+        return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
+                "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")
     return None
+
+
+# What the libraries say when memory or disk runs out, in words of their own:
+RAM_TEXTS = ("defaultcpuallocator: can't allocate memory", "cannot allocate memory")
+DISK_TEXTS = ("no space left on device", "disk quota exceeded", "file write failed", "storagefull",
+              "unexpected pos")  # torch.save's PytorchStreamWriter ("file write failed", "unexpected pos")
+DISK_FULL = ("The disk is full. Free some space (old class_images/ or models/*/checkpoints/) and run again, or "
+             "set OUTPUT_DIR and the other ..._DIR constants to a disk with room.")
 
 
 def one_line(message: str) -> str:
@@ -200,6 +338,7 @@ def one_line(message: str) -> str:
 def run(main) -> None:
     """Call ``main()``; turn any failure into one readable line and a non-zero exit code."""
     debug = "--debug" in sys.argv[1:]
+    robust_console()
     try:
         code = main()
     except SystemExit:
@@ -215,6 +354,10 @@ def run(main) -> None:
         if message is None:
             message = (f"unexpected {brief(exc, 300)}. Run again with --debug for the full traceback, "
                        "and include it if you ask for help.")
+        for name, variable in _ORIGIN.items():
+            if re.search(rf"\b{name}\b", message):
+                message += (f" ({name} = {os.environ.get(variable, '')!r} came from the environment variable "
+                            f"{variable}: change it, or unset it to use the value in the script.)")
         print(f"\nERROR: {one_line(message)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)

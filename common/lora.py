@@ -202,6 +202,16 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                           "It may be damaged or incompletely downloaded: get it again.") from exc
 
 
+def require_finite(tensors: dict, file: Path, what: str, script: str) -> None:
+    """Refuse weights holding NaN or inf: loaded, they would turn every picture black (or into noise)."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            count = int((~torch.isfinite(value)).sum())
+            raise LessonError(f"'{file}' holds {count} value(s) that are NaN or inf (not a number), in '{key}': "
+                              f"{what} is broken, usually by a training run that diverged. Retrain with a lower "
+                              f"LEARNING_RATE ({script}), or use another file.")
+
+
 def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None:
     """Refuse a LoRA made for another base model (e.g. SDXL), naming both shapes."""
     modules = dict(unet.named_modules())
@@ -233,6 +243,7 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) 
         from peft import LoraConfig
 
         state = {k.removeprefix("base_model.model."): v for k, v in _read_weights(file).items()}
+        require_finite(state, file, "the LoRA", "exercise3b_train_lora.py")
         config = LoraConfig.from_pretrained(str(file.parent)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         _check_shapes(pipe.unet, state, file)
@@ -240,6 +251,7 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) 
     else:
         state, _ = pipe.lora_state_dict(_read_weights(file)) if file.suffix != ".safetensors" else \
             pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+        require_finite(state, file, "the LoRA", "exercise3b_train_lora.py")
         unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         _check_shapes(pipe.unet, convert_unet_state_dict_to_peft(unet_state) if unet_state else {}, file)
         try:

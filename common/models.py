@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ def resolve(model_id: str) -> ModelSource:
         raise LessonError("MODEL_ID is empty. Use a Hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
                           "a local folder, a .safetensors file, or 'tiny'.")
     model_id = model_id.strip()
+    if re.match(r"(?i)^[a-z][a-z0-9+.-]*://", model_id) or \
+            model_id.lower().startswith(("www.", "huggingface.co/", "hf.co/")):
+        raise LessonError(_web_address_advice(model_id))
     if model_id.lower() == "tiny":
         return ModelSource("tiny", str(TINY_DIR))
     if model_id.lower() == "pocket":
@@ -82,6 +86,7 @@ def resolve(model_id: str) -> ModelSource:
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint. Point MODEL_ID at "
                               "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
+        _refuse_adapter(path)
         return ModelSource("single_file", str(path))
     first = model_id.replace("\\", "/").split("/")[0]
     # "models/my-sd" reads like a Hub id (owner/name), but the project's models/ folder says it is a path.
@@ -96,6 +101,43 @@ def resolve(model_id: str) -> ModelSource:
         raise LessonError(f"MODEL_ID '{model_id}' is not a Hub id (owner/name), an existing folder or file, "
                           "or 'tiny'/'pocket'. The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     return ModelSource("hub", model_id)
+
+
+def _web_address_advice(url: str) -> str:
+    """MODEL_ID given as a web address: say what to write instead (the scripts never download from pages)."""
+    match = re.match(r"(?i)^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?!spaces/|datasets/)"
+                     r"([\w.-]+)/([\w.-]+)(?:/(?:blob|resolve)/[^/]+/(\S+))?", url)
+    if match:
+        hub_id, file = f"{match.group(1)}/{match.group(2)}", match.group(3)
+        if file and file.lower().endswith(CHECKPOINT_SUFFIXES):
+            return (f"MODEL_ID '{url}' is a web address of one file. Use the Hub id instead: MODEL_ID = '{hub_id}' "
+                    f"(--model {hub_id}), or download '{file.split('/')[-1]}' and set MODEL_ID to its path.")
+        return f"MODEL_ID '{url}' is a web address. Use the Hub id instead: MODEL_ID = '{hub_id}' (--model {hub_id})."
+    return (f"MODEL_ID '{url}' is a web address, and the scripts do not download from web pages (civitai and other "
+            "sites). Download the .safetensors file in your browser, put it in models/, and set MODEL_ID to its path, "
+            "e.g. 'models/my-model.safetensors'.")
+
+
+def _refuse_adapter(path: Path) -> None:
+    """A LoRA or an embedding is not a base model: say where it goes instead (headers only are read)."""
+    from common import lora
+
+    keys = lora.safetensors_keys(path) if path.suffix.lower() == ".safetensors" else None
+    if not keys or len(keys) > 2000:  # a whole model has ~1000 tensors; an adapter a few hundred at most
+        return
+    if any(k.startswith(("unet.", "text_encoder.", "vae.", "model.diffusion_model.", "first_stage_model.",
+                         "cond_stage_model.")) and "lora" not in k for k in keys):
+        return
+    kind, constant = ("a LoRA", "LORA_PATH") if lora.is_lora_file(path) else ("a Textual Inversion embedding",
+                                                                             "EMBEDDING_PATH")
+    raise LessonError(f"MODEL_ID file '{path}' is {kind}, not a base model. Set {constant} to it, and MODEL_ID to the "
+                      "model it was trained on ('stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny').")
+
+
+def tiny_model_is_built(folder: Path = TINY_DIR) -> bool:
+    marker = Path(folder) / "tiny_version.txt"
+    return (Path(folder) / "model_index.json").is_file() and marker.is_file() and \
+        marker.read_text().strip() == TINY_VERSION
 
 
 def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, safety_checker: bool = False):
@@ -127,6 +169,14 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, safety_chec
 
 def _explain_load_failure(model_id: str, source: ModelSource, exc: Exception) -> str:
     text = str(exc)
+    reason = text.splitlines()[0][:160] if text else type(exc).__name__
+    if source.kind == "tiny":  # built by us: rebuilding is the fix, whatever broke it
+        return (f"The built-in tiny model in '{source.location}/' is damaged ({reason}). Delete the folder "
+                f"'{source.location}/' and run again: it is rebuilt in a few seconds.")
+    if source.kind == "pocket":  # shipped with the project: git has the good copy
+        return (f"The pocket model in '{source.location}/' is damaged ({reason}). Restore it with "
+                f"'git checkout -- {Path(source.location).as_posix()}' (or train it again with "
+                "'python tools/train_pocket_model.py').")
     offline = any(s in text for s in ("connect", "cached", "offline", "resolve", "Network", "network"))
     if source.kind == "hub" and ("401" in text or "gated" in text.lower() or "token" in text.lower()):
         return (f"The Hub refused access to '{source.location}'. Log in with 'huggingface-cli login' "
@@ -232,8 +282,7 @@ def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0):
 def ensure_tiny_model(folder: Path = TINY_DIR) -> Path:
     """Write the tiny model once as a standard diffusers folder (atomically: built aside, then renamed)."""
     folder = Path(folder)
-    marker = folder / "tiny_version.txt"
-    if (folder / "model_index.json").is_file() and marker.is_file() and marker.read_text().strip() == TINY_VERSION:
+    if tiny_model_is_built(folder):
         return folder
     print(f"Building the built-in tiny model in {folder}/ (once, a few seconds, no download)...")
     staging = folder.with_name(folder.name + f".building-{os.getpid()}")

@@ -13,10 +13,12 @@ prompt, resolution, seeds), so images made by another model or for another promp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from common.errors import warn
 from common.files import save_image, save_json
@@ -46,6 +48,15 @@ def class_image_recipe(model: str, prompt: str, resolution: int, num_inference_s
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
 
 
+def _valid_manifest(folder) -> dict | None:
+    """The manifest, or None when there is none or it was edited or damaged beyond reading."""
+    manifest = read_manifest(folder)
+    if isinstance(manifest, dict) and isinstance(manifest.get("recipe", {}), dict) and \
+            isinstance(manifest.get("files", []), list):
+        return manifest
+    return None
+
+
 def read_manifest(folder) -> dict | None:
     import json
 
@@ -56,10 +67,25 @@ def read_manifest(folder) -> dict | None:
         return None
 
 
+def class_image_name(seed: int) -> str:
+    return f"class_{seed:05d}.png"
+
+
+def is_good_class_image(path: Path, resolution) -> bool:
+    """The file opens and decodes as a picture of the recipe's size (a deleted, cut-short or foreign file
+    is drawn again rather than trained on)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return resolution is None or image.size == (resolution, resolution)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
 def reusable_class_images(folder, recipe: dict) -> tuple[list[Path], str | None]:
-    """The class images already made with this recipe, and why the others cannot be reused (or None)."""
+    """The class images already made with this recipe (each checked), and why the others cannot be reused (or None)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = _valid_manifest(folder)
     if manifest is None:
         stray = [p for p in folder.glob("*.png")] if folder.is_dir() else []
         return [], ("there is no manifest saying how the images there were made" if stray else None)
@@ -67,8 +93,8 @@ def reusable_class_images(folder, recipe: dict) -> tuple[list[Path], str | None]
     if changed:
         was = ", ".join(f"{k}={manifest.get('recipe', {}).get(k)!r}" for k in changed)
         return [], f"they were made with {was}"
-    files = [folder / name for name in manifest.get("files", [])]
-    return [p for p in files if p.is_file()], None
+    files = [folder / name for name in manifest.get("files", []) if isinstance(name, str) and "/" not in name]
+    return [p for p in files if is_good_class_image(p, recipe.get("resolution"))], None
 
 
 def set_aside(folder, reason: str) -> None:
@@ -89,13 +115,15 @@ def set_aside(folder, reason: str) -> None:
          "and generating new ones.")
 
 
-def ensure_class_images(pipe, folder, recipe: dict, num_images: int, generate_fn, accelerator=None,
-                        seed_base: int = 0) -> list[Path]:
+def ensure_class_images(folder, recipe: dict, num_images: int, generate_fn, accelerator=None,
+                        batch_size: int = 4) -> list[Path]:
     """Make sure ``folder`` holds ``num_images`` class images made with ``recipe``; generate what is missing.
 
-    ``generate_fn(prompts, seeds) -> list[PIL.Image]`` draws the images (batched). Under
-    ``accelerate launch`` the missing images are shared out across the processes and only the main
-    process writes files.
+    Image i is drawn from seed i and saved as ``class_0000i.png``. ``generate_fn(prompts, seeds) ->
+    list[PIL.Image]`` draws one batch; each batch is saved, and the manifest updated, as soon as it is
+    drawn, so an interrupted run keeps what it made and the next run draws only the rest. A listed
+    image that is missing or damaged is drawn again from its own seed. Under ``accelerate launch``
+    each batch is shared out across the processes and only the main process writes files.
     """
     folder = Path(folder)
     is_main = accelerator is None or accelerator.is_main_process
@@ -104,32 +132,40 @@ def ensure_class_images(pipe, folder, recipe: dict, num_images: int, generate_fn
         set_aside(folder, reason)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    have = have[:num_images]
-    missing = num_images - len(have)
-    if missing <= 0:
-        print(f"  Reusing {len(have)} class images from '{folder}/' (same model, prompt and resolution).")
-        return have
+    wanted = [folder / class_image_name(seed) for seed in range(num_images)]
+    good = {p.name for p in have}
+    missing = [seed for seed, p in enumerate(wanted) if p.name not in good]
+    if not missing:
+        print(f"  Reusing {num_images} class images from '{folder}/' (same model, prompt and resolution).")
+        return wanted
 
-    start = len(have)
-    seeds = [seed_base + i for i in range(start, num_images)]
-    print(f"  Generating {missing} class images for '{recipe['prompt']}' with the base model "
+    listed = (_valid_manifest(folder) or {}).get("files", []) if not reason else []
+    damaged = [seed for seed in missing if class_image_name(seed) in listed]
+    if damaged:
+        names = ", ".join(f"{class_image_name(s)} (seed {s})" for s in damaged[:8])
+        names += " ..." if len(damaged) > 8 else ""
+        print(f"  Drawing again {len(damaged)} class image(s) that are missing or damaged: {names}")
+    print(f"  Generating {len(missing)} class images for '{recipe['prompt']}' with the base model "
           f"(once; they are kept in '{folder}/')...")
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
+    processes = accelerator.num_processes if accelerator is not None else 1
+    step = max(1, batch_size) * processes
+    done = sorted(good)
+    for start in range(0, len(missing), step):
+        seeds = missing[start:start + step]
+        if processes > 1:
+            from accelerate.utils import gather_object
 
-        with accelerator.split_between_processes(seeds) as my_seeds:
-            mine = generate_fn([recipe["prompt"]] * len(my_seeds), list(my_seeds))
-            mine = list(zip(my_seeds, mine))
-        made = sorted(gather_object(mine), key=lambda pair: pair[0])
-    else:
-        made = list(zip(seeds, generate_fn([recipe["prompt"]] * len(seeds), seeds)))
-
-    files = list(have)
-    if is_main:
-        for seed, image in made:
-            files.append(save_image(image, folder / f"class_{seed:05d}.png"))
-        save_json({"recipe": recipe, "seeds": [seed_base + i for i in range(num_images)],
-                   "files": [p.name for p in files]}, folder / MANIFEST)
+            with accelerator.split_between_processes(seeds) as my_seeds:
+                mine = list(zip(my_seeds, generate_fn([recipe["prompt"]] * len(my_seeds), list(my_seeds))))
+            made = sorted(gather_object(mine), key=lambda pair: pair[0])
+        else:
+            made = list(zip(seeds, generate_fn([recipe["prompt"]] * len(seeds), seeds)))
+        if is_main:  # the images first, then the manifest that vouches for them
+            for seed, image in made:
+                done.append(save_image(image, folder / class_image_name(seed)).name)
+            done = sorted(set(done))
+            seeds_done = [int(m.group(1)) for m in map(re.compile(r"class_(\d+)\.png").fullmatch, done) if m]
+            save_json({"recipe": recipe, "seeds": seeds_done, "files": done}, folder / MANIFEST)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return [folder / f"class_{seed_base + i:05d}.png" for i in range(num_images)]
+    return wanted

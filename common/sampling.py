@@ -100,14 +100,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSetti
     embeddings = embeddings or encode_prompts(pipe, prompts, settings.negative_prompt, guidance)
     images, start, batch = [], time.perf_counter(), max(1, settings.batch_size)
     bar = tqdm(total=len(prompts), desc=desc or "Generating", unit="img", disable=not progress, leave=False)
-    i = 0
+    i, non_finite = 0, 0
     while i < len(prompts):
         chunk = slice(i, min(i + batch, len(prompts)))
         pos = torch.cat([embeddings[p][0] for p in prompts[chunk]])
         neg = torch.cat([embeddings[p][1] for p in prompts[chunk]]) if guidance else None
         kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=settings.num_inference_steps,
                       guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-                      generator=[generator(s) for s in seeds[chunk]], output_type="pil", **settings.extra)
+                      generator=[generator(s) for s in seeds[chunk]], output_type="np", **settings.extra)
         if latents is not None:
             kwargs["latents"] = latents[chunk].to(pipe._execution_device, pipe.unet.dtype)
         try:
@@ -120,13 +120,34 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSetti
             print(f"  Out of memory: generating {batch} image(s) at a time from now on.")
             empty_cache(pipe._execution_device)
             continue
-        images.extend(out.images)
+        pictures, bad = to_pil(out.images)
+        images.extend(pictures)
+        non_finite += bad
         if nsfw is not None:
             nsfw.extend(bool(f) for f in (out.nsfw_content_detected or [False] * len(out.images)))
         bar.update(len(out.images))
         i = chunk.stop
     bar.close()
+    if non_finite:
+        warn(f"{non_finite} of {len(images)} image(s) came out as NaN/inf (not a number) and are black. This is "
+             "usually half precision overflowing: run with MIXED_PRECISION = 'no' or 'bf16' (--mixed-precision no); "
+             "a LoRA or embedding trained with too high a LEARNING_RATE, or a very large GUIDANCE_SCALE or "
+             "LORA_SCALE, does it too.")
     return images, time.perf_counter() - start
+
+
+def to_pil(array) -> tuple[list, int]:
+    """The pipeline's float pictures (N, H, W, 3) in [0, 1] as PIL images, and how many held NaN or inf.
+
+    diffusers turns NaN into black without a word; counting first lets ``generate`` say so."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(array)
+    finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+    array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)  # black, as diffusers would draw them
+    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype("uint8")  # diffusers' numpy_to_pil, exactly
+    return [Image.fromarray(p) for p in pixels], int((~finite).sum())
 
 
 def describe_speed(count: int, seconds: float, unit: str = "images") -> str:

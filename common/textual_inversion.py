@@ -26,7 +26,7 @@ import torch
 
 from common.errors import LessonError
 from common.files import atomic_path
-from common.lora import SETTINGS_KEY, is_lora_file, require_readable
+from common.lora import SETTINGS_KEY, is_lora_file, require_finite, require_readable
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
 
@@ -235,6 +235,7 @@ def load_embedding(pipe, path, token: str | None = None) -> str:
                           "or incompletely downloaded: get it again.") from exc
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     word, vectors = _token_and_vectors(state, file, token, width)
+    require_finite({word: vectors}, file, "the embedding", "exercise3a_train_textual_inversion.py")
     if vectors.shape[-1] != width:
         raise LessonError(f"'{file.name}' holds {vectors.shape[-1]}-wide vectors (made for "
                           f"{WIDTHS.get(vectors.shape[-1], 'another model')}), but this model's text encoder is "

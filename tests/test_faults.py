@@ -19,7 +19,9 @@ uninterrupted (test_train_lora.py); 3a's resume == uninterrupted within 1e-6 (te
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 import shutil
 import signal
@@ -694,3 +696,293 @@ def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, 
     assert all(end[p] == d for p, d in others.items()), [p for p, d in others.items() if end[p] != d]
     for path, content in STUDENT_FILES.items():
         assert (project / path).read_bytes() == content
+
+
+# ===== inputs, folders and early checks (issue 11)
+# Odd values for every kind of constant, output folders that cannot be written, class images that share a
+# folder with the training pictures, broken built-in models, web addresses as MODEL_ID, NaN weights, and a
+# console that cannot print accents. Refusals of constants come before "[Step 1]": no model is loaded for them.
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes into read-only folders anyway
+FIRST_JPG = sorted((ROOT / "training_images").glob("*.jpg"))[0].name
+
+
+def _symlink_to_training_images(root):
+    (root / "my_class_images").symlink_to(root / "training_images", target_is_directory=True)
+
+
+def _read_only_folder(root):
+    (root / "locked").mkdir()
+    (root / "locked").chmod(0o555)
+
+
+def _non_finite_copy(source, target, key_index=0, value=float("nan")):
+    """A copy of a trained file with one weight made NaN (or inf): what a diverged training run leaves."""
+    def setup(root):
+        with safetensors.safe_open(str(root / source), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        key = sorted(tensors)[key_index]
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(tensors, str(root / target), metadata=metadata)
+    return setup
+
+
+def _pocket_copy_cut_short(root):
+    shutil.copytree(ROOT / "models/pocket-sd", root / "models/pocket-sd")
+    _truncate("models/pocket-sd/unet/diffusion_pytorch_model.safetensors", 5000)(root)
+
+
+_NO_MODEL = ["--num-inference-steps", "1"]  # (QUICK without --model: MODEL_ID comes from elsewhere)
+_FOLDER = r"Set {0} to a folder you can write to \(edit it at the top of {1} or pass {2}\)"
+_OWN_CLASS_FOLDER = rf"Set CLASS_DATA_DIR to a folder of its own \(edit it at the top of {B} or pass --class-data-dir\)"
+
+INPUT_CASES = [
+    # ---------------------------------------------------------------- class images beside the training pictures
+    Case("3b-class-dir-is-training-images", B, TRAIN[B] + ["--class-data-dir", "training_images"],
+         r"CLASS_DATA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR 'training_images'",
+         _OWN_CLASS_FOLDER, before_model=True),
+    Case("3b-class-dir-inside-training-images", B, TRAIN[B] + ["--class-data-dir", "training_images/class"],
+         r"CLASS_DATA_DIR 'training_images/class' is inside TRAINING_IMAGES_DIR",
+         _OWN_CLASS_FOLDER, before_model=True),
+    Case("3b-class-dir-holds-training-images", B, TRAIN[B] + ["--class-data-dir", "."],
+         r"CLASS_DATA_DIR '\.' contains TRAINING_IMAGES_DIR 'training_images'",
+         _OWN_CLASS_FOLDER, before_model=True),
+    Case("3b-class-dir-symlink-to-training-images", B, TRAIN[B] + ["--class-data-dir", "my_class_images"],
+         r"CLASS_DATA_DIR 'my_class_images' is the same folder as TRAINING_IMAGES_DIR",
+         _OWN_CLASS_FOLDER, setup=_symlink_to_training_images, before_model=True),
+    Case("3a-output-dir-is-training-images", A, TRAIN[A] + ["--output-dir", "./training_images/"],
+         r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
+         r"script writes there would be mixed with your pictures", rf"pass --output-dir", before_model=True),
+    Case("3b-lora-dir-is-training-images", B, TRAIN[B] + ["--lora-dir", "training_images"],
+         r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR",
+         r"Set LORA_DIR to a folder of its own",
+         before_model=True),
+    # ---------------------------------------------------------------- output folders
+    Case("1-output-dir-is-a-file", E1, QUICK + ["--output-dir", f"training_images/{FIRST_JPG}"],
+         rf"OUTPUT_DIR 'training_images/{FIRST_JPG}' is a file, not a folder",
+         _FOLDER.format("OUTPUT_DIR", E1, "--output-dir"), before_model=True),
+    Case("3a-embedding-dir-under-a-file", A, TRAIN[A] + ["--embedding-dir", "my_notes.txt/embedding"],
+         r"EMBEDDING_DIR 'my_notes.txt/embedding' cannot be created: 'my_notes.txt' is a file, not a folder",
+         _FOLDER.format("EMBEDDING_DIR", A, "--embedding-dir"), setup=_write("my_notes.txt", b"ideas"),
+         before_model=True),
+    Case("3b-lora-dir-is-a-file", B, TRAIN[B] + ["--lora-dir", "models/fabric_lora/pytorch_lora_weights.safetensors"],
+         r"LORA_DIR '.*pytorch_lora_weights.safetensors' is a file, not a folder",
+         _FOLDER.format("LORA_DIR", B, "--lora-dir"), before_model=True),
+    Case("3b-class-dir-is-a-file", B, TRAIN[B] + ["--class-data-dir", "my_notes.txt"],
+         r"CLASS_DATA_DIR 'my_notes.txt' is a file, not a folder",
+         _FOLDER.format("CLASS_DATA_DIR", B, "--class-data-dir"),
+         setup=_write("my_notes.txt", b"ideas"), before_model=True),
+    (Case("2-output-dir-read-only", E2, QUICK + ["--output-dir", "my_notes.txt/out"],  # (root ignores chmod)
+          r"OUTPUT_DIR 'my_notes.txt/out' cannot be created: 'my_notes.txt' is a file",
+          _FOLDER.format("OUTPUT_DIR", E2, "--output-dir"), setup=_write("my_notes.txt", b"ideas"), before_model=True)
+     if IS_ROOT else
+     Case("2-output-dir-read-only", E2, QUICK + ["--output-dir", "locked/out"],
+          r"OUTPUT_DIR 'locked/out' cannot be created: 'locked' is not writable \(permission denied\)",
+          _FOLDER.format("OUTPUT_DIR", E2, "--output-dir"), setup=_read_only_folder, before_model=True)),
+    Case("morph-output-dir-empty", MORPH, GENERATE[MORPH] + ["--output-dir", ""],
+         r"OUTPUT_DIR must be the name of a file or folder, got ''", r"pass --output-dir", before_model=True),
+    # ------------------------------------------------------- absurd sizes and seeds; values that passed, then crashed
+    *[Case(f"{SHORT[script]}-{name}={value}", script, ARGS[script] + [lesson.dashed(name), value], rf"{name} {says}",
+           rf"pass {lesson.dashed(name)}", before_model=True) for script, name, value, says in [
+        (E1, "RESOLUTION", "100000", r"must be a multiple of 8 between 8 and 2048 .*got 100000"),
+        (B, "RESOLUTION", "4096", r"must be a multiple of 8 between"),
+        (MORPH, "FPS", "1000", r"must be a number > 0 and <= 100, got 1000"),
+        (MORPH, "GIF_SIZE", "100000", r"must be a whole number between 16 and 4096, got 100000"),
+        (A, "RANDOM_SEED", "-1", r"must be a whole number >= 0, got -1"),
+        (E2, "RANDOM_SEED", str(2**63), rf"must be a whole number between 0 and 4294967295, got {2**63}"),
+        (B, "NUM_INFERENCE_STEPS", "100000", r"must be a whole number between 1 and 1000"),
+        (B, "NUM_CLASS_IMAGES", "10000000", r"must be a whole number between 0 and 10000"),
+        (A, "NUM_VECTORS", "500", r"must be a whole number between 1 and 64"),
+        (E2, "NUM_SEEDS", "100000000000", r"must be a whole number between 1 and 100"),
+        (B, "LEARNING_RATE", "1e300", r"must be a number > 0 and <= 1, got 1e\+300"),
+        (E2, "GUIDANCE_SCALE", "1e300", r"must be a number >= 0 and <= 100, got 1e\+300"),
+        (E1, "LORA_SCALE", "-1e-3", r"must be a number >= 0, got -0\.001"),
+        (MORPH, "FPS", "1e300", r"must be a number > 0 and <= 100, got 1e\+300"),
+        (B, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
+        (A, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
+        (B, "SAMPLE_PROMPTS", "", r"must be a list of non-empty texts"),
+        (A, "SAMPLE_PROMPTS", " | ", r"must be a list of non-empty texts"),
+    ]],
+    Case("morph-frames-huge", MORPH, GENERATE[MORPH] + ["--duration-seconds", "100000"],
+         r"DURATION_SECONDS x FPS gives 8e\+05 frames, more than 3000", r"Lower DURATION_SECONDS", before_model=True),
+    Case("morph-frames-overflow", MORPH, GENERATE[MORPH] + ["--duration-seconds", "1e300", "--fps", "50"],
+         r"DURATION_SECONDS x FPS gives 5e\+301 frames", r"Lower DURATION_SECONDS", before_model=True),
+    Case("2-GUIDANCE_SCALES-inf", E2, QUICK + ["--guidance-scales", "1.5,inf"],
+         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12",
+         before_model=True),
+    Case("2-GUIDANCE_SCALES-nan", E2, QUICK + ["--guidance-scales", "nan"],
+         r"GUIDANCE_SCALES must be a list of numbers >= 0 and <= 100", r"--guidance-scales 1\.5,7\.5,12",
+         before_model=True),
+    Case("1-edited-LORA_PATH-list", E1, QUICK, r"LORA_PATH must be the name of a file or folder \(or None\), got "
+         r"\['models/fabric_lora'\]", rf"Edit it at the top of {E1}",
+         setup=_edited(E1, "LORA_PATH", '["models/fabric_lora"]'),
+         before_model=True, env={"PYTHONPATH": str(ROOT)}),
+    Case("3a-edited-TRAINING_IMAGES_DIR-None", A, TRAIN[A], r"TRAINING_IMAGES_DIR must be the name of a file or "
+         r"folder, got None", rf"Edit it at the top of {A}", setup=_edited(A, "TRAINING_IMAGES_DIR", "None"),
+         before_model=True, env={"PYTHONPATH": str(ROOT)}),
+    Case("morph-edited-DEVICE-number", MORPH, GENERATE[MORPH], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
+         r"'cpu', got '0'", r"DEVICE = 'auto' picks", setup=_edited(MORPH, "DEVICE", "0"),
+         env={"PYTHONPATH": str(ROOT)}),
+    # ---------------------------------------------------------------- NaN or inf weights
+    Case("1-lora-with-nan", E1, QUICK + ["--lora-path", "models/nan_lora/pytorch_lora_weights.safetensors"],
+         r"'models/nan_lora/pytorch_lora_weights.safetensors' holds 1 value\(s\) that are NaN or inf "
+         r".*the LoRA is broken",
+         r"Retrain with a lower LEARNING_RATE \(exercise3b_train_lora\.py\)",
+         setup=_non_finite_copy("models/fabric_lora/pytorch_lora_weights.safetensors",
+                                "models/nan_lora/pytorch_lora_weights.safetensors")),
+    Case("2-embedding-with-inf", E2, QUICK + ["--part", "a", "--embedding-path", "models/inf_ti.safetensors"],
+         r"'models/inf_ti.safetensors' holds 1 value\(s\) that are NaN or inf .*the embedding is broken",
+         r"Retrain with a lower LEARNING_RATE \(exercise3a_train_textual_inversion\.py\)",
+         setup=_non_finite_copy("models/fabric_textual_inversion/learned_embeds.safetensors",
+                                "models/inf_ti.safetensors", value=float("inf"))),
+    # ---------------------------------------------------------------- the base model
+    Case("1-tiny-model-cut-short", E1, QUICK, r"The built-in tiny model in 'models/tiny-sd/' is damaged",
+         r"Delete the folder 'models/tiny-sd/' and run again",
+         setup=_truncate("models/tiny-sd/unet/diffusion_pytorch_model.safetensors", 5000)),
+    Case("3b-tiny-model-config-deleted", B, TRAIN[B], r"The built-in tiny model in 'models/tiny-sd/' is damaged",
+         r"Delete the folder 'models/tiny-sd/'", setup=_rm("models/tiny-sd/unet/config.json")),
+    Case("morph-pocket-model-cut-short", MORPH, GENERATE[MORPH] + ["--model", "pocket", "--no-use-lora"],
+         r"The pocket model in 'models/pocket-sd/' is damaged", r"Restore it with 'git checkout -- models/pocket-sd'",
+         setup=_pocket_copy_cut_short),
+    Case("1-model-huggingface-url", E1, QUICK + ["--model", "https://huggingface.co/stable-diffusion-v1-5/"
+                                                           "stable-diffusion-v1-5"],
+         r"MODEL_ID 'https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5' is a web address",
+         r"Use the Hub id instead: MODEL_ID = 'stable-diffusion-v1-5/stable-diffusion-v1-5'", before_model=True),
+    Case("3b-model-civitai-url", B, TRAIN[B] + ["--model", "https://civitai.com/models/4201?modelVersionId=130072"],
+         r"is a web address, and the scripts do not download from web pages \(civitai",
+         r"Download the \.safetensors file in your browser.*set MODEL_ID to its path", before_model=True),
+    Case("1-lora-as-model", E1, QUICK + ["--model", "models/fabric_lora/pytorch_lora_weights.safetensors"],
+         r"MODEL_ID file 'models/fabric_lora/pytorch_lora_weights.safetensors' is a LoRA, not a base model",
+         r"Set LORA_PATH to it, and MODEL_ID to the model it was trained on", before_model=True),
+    Case("3a-embedding-as-model", A,
+         TRAIN[A] + ["--model", "models/fabric_textual_inversion/learned_embeds.safetensors"],
+         r"is a Textual Inversion embedding, not a base model", r"Set EMBEDDING_PATH to it", before_model=True),
+    Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
+         r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
+    Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",
+         r"came from the environment variable DREAMBOOTH_MODEL: change it, or unset it",
+         env={"DREAMBOOTH_MODEL": "models/sd15-download"}, before_model=True),
+    # ---------------------------------------------------------------- a console that cannot print accents
+    Case("1-ascii-console-error", E1, QUICK + ["--model", "modèles/布.safetensors"],
+         r"MODEL_ID 'mod/xe8les//u5e03.safetensors' does not exist", r"Check the path",
+         env={"PYTHONIOENCODING": "ascii"}, cold=True, before_model=True),
+]
+
+
+@pytest.mark.parametrize("case", INPUT_CASES, ids=lambda c: c.id)
+def test_odd_input_is_refused_in_one_line_and_loses_nothing(case, student, project):
+    test_failure_is_one_line_and_loses_nothing(case, student, project)
+
+
+def test_input_cases_cover_every_script():
+    assert len(INPUT_CASES) >= 25 and len({c.id for c in INPUT_CASES}) == len(INPUT_CASES)
+    for script in SCRIPTS:
+        assert sum(c.script == script for c in INPUT_CASES) >= 4, script
+
+
+def _torch_save_to_a_full_disk():
+    return RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1046720 vs 1046616")
+
+
+@pytest.mark.parametrize("exc, says", [
+    (OSError(errno.ENOSPC, "No space left on device"), "The disk is full"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "The disk is full"),
+    (safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                 '"No space left on device" })'), "The disk is full"),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "The disk is full"),
+    (_torch_save_to_a_full_disk(), "The disk is full"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)"),
+     "The computer (RAM) ran out"),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), "The computer (RAM) ran out"),
+    (RuntimeError("value cannot be converted to type float without overflow"), "A number is too large"),
+    (PermissionError(errno.EACCES, "Permission denied", "outputs/exercise1_output.png"),
+     "No permission to use 'outputs/exercise1_output.png' (Permission denied)"),
+    (OSError(errno.EROFS, "Read-only file system", "class_images/class_00000.png"),
+     "No permission to use 'class_images/class_00000.png' (Read-only file system)"),
+])
+def test_library_texts_for_a_full_disk_memory_and_permissions_are_explained(exc, says):
+    message = lesson.explain(exc, {"BATCH_SIZE", "RESOLUTION"})
+    assert message is not None and message.startswith(says) and "\n" not in message, message
+    if "RAM" in says:
+        assert "BATCH_SIZE" in message and "close other programs" in message.lower()
+
+
+def test_disk_full_during_a_save_ends_in_one_line(student, project):
+    """A save that meets a full disk (here: safetensors' own error, raised where the LoRA file is written)."""
+    (project / "full_disk.py").write_text(
+        "import safetensors, torch\nfrom common import lesson\nfrom common.files import atomic_path\n\n"
+        "OUTPUT_DIR = 'outputs'  # where\n\n"
+        "def main(argv=None):\n    lesson.configure(globals(), argv)\n"
+        "    with atomic_path('outputs/x.safetensors'):\n"
+        "        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: "
+        "StorageFull, message: \"No space left on device\" })')\n\n"
+        "if __name__ == '__main__':\n    lesson.run(main)\n", encoding="utf-8")
+    before = snapshot(project)
+    result = student.run(str(project / "full_disk.py"), [], project, env={"PYTHONPATH": str(ROOT)})
+    assert_one_line_error(result, r"^ERROR: The disk is full", r"Free some space")
+    assert_nothing_lost(before, snapshot(project))
+    assert not list((project / "outputs").glob(".x.safetensors*"))  # the half-written file is gone
+
+
+def test_ascii_console_trains_on_accented_file_names_and_prompts(student, project):
+    (project / "training_images" / "tissé_布_broken.jpg").write_bytes(b"")  # a warning names it
+    prompt = "a sks tissu à motifs 布"
+    result = student.run(B, TRAIN[B] + ["--no-prior-preservation", "--max-train-steps", "1", "--instance-prompt",
+                                        prompt, "--sample-prompts", f"{prompt}|a fabric pattern"], project,
+                         env={"PYTHONIOENCODING": "ascii"}, cold=True)
+    assert result.rc == 0, str(result)
+    assert "'tiss\\xe9_\\u5e03_broken.jpg': the file is empty" in result.out  # escaped, not fatal
+    assert "a sks tissu \\xe0 motifs \\u5e03" in result.out
+
+
+def test_model_from_the_environment_is_named_in_the_summary(student, project):
+    result = student.run(E1, _NO_MODEL + ["--no-compare-without-token"], project, env={"DREAMBOOTH_MODEL": "tiny"})
+    assert result.rc == 0, str(result)
+    assert re.search(r"^  MODEL_ID +?= 'tiny'  \(from DREAMBOOTH_MODEL\)$", result.out, re.M), result.out[:2000]
+    flag = student.run(E1, QUICK + ["--no-compare-without-token"], project, env={"DREAMBOOTH_MODEL": "pocket"})
+    assert flag.rc == 0 and "(from DREAMBOOTH_MODEL)" not in flag.out  # --model wins, and says nothing of it
+
+
+def test_missing_and_damaged_class_images_are_drawn_again_from_their_seeds(student, project):
+    folder = project / "class_images"
+    names = sorted(p.name for p in folder.glob("class_*.png"))
+    assert names == ["class_00000.png", "class_00001.png"]
+    kept = {n: np.asarray(Image.open(folder / n).convert("RGB"), np.int16) for n in names}
+    (folder / names[0]).unlink()
+    (folder / names[1]).write_bytes((ROOT / "training_images" / FIRST_JPG).read_bytes()[:500])
+    result = student.run(B, TRAIN[B] + ["--max-train-steps", "1"], project)
+    assert result.rc == 0, str(result)
+    assert ("Drawing again 2 class image(s) that are missing or damaged: class_00000.png (seed 0), "
+            "class_00001.png (seed 1)") in result.out
+    for n in names:  # the same seed draws the same picture again
+        again = np.asarray(Image.open(folder / n).convert("RGB"), np.int16)
+        assert again.shape == kept[n].shape and np.abs(again - kept[n]).max() <= 2, n
+    reused = student.run(B, TRAIN[B] + ["--max-train-steps", "1"], project)
+    assert reused.rc == 0 and "Reusing 2 class images" in reused.out, str(reused)
+
+
+def test_non_finite_pictures_are_counted_in_a_warning(tiny_pipe, capsys):
+    from common import sampling
+
+    settings = sampling.SamplingSettings(num_inference_steps=2, guidance_scale=7.5, batch_size=2)
+    prompts, seeds = ["a sks african fabric pattern"] * 3, [1, 2, 3]
+    reference, _ = sampling.generate(tiny_pipe, prompts, seeds, settings, progress=False)
+    assert "NaN" not in capsys.readouterr().out
+    broken = {"calls": 0}
+
+    def overflow(module, args, output):  # the first decoded batch overflows, as fp16 can
+        broken["calls"] += 1
+        return output * float("nan") if broken["calls"] == 1 else output
+
+    hook = tiny_pipe.vae.post_quant_conv.register_forward_hook(overflow)
+    try:
+        images, _ = sampling.generate(tiny_pipe, prompts, seeds, settings, progress=False)
+    finally:
+        hook.remove()
+    said = [line for line in capsys.readouterr().out.splitlines() if "Warning:" in line]
+    assert len(said) == 1 and "2 of 3 image(s) came out as NaN/inf" in said[0] and "--mixed-precision no" in said[0]
+    assert all(np.asarray(im).max() == 0 for im in images[:2])  # black, and said so
+    assert np.abs(np.asarray(images[2], np.int16) - np.asarray(reference[2], np.int16)).max() <= 1

@@ -25,31 +25,33 @@ def test_prior_loss_matches_reference():
 def _fake_generator(calls):
     def generate(prompts, seeds):
         calls.append(list(seeds))
-        return [Image.new("RGB", (16, 16), (s % 255, 0, 0)) for s in seeds]
+        return [Image.new("RGB", (64, 64), (s % 255, 0, 0)) for s in seeds]  # the recipes' size
     return generate
 
 
 def test_class_images_are_made_once_and_reused(tmp_path):
     recipe = prior.class_image_recipe("tiny", "a fabric pattern", 64, 25, 7.5)
     calls = []
-    files = prior.ensure_class_images(None, tmp_path, recipe, 5, _fake_generator(calls))
-    assert len(files) == 5 and all(p.is_file() for p in files) and calls == [[0, 1, 2, 3, 4]]
+    files = prior.ensure_class_images(tmp_path, recipe, 5, _fake_generator(calls))
+    assert len(files) == 5 and all(p.is_file() for p in files) and sum(calls, []) == [0, 1, 2, 3, 4]
+    assert calls == [[0, 1, 2, 3], [4]]  # drawn (and saved) a batch at a time
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["recipe"] == recipe and manifest["seeds"] == [0, 1, 2, 3, 4]
     # same recipe: reused; more wanted: only the missing ones are drawn
-    prior.ensure_class_images(None, tmp_path, recipe, 5, _fake_generator(calls))
-    assert len(calls) == 1
-    files = prior.ensure_class_images(None, tmp_path, recipe, 7, _fake_generator(calls))
+    calls.clear()
+    prior.ensure_class_images(tmp_path, recipe, 5, _fake_generator(calls))
+    assert calls == []
+    files = prior.ensure_class_images(tmp_path, recipe, 7, _fake_generator(calls))
     assert calls[-1] == [5, 6] and len(files) == 7
 
 
 def test_manifest_mismatch_regenerates_and_keeps_the_old_ones(tmp_path, capsys):
     calls = []
-    prior.ensure_class_images(None, tmp_path, prior.class_image_recipe("tiny", "a fabric pattern", 64, 25, 7.5), 3,
+    prior.ensure_class_images(tmp_path, prior.class_image_recipe("tiny", "a fabric pattern", 64, 25, 7.5), 3,
                               _fake_generator(calls))
     other = prior.class_image_recipe("stable-diffusion-v1-5/stable-diffusion-v1-5", "a fabric pattern", 64, 25, 7.5)
-    prior.ensure_class_images(None, tmp_path, other, 3, _fake_generator(calls))
-    assert len(calls) == 2  # regenerated
+    prior.ensure_class_images(tmp_path, other, 3, _fake_generator(calls))
+    assert len(calls) == 2 and calls[1] == [0, 1, 2]  # regenerated
     assert "model='tiny'" in capsys.readouterr().out
     assert len(list((tmp_path / "replaced-1").glob("*.png"))) == 3  # set aside, not deleted
     assert json.loads((tmp_path / "manifest.json").read_text())["recipe"]["model"].startswith("stable")
@@ -58,7 +60,80 @@ def test_manifest_mismatch_regenerates_and_keeps_the_old_ones(tmp_path, capsys):
 def test_images_without_manifest_are_not_silently_reused(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "mystery.png")
     calls = []
-    prior.ensure_class_images(None, tmp_path, prior.class_image_recipe("tiny", "a fabric pattern", 64, 25, 7.5), 2,
+    prior.ensure_class_images(tmp_path, prior.class_image_recipe("tiny", "a fabric pattern", 64, 25, 7.5), 2,
                               _fake_generator(calls))
     assert calls == [[0, 1]]
     assert (tmp_path / "replaced-1" / "mystery.png").is_file()
+
+
+def _recipe(resolution=64):
+    return prior.class_image_recipe("tiny", "a fabric pattern", resolution, 25, 7.5)
+
+
+def test_missing_damaged_or_wrong_size_class_images_are_drawn_again_from_their_own_seeds(tmp_path, capsys):
+    calls = []
+    files = prior.ensure_class_images(tmp_path, _recipe(), 6, _fake_generator(calls))
+    kept = {p.name: p.read_bytes() for p in files}
+    files[1].unlink()  # deleted
+    files[3].write_bytes(files[3].read_bytes()[:40])  # cut short
+    Image.new("RGB", (8, 8)).save(files[4])  # not the recipe's size
+    calls.clear()
+    again = prior.ensure_class_images(tmp_path, _recipe(), 6, _fake_generator(calls))
+    assert sum(calls, []) == [1, 3, 4]
+    said = capsys.readouterr().out
+    assert "Drawing again 3 class image(s) that are missing or damaged: class_00001.png (seed 1), class_00003.png " \
+           "(seed 3), class_00004.png (seed 4)" in said
+    assert again == files and all(p.read_bytes() == kept[p.name] for p in again)  # seed i gives image i again
+    assert len(set(p.name for p in again)) == 6  # no duplicate stands in for a missing one
+
+
+def test_an_interrupted_run_keeps_the_batches_it_drew(tmp_path):
+    calls = []
+
+    def dies_on_the_third_batch(prompts, seeds):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fake_generator(calls)(prompts, seeds)
+
+    try:
+        prior.ensure_class_images(tmp_path, _recipe(), 10, dies_on_the_third_batch, batch_size=3)
+    except KeyboardInterrupt:
+        pass
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"] == [f"class_{i:05d}.png" for i in range(6)] and manifest["seeds"] == list(range(6))
+    calls.clear()
+    files = prior.ensure_class_images(tmp_path, _recipe(), 10, _fake_generator(calls), batch_size=3)
+    assert sum(calls, []) == [6, 7, 8, 9] and len(files) == 10 and all(p.is_file() for p in files)
+
+
+def test_class_folder_may_not_be_or_hold_or_sit_in_the_training_images(tmp_path, monkeypatch):
+    import pytest
+
+    from common import lesson
+    from common.errors import LessonError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "training_images").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "training_images")
+
+    def check(klass):
+        cfg = lesson.Config(SCRIPT="x.py", CLASS_DATA_DIR=klass, TRAINING_IMAGES_DIR="training_images")
+        lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
+
+    for klass, how in [("training_images", "is the same folder as"), ("link", "is the same folder as"),
+                       ("./training_images/", "is the same folder as"), ("training_images/class", "is inside"),
+                       (".", "contains"), (str(tmp_path), "contains")]:
+        with pytest.raises(LessonError, match=f"CLASS_DATA_DIR '{klass}' {how} TRAINING_IMAGES_DIR 'training_images'"):
+            check(klass)
+    check("class_images")  # its own folder: fine
+    check("training_images_class")  # a name that merely starts the same
+
+
+def test_a_damaged_manifest_is_no_manifest(tmp_path):
+    calls = []
+    prior.ensure_class_images(tmp_path, _recipe(), 2, _fake_generator(calls))
+    for damaged in ("[1, 2]", '{"recipe": [], "files": 3}', '{"recipe": {}, "files": {"a": 1}}', "{not json"):
+        (tmp_path / "manifest.json").write_text(damaged)
+        calls.clear()
+        files = prior.ensure_class_images(tmp_path, _recipe(), 2, _fake_generator(calls))
+        assert sum(calls, []) == [0, 1] and all(p.is_file() for p in files), damaged
