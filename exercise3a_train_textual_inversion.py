@@ -61,7 +61,7 @@ GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples
 SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
 CHECKPOINT_EVERY = 1000  # steps between checkpoints (for --resume)
 CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
-RESUME = False  # continue from the newest checkpoint in EMBEDDING_DIR/checkpoints
+RESUME = False  # continue from the newest checkpoint in EMBEDDING_DIR/checkpoints-ti (new LEARNING_RATE etc. apply)
 RANDOM_SEED = 42  # same seed, same run
 EMBEDDING_DIR = "models/fabric_textual_inversion"  # where the learned embedding goes
 LORA_DIR = "models/fabric_lora"  # a LoRA from exercise 3b to compare with (skipped if absent)
@@ -75,6 +75,9 @@ REFLECTION = [
     "Compare the TI and LoRA rows of outputs/exercise3_ti_vs_lora.png: which keeps the fabric's details better?",
     "Try --num-vectors 4 or --learnable-property object. How do the samples change?",
 ]
+# What the word *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
+FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS",
+                   "LEARNABLE_PROPERTY")
 
 
 def validate(cfg):
@@ -139,7 +142,9 @@ def main(argv=None):
         "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED"])
     started = time.perf_counter()
     out_dir, embedding_dir = Path(cfg.OUTPUT_DIR), Path(cfg.EMBEDDING_DIR)
-    progress_dir, checkpoint_root = out_dir / "training_progress_ti", embedding_dir / "checkpoints"
+    # (not "checkpoints": 3b's LoRA may share EMBEDDING_DIR, and each script keeps to its own checkpoints)
+    progress_dir, checkpoint_root = out_dir / "training_progress_ti", embedding_dir / "checkpoints-ti"
+    run = training.begin_run(cfg, checkpoint_root, FIXED_ON_RESUME, "EMBEDDING_DIR")  # one training at a time; --resume
 
     lesson.step(1, "Choose the device and load the base model")
     runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
@@ -194,16 +199,14 @@ def main(argv=None):
                                  num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
     embedding, optimizer, lr_scheduler = accelerator.prepare(embedding, optimizer, lr_scheduler)
     state = training.TrainState()
-    accelerator.register_for_checkpointing(state)
     run_settings = {k: getattr(cfg, k) for k in (  # kept in the file's header: how it was made (a few hundred bytes)
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
         "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED")}
     training.register_adapter_checkpointing(
         accelerator, load_adapter=ti.load_checkpoint,
         save_adapter=lambda m, d: ti.save_embedding(m.vectors, cfg.PLACEHOLDER_TOKEN, Path(d) / ti.WEIGHT_NAME,
-                                                    run_settings))
-    if cfg.RESUME:
-        training.resume(accelerator, checkpoint_root, state)
+                                                    run_settings), state=state, run=run)
+    training.resume(accelerator, run, state, optimizer, lr_scheduler, cfg.LEARNING_RATE)  # (if --resume found one)
 
     def save_progress_grid(step):
         with training.sampling_mode(unet, [vae], device):
@@ -219,8 +222,8 @@ def main(argv=None):
         save_progress_grid(0)
     samples, n = None, cfg.TRAIN_BATCH_SIZE
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
-        while state.step < cfg.MAX_TRAIN_STEPS and not stop.requested:
-            step, losses = state.step + 1, []
+        while state.step < cfg.MAX_TRAIN_STEPS:
+            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]
             for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
                 with accelerator.accumulate(embedding):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
@@ -233,19 +236,20 @@ def main(argv=None):
                     optimizer.zero_grad()
                     losses.append(loss.item())
             state.step = step
-            state.log(loss=sum(losses) / len(losses))
+            state.log(loss=sum(losses) / len(losses), lr=lr)
             bar.update(1, loss=state.history["loss"][-1])
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
             if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested or step == cfg.MAX_TRAIN_STEPS:  # a few KB
-                training.save_checkpoint(accelerator, checkpoint_root, step, cfg.CHECKPOINTS_TO_KEEP)
+                training.save_checkpoint(accelerator, run, step, cfg.CHECKPOINTS_TO_KEEP)
+            if stop.requested:  # (checked after the step: a stop always saves one)
+                break
     if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
-        print(f"\nStopped at step {state.step}; checkpoint saved in '{checkpoint_root}/'. Continue with:\n"
-              f"  python {cfg.SCRIPT} --resume  (plus any options you used)")
-        return 130
+        return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the embedding and the loss curve")
     embedding = accelerator.unwrap_model(embedding)
+    training.check_weights_finite([embedding.vectors], state.step, checkpoint_root)
     embedding.finish()  # the vectors go into the text encoder's table, as load_textual_inversion puts them
     run_settings["training_seconds"] = round(state.seconds)
     embedding_file, written = embedding_dir / ti.WEIGHT_NAME, []

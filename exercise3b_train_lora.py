@@ -64,7 +64,7 @@ GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples and class images
 SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
 CHECKPOINT_EVERY = 200  # steps between checkpoints (for --resume)
 CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
-RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints
+RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints (new LEARNING_RATE etc. apply)
 RANDOM_SEED = 42  # same seed, same run
 LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
 OUTPUT_DIR = "outputs"  # where the pictures go
@@ -77,6 +77,9 @@ REFLECTION = [
     "The LoRA file is a few MB while the UNet is 3.4 GB. What does that say about what fine-tuning changes?",
     "The instance and prior loss curves barely fall. Why is the diffusion loss a poor progress meter?",
 ]
+# What the LoRA *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
+FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN", "LORA_RANK",
+                   "LORA_ALPHA", "USE_8BIT_ADAM")
 
 
 def validate(cfg):
@@ -150,6 +153,7 @@ def main(argv=None):
     started = time.perf_counter()
     out_dir, lora_dir = Path(cfg.OUTPUT_DIR), Path(cfg.LORA_DIR)
     progress_dir, checkpoint_root = out_dir / "training_progress_lora", lora_dir / "checkpoints"
+    run = training.begin_run(cfg, checkpoint_root, FIXED_ON_RESUME, "LORA_DIR")  # one training at a time; --resume
 
     lesson.step(1, "Choose the device and load the base model")
     runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
@@ -207,13 +211,11 @@ def main(argv=None):
                                  num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     state = training.TrainState()
-    accelerator.register_for_checkpointing(state)
     run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE")}
     training.register_adapter_checkpointing(
         accelerator, save_adapter=lambda m, d: lora.save_lora(m, d, lora_config, run_settings),
-        load_adapter=lora.load_lora_checkpoint)
-    if cfg.RESUME:
-        training.resume(accelerator, checkpoint_root, state)
+        load_adapter=lora.load_lora_checkpoint, state=state, run=run)
+    training.resume(accelerator, run, state, optimizer, lr_scheduler, cfg.LEARNING_RATE)  # (if --resume found one)
     strip = []  # the first sample at each progress step, for the progression strip
 
     def save_progress_grid(step):
@@ -232,8 +234,8 @@ def main(argv=None):
     samples, n_inst = None, cfg.TRAIN_BATCH_SIZE
     unet.train()
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
-        while state.step < cfg.MAX_TRAIN_STEPS and not stop.requested:
-            step = state.step + 1
+        while state.step < cfg.MAX_TRAIN_STEPS:
+            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]
             for micro in range(cfg.GRADIENT_ACCUMULATION):
                 with accelerator.accumulate(unet):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
@@ -246,19 +248,20 @@ def main(argv=None):
                     lr_scheduler.step()
                     optimizer.zero_grad()
             state.step = step
-            state.log(total=loss.item(), instance=instance_loss.item(), prior=prior_loss.item())
+            state.log(total=loss.item(), instance=instance_loss.item(), prior=prior_loss.item(), lr=lr)
             bar.update(1, loss=loss.item())
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
             if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested:
-                training.save_checkpoint(accelerator, checkpoint_root, step, cfg.CHECKPOINTS_TO_KEEP)
+                training.save_checkpoint(accelerator, run, step, cfg.CHECKPOINTS_TO_KEEP)
+            if stop.requested:  # (checked after the step: a stop always saves one)
+                break
     if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
-        print(f"\nStopped at step {state.step}; checkpoint saved in '{checkpoint_root}/'. Continue with:\n"
-              f"  python {cfg.SCRIPT} --resume  (plus any options you used)")
-        return 130
+        return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the LoRA and the figures")
     trained = accelerator.unwrap_model(unet)
+    training.check_weights_finite(trainable, state.step, checkpoint_root)
     run_settings["training_seconds"] = round(state.seconds)  # shown by the TI-vs-LoRA comparison (exercise 3a)
     written = []
     if accelerator.is_main_process:

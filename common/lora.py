@@ -21,6 +21,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from common import pickles
 from common.errors import LessonError
 from common.files import atomic_path
 
@@ -196,7 +197,10 @@ def _is_embedding(path: Path) -> bool:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path)) if path.suffix == ".safetensors" else \
-            torch.load(path, map_location="cpu", weights_only=True)
+            pickles.load(path, "Use a .safetensors LoRA from a source you trust, or train your own with "
+                               "exercise3b_train_lora.py.")
+    except LessonError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise LessonError(f"'{path}' is not a readable LoRA file ({type(exc).__name__}: {str(exc)[:100]}). "
                           "It may be damaged or incompletely downloaded: get it again.") from exc

@@ -24,6 +24,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from common import pickles
 from common.errors import LessonError
 from common.files import atomic_path
 from common.lora import SETTINGS_KEY, is_lora_file, require_finite, require_readable
@@ -229,7 +230,11 @@ def load_embedding(pipe, path, token: str | None = None) -> str:
 
     file = find_embedding_file(path)
     try:
-        state = load_textual_inversion_state_dicts([str(file)])[0]
+        state = load_textual_inversion_state_dicts([str(file)])[0] if file.suffix == ".safetensors" else \
+            pickles.load(file, "Use a .safetensors embedding from a source you trust, or train your own with "
+                               "exercise3a_train_textual_inversion.py.")
+    except LessonError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise LessonError(f"'{file}' is not a readable embedding file ({type(exc).__name__}). It may be damaged "
                           "or incompletely downloaded: get it again.") from exc

@@ -7,27 +7,37 @@ lives here is what makes it cheap and safe:
   distributions (flipped copies too, for flip augmentation), prompts become cached embeddings;
 - each step draws its data, noise and timesteps from a generator seeded by (seed, step), so a
   resumed run continues exactly as an uninterrupted one would;
-- checkpoints (adapter weights + optimizer + LR scheduler + step) are written with accelerate into a
-  temporary folder and renamed into place; the last few are kept;
-- Ctrl-C finishes the current step, saves, and prints the command that resumes;
-- a NaN or infinite loss stops the run before it can overwrite a good checkpoint.
+- checkpoints (adapter weights + optimizer + LR scheduler, and the step and loss history as JSON)
+  are written with accelerate into a temporary folder and renamed into place; the last few are kept;
+- the checkpoints belong to one run (``run.json``): a fresh run moves an earlier run's aside, --resume
+  continues only a run with the same fixed settings, and a lock keeps a second training out;
+- nothing read back can run code: no pickled objects are saved, and pickles are read weights-only;
+- Ctrl-C (or SIGTERM/SIGHUP) finishes the current step, saves, and prints the command that resumes;
+- a NaN or infinite loss, or weights, stop the run before they can overwrite a good checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import sys
 import time
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from common import folder_lock, pickles
 from common.errors import LessonError, brief
-from common.files import fault_point
+from common.files import fault_point, save_json
+from common.lesson import dashed
 
-NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests: "5" makes step 5's loss NaN, "5:inf" infinite
+NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests: "5" makes step 5's loss NaN, "5:inf" infinite,
+# "5:weights" one trained weight NaN after step 5 (as an overflowing update would)
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -83,18 +93,37 @@ def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, we
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
 
+def _not_finite(what: str, step: int, checkpoint_dir) -> LessonError:
+    return LessonError(f"{what} at step {step}, so training stopped (nothing was saved over your checkpoints in "
+                       f"'{checkpoint_dir}/'). Lower LEARNING_RATE (e.g. by 10x), or use MIXED_PRECISION = 'no' or "
+                       "'bf16' instead of 'fp16', then run again with --resume (it continues from the last good "
+                       "checkpoint at the new rate).")
+
+
 def check_finite(loss: torch.Tensor, step: int, checkpoint_dir) -> None:
     """Stop at once on a NaN/inf loss: continuing would only write broken weights over good ones."""
     at, _, value = os.environ.get(NAN_FAULT_ENV, "").partition(":")
-    if at == str(step):
+    if at == str(step) and value != "weights":
         loss = loss * float(value or "nan")
     if not torch.isfinite(loss).all():
-        raise LessonError(f"The loss became {loss.item()} at step {step}, so training stopped (nothing was "
-                          f"saved over your checkpoints in '{checkpoint_dir}/'). Lower LEARNING_RATE (e.g. by 10x), "
-                          "or use MIXED_PRECISION = 'no' or 'bf16' instead of 'fp16', then run again with --resume.")
+        raise _not_finite(f"The loss became {loss.item()}", step, checkpoint_dir)
+
+
+def check_weights_finite(params, step: int, checkpoint_dir) -> None:
+    """Refuse to save weights holding NaN/inf (a finite loss can still end in an infinite update)."""
+    params = list(params)
+    if os.environ.get(NAN_FAULT_ENV) == f"{step}:weights":
+        with torch.no_grad():
+            params[0].view(-1)[0] = float("nan")
+    if not all(torch.isfinite(p).all() for p in params):
+        raise _not_finite("The trained weights became NaN or infinite", step, checkpoint_dir)
 
 
 # --------------------------------------------------------------------------- checkpoints
+RUN_FILE = "run.json"  # in the checkpoints folder: which run its checkpoints belong to
+STATE_FILE = "train_state.json"  # in each checkpoint: step, loss history, seconds, the settings in force
+
+
 class TrainState:
     """What accelerate does not know about: the step reached, the loss history (for the curves) and
     ``seconds``, the wall-clock training time (summed over resumed runs, for the file's header)."""
@@ -121,17 +150,88 @@ class TrainState:
         self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
 
 
-def register_adapter_checkpointing(accelerator, save_adapter, load_adapter) -> None:
-    """Make ``accelerator.save_state`` store only the trained adapter, not the whole frozen UNet.
+@dataclass
+class Run:
+    """One training run's claim on its checkpoints folder (``begin_run``)."""
+
+    root: Path
+    script: str
+    id: str
+    fixed: dict  # the settings a resumed run must share (LORA_RANK, MODEL_ID, ...)
+    settings: dict  # every setting of this session, as JSON stores it
+    resume_from: Path | None = None  # the checkpoint --resume continues (None: start at step 0)
+    saved_state: dict = field(default_factory=dict)  # its train_state.json
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))  # (tuples become lists, as they come back from a file)
+
+
+def _read_json(path: Path, advice: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LessonError(f"--resume could not read '{path}' ({brief(exc)}). {advice}") from exc
+
+
+def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
+    """Claim the checkpoints folder ``root`` (one training at a time) and decide what --resume continues.
+
+    Called before any model loads, so a refused --resume costs nothing: an old-layout checkpoint
+    (pickled step counter), another script's run, or a change to one of the ``fixed`` settings.
+    Changes to the others (LEARNING_RATE, MAX_TRAIN_STEPS, ...) are listed, and take effect.
+    """
+    root = Path(root)
+    if int(os.environ.get("RANK", "0")) == 0:  # (under accelerate launch, the first process speaks for all)
+        folder_lock.claim(root, cfg.SCRIPT, folder_option)
+    settings = _as_json({k: v for k, v in cfg.as_dict().items() if k != "RESUME"})
+    run = Run(root, cfg.SCRIPT, uuid.uuid4().hex[:12], {k: settings[k] for k in fixed}, settings)
+    found = checkpoint_dirs(root) if cfg.RESUME else []
+    if cfg.RESUME and not found:
+        print(f"  --resume: no checkpoint in '{root}/' yet; starting from step 0.")
+    if not found:
+        return run
+    latest = found[-1]
+    afresh = "run without --resume to start afresh (the old checkpoints are then moved aside, not deleted)"
+    pickled = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl"))
+    if pickled or not (root / RUN_FILE).is_file() or not (latest / STATE_FILE).is_file():
+        raise LessonError(f"--resume refused '{latest}' for safety: it is a checkpoint in the old layout "
+                          f"({', '.join(pickled) or 'no ' + STATE_FILE}), whose step counter is a pickle that could "
+                          f"run code when loaded, so nothing in it was read. Please {afresh}.")
+    saved = _read_json(root / RUN_FILE, f"Please {afresh}.")
+    if saved.get("script") != cfg.SCRIPT:
+        raise LessonError(f"The checkpoints in '{root}/' were made by {saved.get('script')}, not {cfg.SCRIPT}. Set "
+                          f"{folder_option} to a folder of its own ({dashed(folder_option)}).")
+    changed = [f"{k} {saved['fixed'].get(k)!r} -> {v!r}" for k, v in run.fixed.items() if saved["fixed"].get(k) != v]
+    if changed:
+        raise LessonError(f"--resume: the run in '{root}/' was trained with other settings, which cannot change "
+                          f"mid-run: {', '.join(changed)}. Change them back to resume it, or {afresh}.")
+    run.id, run.resume_from = saved["id"], latest
+    run.saved_state = _read_json(latest / STATE_FILE, f"Delete the folder '{latest}' to resume from the one before, "
+                                                      f"or {afresh}.")
+    before = run.saved_state.get("settings", {})
+    news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
+    if news:
+        print(f"  --resume with new settings (in effect from step {run.saved_state['step'] + 1}): {', '.join(news)}")
+    return run
+
+
+# --------------------------------------------------------------------------- saving and loading
+def register_adapter_checkpointing(accelerator, save_adapter, load_adapter, state: TrainState, run: Run) -> None:
+    """Make ``accelerator.save_state`` store only the trained adapter (not the whole frozen UNet) and
+    ``state`` as JSON (not a pickle, which could run code when read back).
 
     ``save_adapter(model, folder)`` writes the adapter of one prepared model; ``load_adapter(model,
-    folder)`` reads it back. Optimizer, scheduler and custom objects are saved by accelerate itself.
+    folder)`` reads it back. Optimizer and LR scheduler are saved by accelerate itself.
     """
     def save_hook(models, weights, output_dir):
+        weights.clear()
+        for model in models:  # (every process holds the same weights)
+            check_weights_finite([p for p in model.parameters() if p.requires_grad], state.step, run.root)
         if accelerator.is_main_process:
             for model in models:
                 save_adapter(accelerator.unwrap_model(model), output_dir)
-        weights.clear()
+            save_json({**state.state_dict(), "run_id": run.id, "settings": run.settings}, Path(output_dir) / STATE_FILE)
 
     def load_hook(models, input_dir):
         while models:
@@ -146,9 +246,32 @@ def checkpoint_dirs(root) -> list[Path]:
     return sorted(p for p in root.glob("checkpoint-*") if p.is_dir()) if root.is_dir() else []
 
 
-def save_checkpoint(accelerator, root, step: int, keep: int) -> Path:
+def _set_aside_earlier_run(run: Run) -> None:
+    """On a fresh run's first save: move another run's checkpoints into previous-run-N/ (never deleted;
+    --resume never looks there), and write this run's run.json."""
+    try:
+        owner = json.loads((run.root / RUN_FILE).read_text(encoding="utf-8")).get("id")
+    except (OSError, ValueError):
+        owner = None
+    if owner == run.id:
+        return
+    earlier = checkpoint_dirs(run.root)
+    if earlier:
+        n = 1
+        while (run.root / f"previous-run-{n}").exists():
+            n += 1
+        aside = run.root / f"previous-run-{n}"
+        aside.mkdir()
+        for path in earlier + [p for p in [run.root / RUN_FILE] if p.exists()]:
+            os.replace(path, aside / path.name)
+        print(f"\n  This is a new run, so the checkpoints of the earlier one were moved to '{aside}/' "
+              "(--resume never picks them; delete that folder when you no longer need it).", flush=True)
+    save_json({"id": run.id, "script": run.script, "fixed": run.fixed}, run.root / RUN_FILE)
+
+
+def save_checkpoint(accelerator, run: Run, step: int, keep: int) -> Path:
     """accelerate ``save_state`` into a temporary folder, renamed into place; keep the newest ``keep``."""
-    root = Path(root)
+    root = run.root
     final, partial = root / f"checkpoint-{step:06d}", root / f".checkpoint-{step:06d}.partial"
     if accelerator.is_main_process:
         for stale in root.glob(".checkpoint-*.partial"):  # left by a run killed while saving
@@ -159,6 +282,7 @@ def save_checkpoint(accelerator, root, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fault_point(final)  # (tests: killed with everything written, before the rename)
+        _set_aside_earlier_run(run)  # (only now: a fresh run that fails before its first checkpoint moves nothing)
         if final.exists():  # the same step saved again (after a resume): the new one is as good
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -168,52 +292,100 @@ def save_checkpoint(accelerator, root, step: int, keep: int) -> Path:
     return final
 
 
-def resume(accelerator, root, state: TrainState) -> bool:
-    """Load the newest checkpoint under ``root`` into the prepared objects. False when there is none."""
-    found = checkpoint_dirs(root)
-    if not found:
-        print(f"  --resume: no checkpoint in '{root}/' yet; starting from step 0.")
+def resume(accelerator, run: Run, state: TrainState, optimizer, lr_scheduler, learning_rate: float) -> bool:
+    """Load the checkpoint ``begin_run`` chose into the prepared objects, then apply LEARNING_RATE.
+    False when there is none."""
+    folder = run.resume_from
+    if folder is None:
         return False
+    found = checkpoint_dirs(run.root)
+    before = f" ('{found[-2]}')" if len(found) > 1 else ""
+    advice = f"Delete the folder '{folder}' to resume from the one before{before}, or run without --resume."
     try:
-        accelerator.load_state(str(found[-1]))
+        for file in sorted(folder.iterdir()):  # refuse a file that would run code before accelerate reads any
+            if file.suffix in pickles.PICKLE_SUFFIXES:
+                pickles.load(file, advice)
+        accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        state.load_state_dict(run.saved_state)
     except LessonError:
         raise
-    except Exception as exc:  # noqa: BLE001 - damaged files, or settings changed since the save
-        before = f" ('{found[-2]}')" if len(found) > 1 else ""
+    except Exception as exc:  # noqa: BLE001 - damaged files
         raise LessonError(
-            f"--resume could not load the checkpoint '{found[-1]}' ({brief(exc)}). If you changed "
-            "a setting since it was saved (LORA_RANK, NUM_VECTORS, MODEL_ID, ...), change it back; if its files are "
-            f"damaged, delete that folder to resume from the one before{before}; or run without --resume to start "
-            "afresh.") from exc
-    print(f"  Resumed from '{found[-1]}' at step {state.step}.")
+            f"--resume could not load the checkpoint '{folder}' ({brief(exc)}). Its files are damaged: delete that "
+            f"folder to resume from the one before{before}, or run without --resume to start afresh.") from exc
+    apply_learning_rate(optimizer, lr_scheduler, learning_rate)
+    print(f"  Resumed from '{folder}' at step {state.step}.")
     return True
 
 
+def apply_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
+    """Make ``learning_rate`` the rate from now on, on this run's schedule.
+
+    Loading a checkpoint restores the old rate (in the optimizer's param groups and the scheduler's
+    ``base_lrs``); a student who lowered LEARNING_RATE after a NaN must get the new one. The schedule's
+    shape is the one built for this run (a LambdaLR's function is not saved), so a new MAX_TRAIN_STEPS
+    or warm-up takes effect too.
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # (accelerate wraps it)
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------- stopping
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGHUP": "SIGHUP (the terminal closed)"}
+
+
 class StopRequest:
-    """Ctrl-C asks the loop to stop after the current step (and save); a second Ctrl-C quits at once."""
+    """Ctrl-C, SIGTERM or SIGHUP ask the loop to stop after the current step (and save); a second one
+    quits at once. (SIGTERM is what a job scheduler or ``kill`` sends; SIGHUP, a closed terminal.)"""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n  Ctrl-C: finishing this step and saving a checkpoint (press Ctrl-C again to quit without saving)...",
-              flush=True)
+        name = STOP_SIGNALS.get(signal.Signals(signum).name, "A stop signal")
+        try:
+            print(f"\n  {name}: finishing this step and saving a checkpoint (press Ctrl-C again to quit without "
+                  "saving)...", flush=True)
+        except OSError:  # (no terminal left to print to after SIGHUP)
+            pass
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-            self._previous = None
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):  # (Windows has no SIGHUP)
+                try:
+                    self._previous[name] = signal.signal(getattr(signal, name), self._handler)
+                except ValueError:  # not the main thread: signals keep their default behaviour
+                    pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for name, previous in self._previous.items():
+            signal.signal(getattr(signal, name), previous)
         return False
+
+
+def continue_command(script: str, argv: list[str] | None) -> str:
+    """The command that continues this run: the same options, plus --resume."""
+    import shlex
+    import subprocess
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--no-resume")]
+    words = ["python", script, *args, "--resume"]
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
+
+
+def stopped(state: TrainState, root, script: str, argv: list[str] | None) -> int:
+    """Say where the checkpoint is and how to continue; the exit code of a Ctrl-C (130)."""
+    print(f"\nStopped at step {state.step}; checkpoint saved in '{root}/'. Continue with:\n"
+          f"  {continue_command(script, argv)}")
+    return 130
 
 
 # --------------------------------------------------------------------------- around the loop

@@ -103,9 +103,9 @@ def test_every_other_weight_is_bit_identical_after_training(trained):
 
 def test_gradient_accumulation_counts_optimizer_steps(trained):
     project, result = trained
-    root = project / "models/fabric_textual_inversion/checkpoints"
+    root = project / "models/fabric_textual_inversion/checkpoints-ti"
     assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000002", "checkpoint-000004"]
-    optimizer = torch.load(root / "checkpoint-000004/optimizer.bin", weights_only=False)
+    optimizer = torch.load(root / "checkpoint-000004/optimizer.bin", weights_only=True)
     assert optimizer["state"][0]["step"] == 4  # 4 updates from 8 micro-batches
     assert optimizer["state"][0]["exp_avg"].shape == (1, 32)  # the optimizer sees only the new vector
     assert len(result.history["loss"]) == 4
@@ -129,7 +129,7 @@ def test_resume_continues_at_the_right_step_with_two_vectors(workdir, capsys):
     script.main(args + ["--max-train-steps", "2", "--embedding-dir", "models/split"])
     result = script.main(args + ["--max-train-steps", "3", "--embedding-dir", "models/split", "--resume"])
     said = capsys.readouterr().out
-    assert "Resumed from 'models/split/checkpoints/checkpoint-000002' at step 2" in said
+    assert "Resumed from 'models/split/checkpoints-ti/checkpoint-000002' at step 2" in said
     assert "No LoRA at LORA_DIR = 'models/fabric_lora'" in said and "exercise3b_train_lora.py" in said
     assert len(result.history["loss"]) == 3
     script.main(args + ["--max-train-steps", "3", "--embedding-dir", "models/straight"])

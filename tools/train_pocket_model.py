@@ -135,7 +135,7 @@ class Stage:
     def __init__(self, name, work_dir, **objects):
         self.path, self.objects, self.step, self.seconds = Path(work_dir) / name / "state.pt", objects, 0, 0.0
         if self.path.is_file():
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
             for key, obj in objects.items():
                 obj.load_state_dict(state[key])
             self.step, self.seconds = state["step"], state["seconds"]
@@ -256,7 +256,7 @@ def train_unet(cfg, device, vae, tokenizer):
 
     cache = Path(cfg.WORK_DIR) / "unet" / "world_latents.pt"
     if cache.is_file():
-        data = torch.load(cache, weights_only=False)
+        data = torch.load(cache, weights_only=True)
     else:
         print(f"  encoding {cfg.NUM_WORLD_IMAGES} world pictures once...")
         pictures, truths = world_batch(cfg.RANDOM_SEED + 3, 0, cfg.NUM_WORLD_IMAGES)
@@ -383,7 +383,7 @@ def main(argv=None):
     save_json(card, card_path)
     if "export" in todo:
         lesson.step(4, f"Export to {cfg.OUTPUT_DIR}/")
-        classifier_state = torch.load(work / "classifier" / "state.pt", weights_only=False)["model"]
+        classifier_state = torch.load(work / "classifier" / "state.pt", weights_only=True)["model"]
         export(cfg, vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer_dir, classifier_state, card)
     if "evaluate" in todo:
         lesson.step(5, "Evaluate on held-out captions")
