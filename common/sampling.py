@@ -82,8 +82,10 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "", guidance
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError is a RuntimeError; MPS reports the same thing as plain text."""
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    """CUDA's OutOfMemoryError is a RuntimeError; MPS reports the same thing as plain text, and the CPU's
+    allocator in words of its own."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, desc: str | None = None,

@@ -812,7 +812,7 @@ INPUT_CASES = [
         (B, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
         (A, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
         (B, "SAMPLE_PROMPTS", "", r"must be a list of non-empty texts"),
-        (A, "SAMPLE_PROMPTS", " | ", r"must be a list of non-empty texts"),
+        (A, "SAMPLE_PROMPTS", "|", r"must be a list of non-empty texts"),
     ]],
     Case("morph-frames-huge", MORPH, GENERATE[MORPH] + ["--duration-seconds", "100000"],
          r"DURATION_SECONDS x FPS gives 8e\+05 frames, more than 3000", r"Lower DURATION_SECONDS", before_model=True),
@@ -855,6 +855,10 @@ INPUT_CASES = [
     Case("morph-pocket-model-cut-short", MORPH, GENERATE[MORPH] + ["--model", "pocket", "--no-use-lora"],
          r"The pocket model in 'models/pocket-sd/' is damaged", r"Restore it with 'git checkout -- models/pocket-sd'",
          setup=_pocket_copy_cut_short),
+    Case("1-tiny-model-under-a-file", E1, QUICK + ["--no-use-lora"], r"MODEL_ID 'tiny' is built into "
+         r"'models/tiny-sd/', which cannot be created: 'models' is a file, not a folder",
+         r"Run the script from a project folder you can write to",
+         setup=lambda root: (_rm("models")(root), _write("models", b"not a folder")(root)), before_model=True),
     Case("1-model-huggingface-url", E1, QUICK + ["--model", "https://huggingface.co/stable-diffusion-v1-5/"
                                                            "stable-diffusion-v1-5"],
          r"MODEL_ID 'https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5' is a web address",
