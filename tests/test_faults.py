@@ -20,12 +20,16 @@ uninterrupted (test_train_lora.py); 3a's resume == uninterrupted within 1e-6 (te
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -387,9 +391,10 @@ CASES = _constant_cases() + [
          r"delete that folder to resume from the one before \('models/fabric_lora/checkpoints/checkpoint-000001'\)",
          setup=_write("models/fabric_lora/checkpoints/checkpoint-000002/optimizer.bin", b"garbage")),
     Case("3b-resume-other-rank", B, TRAIN[B] + ["--resume", "--max-train-steps", "3", "--lora-rank", "8"],
-         r"--resume could not load the checkpoint", r"LORA_RANK.*change it back"),
+         r"cannot change mid-run: LORA_RANK 4 -> 8\.", r"Change them back to resume it", before_model=True),
     Case("3a-resume-other-num-vectors", A, TRAIN[A] + ["--resume", "--max-train-steps", "3", "--num-vectors", "2"],
-         r"holds \(1, 32\) vectors, this run trains \(2, 32\)", r"Start afresh without --resume, or restore"),
+         r"cannot change mid-run: NUM_VECTORS 1 -> 2\.", r"or run without --resume to start afresh",
+         before_model=True),
     # ---------------------------------------------------------------- training faults
     Case("3b-nan-loss", B, TRAIN[B] + ["--resume", "--max-train-steps", "4"], r"The loss became nan at step 3",
          r"Lower LEARNING_RATE.*--resume", env={training.NAN_FAULT_ENV: "3"}),
@@ -523,12 +528,11 @@ def test_ctrl_c_saves_3a_and_resume_equals_an_uninterrupted_run(student, project
                "--no-random-flip"]
     run = student.start(A, TRAIN[A] + forever, project)
     run.wait_for("Training:", stream="err")  # the loop (and its Ctrl-C guard) is running
-    time.sleep(1.0)
     run.send_signal(signal.SIGINT)
     result = run.wait()
     assert result.rc == 130 and "Traceback" not in result.out + result.err, str(result)
     assert "--resume" in result.out
-    saved = training.checkpoint_dirs(project / "models/fabric_textual_inversion/checkpoints")
+    saved = training.checkpoint_dirs(project / "models/fabric_textual_inversion/checkpoints-ti")
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
     assert 0 < step < 100000
@@ -564,12 +568,13 @@ def test_killed_while_saving_a_checkpoint_the_previous_one_loads_and_resume_work
     resumed = student.run(B, args + ["--resume"], project)
     assert resumed.rc == 0, str(resumed)
     assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000002' at step 2" in resumed.out
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
+    assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000002", "checkpoint-000004"]
+    assert not list(root.glob(".checkpoint-*")) and not list(root.glob("previous-run-*"))
 
 
 @posix_signals
 def test_killed_before_a_checkpoint_is_renamed_3a_resumes_from_the_one_before(student, project):
-    root = project / "models/fabric_textual_inversion/checkpoints"
+    root = project / "models/fabric_textual_inversion/checkpoints-ti"
     shutil.rmtree(root)
     result = student.run(A, TRAIN[A], project, env={KILL_DURING_SAVE_ENV: "checkpoints/checkpoint-000002"})
     assert result.rc == -signal.SIGKILL, str(result)
@@ -578,7 +583,8 @@ def test_killed_before_a_checkpoint_is_renamed_3a_resumes_from_the_one_before(st
     assert (partial / ti.WEIGHT_NAME).is_file() and (partial / "optimizer.bin").is_file()  # all written, not renamed
     resumed = student.run(A, TRAIN[A] + ["--resume"], project)
     assert resumed.rc == 0 and "checkpoint-000001' at step 1" in resumed.out, str(resumed)
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000001", "checkpoint-000002"]
+    assert not list(root.glob(".checkpoint-*")) and not list(root.glob("previous-run-*"))
 
 
 @posix_signals
@@ -687,10 +693,162 @@ def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, 
     second = student.run(script, ARGS[script], project)
     assert second.rc == 0, str(second)
     end = snapshot(project)
-    assert end.keys() == middle.keys(), "the second run left other files than the first"
+    # A fresh run moves the earlier run's checkpoints aside whole (checkpoints/previous-run-N/), never deletes them.
+    aside = {p for p in end.keys() - middle.keys() if re.search(r"/checkpoints(-ti)?/previous-run-\d+/", p)}
+    assert end.keys() - aside == middle.keys(), "the second run left other files than the first"
+    assert all(end[p] == middle[re.sub(r"previous-run-\d+/", "", p)] for p in aside)
+    assert bool(aside) == (script in TRAIN)
     own = {p for p in middle if start.get(p) != middle[p]}
     assert own, "the first run wrote nothing"
     others = {p: d for p, d in middle.items() if p not in own}
     assert all(end[p] == d for p, d in others.items()), [p for p, d in others.items() if end[p] != d]
     for path, content in STUDENT_FILES.items():
         assert (project / path).read_bytes() == content
+
+
+# ========================================================================== checkpoints and resume (issue 11)
+CKPT = {B: "models/fabric_lora/checkpoints", A: "models/fabric_textual_inversion/checkpoints-ti"}
+RESUME = {script: TRAIN[script] + ["--resume", "--max-train-steps", "3"] for script in (B, A)}
+FOREVER = ["--max-train-steps", "100000", "--checkpoint-every", "100000", "--sample-every", "100000"]
+MARKER = "RAN_CODE.txt"  # what the pickles below create in the project folder if anything ever loads them
+SAFETY = r"was refused for safety: it is a pickle that asks to run Python code \(io\.open\) when loaded"
+
+
+class _RunsCode:
+    """Pickled, this is a program that creates a file when loaded, as a malicious .bin could do worse."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _code_pickle(path, zipped=False):
+    """``path`` becomes a pickle that would create MARKER: raw (``pickle``) or as ``torch.save`` writes it."""
+    def setup(root):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        if zipped:
+            torch.save({"state": _RunsCode(root / MARKER)}, root / path)
+        else:
+            (root / path).write_bytes(pickle.dumps(_RunsCode(root / MARKER)))
+    return setup
+
+
+def _old_layout(folder):
+    """The checkpoints as the scripts wrote them before issue 11: the step in custom_checkpoint_0.pkl (here
+    one that would run code), no run.json, no train_state.json."""
+    def setup(root):
+        (root / folder / "run.json").unlink()
+        for checkpoint in training.checkpoint_dirs(root / folder):
+            (checkpoint / "train_state.json").unlink()
+            _code_pickle(checkpoint.relative_to(root) / "custom_checkpoint_0.pkl")(root)
+    return setup
+
+
+def _copy_checkpoints(source, target):
+    def setup(root):
+        shutil.rmtree(root / target)
+        shutil.copytree(root / source, root / target)
+    return setup
+
+
+def _lock(folder, **holder):
+    """``folder/training.lock`` as a training writes it; by default held by this (live) test process."""
+    import psutil
+
+    def setup(root):
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": psutil.Process().create_time(),
+              "script": B, "since": "2026-12-01 09:00:00"}
+        (root / folder / "training.lock").write_text(json.dumps({**me, **holder}), encoding="utf-8")
+    return setup
+
+
+def assert_nothing_lost_or_moved_aside(before: dict, after: dict) -> None:
+    """As ``assert_nothing_lost``, except that a fresh run may move an earlier run's checkpoints, whole,
+    into checkpoints/previous-run-N/."""
+    for path, digest in before.items():
+        if after.get(path) != digest:
+            head, _, rest = path.partition("/checkpoints")
+            folder, _, name = rest.partition("/")
+            moved = [f"{head}/checkpoints{folder}/previous-run-{n}/{name}" for n in range(1, 10)]
+            assert any(after.get(p) == digest for p in moved), f"changed or removed: {path}"
+    assert_writes_only_where_allowed(before, after)
+
+
+def _resume_command(result, script) -> list[str]:
+    """The arguments of the command a stopped run printed to continue it."""
+    lines = [line.strip() for line in result.out.splitlines() if line.strip().startswith(f"python {script} ")]
+    assert len(lines) == 1, str(result)
+    return shlex.split(lines[0])[2:]
+
+
+CHECKPOINT_CASES = [
+    # ---------------------------------------------------------------- nothing read back can run code
+    Case("3b-resume-code-in-optimizer", B, RESUME[B], rf"'{CKPT[B]}/checkpoint-000002/optimizer\.bin' {SAFETY}",
+         rf"Delete the folder '{CKPT[B]}/checkpoint-000002' to resume from the one before \('{CKPT[B]}/"
+         r"checkpoint-000001'\)", setup=_code_pickle(f"{CKPT[B]}/checkpoint-000002/optimizer.bin", zipped=True)),
+    Case("3b-resume-code-in-scheduler", B, RESUME[B], rf"'{CKPT[B]}/checkpoint-000002/scheduler\.bin' {SAFETY}",
+         r"or run without --resume", setup=_code_pickle(f"{CKPT[B]}/checkpoint-000002/scheduler.bin")),
+    Case("3b-resume-code-in-random-states", B, RESUME[B], rf"checkpoint-000002/random_states_0\.pkl' {SAFETY}",
+         r"Delete the folder", setup=_code_pickle(f"{CKPT[B]}/checkpoint-000002/random_states_0.pkl")),
+    Case("3b-resume-old-layout", B, RESUME[B], rf"--resume refused '{CKPT[B]}/checkpoint-000002' for safety: it is a "
+         r"checkpoint in the old layout \(custom_checkpoint_0\.pkl\), whose step counter is a pickle",
+         r"run without --resume to start afresh \(the old checkpoints are then moved aside, not deleted\)",
+         setup=_old_layout(CKPT[B]), before_model=True),
+    Case("3a-resume-code-in-optimizer", A, RESUME[A], rf"'{CKPT[A]}/checkpoint-000002/optimizer\.bin' {SAFETY}",
+         r"Delete the folder", setup=_code_pickle(f"{CKPT[A]}/checkpoint-000002/optimizer.bin")),
+    Case("3a-resume-code-in-random-states", A, RESUME[A], rf"random_states_0\.pkl' {SAFETY}", r"Delete the folder",
+         setup=_code_pickle(f"{CKPT[A]}/checkpoint-000002/random_states_0.pkl", zipped=True)),
+    Case("3a-resume-pickle-beside-a-checkpoint", A, RESUME[A], r"refused .*checkpoint-000002' for safety: it is a "
+         r"checkpoint in the old layout \(custom_checkpoint_0\.pkl\)", r"run without --resume to start afresh",
+         setup=_code_pickle(f"{CKPT[A]}/checkpoint-000002/custom_checkpoint_0.pkl"), before_model=True),
+    Case("1-code-in-lora-bin", E1, QUICK + ["--lora-path", "models/downloaded_lora.bin"],
+         rf"'models/downloaded_lora\.bin' {SAFETY}", r"Use a \.safetensors LoRA from a source you trust",
+         setup=_code_pickle("models/downloaded_lora.bin", zipped=True)),
+    Case("1-code-in-embedding-pt", E1, QUICK + ["--embedding-path", "models/downloaded_embedding.pt"],
+         rf"'models/downloaded_embedding\.pt' {SAFETY}", r"Use a \.safetensors embedding from a source you trust",
+         setup=_code_pickle("models/downloaded_embedding.pt")),
+    Case("morph-code-in-lora-bin", MORPH, GENERATE[MORPH] + ["--lora-path", "models/lora.bin"],
+         rf"'models/lora\.bin' {SAFETY}", r"train your own with exercise3b_train_lora\.py",
+         setup=_code_pickle("models/lora.bin")),
+    # ---------------------------------------------------------------- a run's checkpoints belong to that run
+    Case("3b-resume-changed-prompt-and-alpha", B, RESUME[B] + ["--lora-alpha", "8", "--instance-prompt",
+                                                               "a sks kente pattern"],
+         r"trained with other settings, which cannot change mid-run: INSTANCE_PROMPT 'a sks african fabric "
+         r"pattern' -> 'a sks kente pattern', LORA_ALPHA 4\.0 -> 8\.0\.",
+         r"Change them back to resume it, or run without --resume to start afresh", before_model=True),
+    Case("3b-resume-changed-resolution", B, RESUME[B] + ["--resolution", "32"], r"cannot change mid-run: RESOLUTION "
+         r"None -> 32\.", r"Change them back", before_model=True),
+    Case("3a-resume-changed-placeholder", A, RESUME[A] + ["--placeholder-token", "<kente>"],
+         r"cannot change mid-run: PLACEHOLDER_TOKEN '<african-fabric>' -> '<kente>'\.", r"Change them back",
+         before_model=True),
+    Case("3b-resume-another-scripts-checkpoints", B, RESUME[B], rf"The checkpoints in '{CKPT[B]}/' were made by "
+         rf"{A}, not {B}", r"Set LORA_DIR to a folder of its own \(--lora-dir\)",
+         setup=_copy_checkpoints(CKPT[A], CKPT[B]), before_model=True),
+    Case("3b-resume-damaged-run-json", B, RESUME[B], rf"--resume could not read '{CKPT[B]}/run\.json' "
+         r"\(JSONDecodeError", r"run without --resume to start afresh", setup=_write(f"{CKPT[B]}/run.json", b"{cut"),
+         before_model=True),
+    # ---------------------------------------------------------------- one training per folder
+    Case("3b-folder-in-use", B, TRAIN[B], rf"Another training is using '{CKPT[B]}/' right now: {B} \(PID \d+, "
+         r"since 2026-12-01 09:00:00\)", r"Wait for it to finish or stop it \(Ctrl-C in its window\), or train into "
+         r"another folder \(--lora-dir \.\.\.\)", setup=_lock(CKPT[B]), before_model=True),
+    Case("3a-folder-in-use-on-another-computer", A, TRAIN[A], r"right now: exercise3a_train_textual_inversion\.py "
+         r"\(PID 4242 on lab-pc-7,", rf"--embedding-dir \.\.\.\)\. If nothing runs there any more, delete "
+         rf"'{CKPT[A]}/training\.lock'", setup=_lock(CKPT[A], pid=4242, host="lab-pc-7", script=A), before_model=True),
+    # ---------------------------------------------------------------- no checkpoint holds NaN/inf weights
+    Case("3b-nan-weights-in-a-checkpoint", B, TRAIN[B], r"The trained weights became NaN or infinite at step 1, "
+         rf"so training stopped \(nothing was saved over your checkpoints in '{CKPT[B]}/'\)",
+         r"Lower LEARNING_RATE .*then run again with --resume \(it continues from the last good checkpoint",
+         env={training.NAN_FAULT_ENV: "1:weights"}),
+    Case("3b-nan-weights-in-the-final-file", B, TRAIN[B] + ["--checkpoint-every", "100"], r"The trained weights "
+         r"became NaN or infinite at step 2", r"Lower LEARNING_RATE", env={training.NAN_FAULT_ENV: "2:weights"}),
+    Case("3a-nan-weights-on-resume", A, RESUME[A], r"The trained weights became NaN or infinite at step 3",
+         r"Lower LEARNING_RATE", env={training.NAN_FAULT_ENV: "3:weights"}),
+]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=lambda c: c.id)
+def test_checkpoint_failure_is_one_line_and_loses_nothing(case, student, project):
+    test_failure_is_one_line_and_loses_nothing(case, student, project)
+    assert not (project / MARKER).exists(), "a pickle ran code"
