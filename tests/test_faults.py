@@ -852,3 +852,128 @@ CHECKPOINT_CASES = [
 def test_checkpoint_failure_is_one_line_and_loses_nothing(case, student, project):
     test_failure_is_one_line_and_loses_nothing(case, student, project)
     assert not (project / MARKER).exists(), "a pickle ran code"
+
+
+@posix_signals
+@pytest.mark.parametrize("script, signame", [(B, "SIGTERM"), (A, "SIGHUP")])
+def test_sigterm_and_sighup_save_and_print_the_command_that_continues(script, signame, student, project):
+    if not hasattr(signal, signame):
+        pytest.skip(f"no {signame} here")
+    args = TRAIN[script] + FOREVER
+    before = snapshot(project)
+    run = student.start(script, args, project)
+    run.wait_for("Training:", stream="err")  # the loop (and its signal guard) is running
+    run.send_signal(getattr(signal, signame))
+    result = run.wait()
+    assert result.rc == 130 and "Traceback" not in result.out + result.err, str(result)
+    assert f"{signame}" in result.out and "finishing this step and saving a checkpoint" in result.out
+    assert f"  python {script} {shlex.join(args)} --resume\n" in result.out  # the options used, not "plus any"
+    saved = training.checkpoint_dirs(project / CKPT[script])
+    step = int(saved[-1].name.split("-")[1])
+    assert len(saved) == 1 and 0 < step < 100000 and f"Stopped at step {step};" in result.out
+    assert_nothing_lost_or_moved_aside(before, snapshot(project))  # (the fixture's run went to previous-run-1/)
+
+    resumed = student.run(script, _resume_command(result, script) + ["--max-train-steps", str(step + 1)], project)
+    assert resumed.rc == 0 and f"checkpoint-{step:06d}' at step {step}." in resumed.out, str(resumed)
+
+
+@posix_signals
+def test_a_second_training_in_one_folder_is_refused_and_a_killed_one_leaves_no_stuck_lock(student, project):
+    lock = project / CKPT[B] / "training.lock"
+    first = student.start(B, TRAIN[B] + FOREVER, project)
+    first.wait_for("Training:", stream="err")
+    before = snapshot(project)
+    second = student.run(B, TRAIN[B], project, cold=True)  # (cold: the warm runner starts one run at a time)
+    assert_one_line_error(second, rf"Another training is using '{CKPT[B]}/' right now: {B} \(PID {first.pid}, since",
+                          r"Wait for it to finish or stop it \(Ctrl-C in its window\), or train into another folder")
+    assert "[Step 1]" not in second.out
+    assert_nothing_lost(before, snapshot(project))
+    first.send_signal(signal.SIGKILL)
+    assert first.wait().rc == -signal.SIGKILL
+    assert json.loads(lock.read_text())["pid"] == first.pid  # a killed run leaves its lock behind ...
+    third = student.run(B, TRAIN[B], project)  # ... which does not stop the next one
+    assert third.rc == 0, str(third)
+    assert not lock.exists()  # released when a run ends
+
+
+def test_lora_and_embedding_sharing_a_folder_keep_to_their_own_checkpoints(student, project):
+    shared = project / "models/shared"
+    keep_one = ["--checkpoints-to-keep", "1"]  # pruning would delete the other's, were they in one folder
+    lora_args, ti_args = TRAIN[B] + keep_one + ["--lora-dir", str(shared)], TRAIN[A] + keep_one + [
+        "--embedding-dir", str(shared)]
+    for script, args in ((B, lora_args), (A, ti_args)):
+        assert student.run(script, args, project).rc == 0
+    assert {p.name for p in shared.iterdir()} == {"checkpoints", "checkpoints-ti", lora.WEIGHT_NAME, ti.WEIGHT_NAME}
+    theirs = {p: d for p, d in snapshot(project).items() if "/checkpoints-ti/" in p}
+
+    again = student.run(B, lora_args, project)  # a fresh LoRA run: moves only the LoRA's earlier checkpoints
+    assert again.rc == 0 and "models/shared/checkpoints/previous-run-1/" in again.out, str(again)
+    resumed = student.run(B, lora_args + ["--resume", "--max-train-steps", "3"], project)
+    assert resumed.rc == 0 and "shared/checkpoints/checkpoint-000002' at step 2." in resumed.out, str(resumed)
+    assert all(snapshot(project).get(p) == d for p, d in theirs.items()), "3b touched 3a's checkpoints"
+
+    ours = {p: d for p, d in snapshot(project).items() if "/checkpoints/" in p}
+    resumed = student.run(A, ti_args + ["--resume", "--max-train-steps", "3"], project)
+    assert resumed.rc == 0 and "shared/checkpoints-ti/checkpoint-000002' at step 2." in resumed.out, str(resumed)
+    assert all(snapshot(project).get(p) == d for p, d in ours.items()), "3a touched 3b's checkpoints"
+
+
+def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside_unread_and_resume_continues_its_own(student, project):
+    root = project / CKPT[B]
+    _old_layout(CKPT[B])(project)  # an older version's run, whose pickles would run code if loaded
+    before = snapshot(project)
+    fresh = student.run(B, TRAIN[B], project)
+    assert fresh.rc == 0, str(fresh)
+    assert f"the checkpoints of the earlier one were moved to '{CKPT[B]}/previous-run-1/' (--resume never" in fresh.out
+    assert_nothing_lost_or_moved_aside(before, snapshot(project))
+    assert (root / "previous-run-1/checkpoint-000002/custom_checkpoint_0.pkl").is_file()
+    assert not (project / MARKER).exists()
+
+    resumed = student.run(B, RESUME[B], project)
+    assert resumed.rc == 0 and f"Resumed from '{CKPT[B]}/checkpoint-000002' at step 2." in resumed.out
+    run = json.loads((root / "run.json").read_text())
+    assert json.loads((root / "checkpoint-000003/train_state.json").read_text())["run_id"] == run["id"]
+    assert run["script"] == B and run["fixed"]["LORA_RANK"] == 4
+
+    third = student.run(B, TRAIN[B], project)
+    assert third.rc == 0 and f"moved to '{CKPT[B]}/previous-run-2/'" in third.out
+    assert [p.name for p in training.checkpoint_dirs(root / "previous-run-2")] == [
+        "checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+
+
+def test_after_a_nan_resume_at_a_lower_learning_rate_trains_at_that_rate(student, project):
+    root = project / CKPT[B]
+    shutil.rmtree(root)
+    args = TRAIN[B] + ["--max-train-steps", "4", "--learning-rate", "5e-3"]
+    failed = student.run(B, args, project, env={training.NAN_FAULT_ENV: "3"})
+    assert_one_line_error(failed, r"The loss became nan at step 3", r"Lower LEARNING_RATE .*--resume")
+    assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000001", "checkpoint-000002"]
+
+    resumed = student.run(B, args + ["--resume", "--learning-rate", "5e-4"], project)  # what the message advised
+    assert resumed.rc == 0, str(resumed)
+    assert "--resume with new settings (in effect from step 3): LEARNING_RATE 0.005 -> 0.0005" in resumed.out
+    history = json.loads((root / "checkpoint-000004/train_state.json").read_text())["history"]
+    assert history["lr"] == pytest.approx([5e-3, 5e-3, 5e-4, 5e-4], rel=1e-6)
+    new = project / "models/fabric_lora" / lora.WEIGHT_NAME
+    assert lora.read_settings(new)["LEARNING_RATE"] == 5e-4
+
+    old = student.run(B, args + ["--lora-dir", "models/old_rate"], project)  # the same 4 steps, all at 5e-3
+    assert old.rc == 0, str(old)
+    start = safetensors.torch.load_file(str(root / "checkpoint-000002" / lora.WEIGHT_NAME))
+    a, b = (safetensors.torch.load_file(str(f)) for f in (new, project / "models/old_rate" / lora.WEIGHT_NAME))
+    assert all(torch.isfinite(t).all() for t in a.values())
+    moved_new = sum((a[k] - start[k]).abs().sum().item() for k in start)
+    moved_old = sum((b[k] - start[k]).abs().sum().item() for k in start)
+    assert 0.05 < moved_new / moved_old < 0.2, (moved_new, moved_old)  # AdamW steps scale with the rate: ~1/10
+
+
+def test_resume_follows_a_new_max_train_steps_on_the_learning_rate_schedule(student, project):
+    root = project / CKPT[A]
+    shutil.rmtree(root)
+    args = TRAIN[A] + ["--lr-scheduler", "linear", "--learning-rate", "1e-2"]
+    assert student.run(A, args, project).rc == 0  # 2 steps: a linear decay that ends at 0
+    resumed = student.run(A, args + ["--resume", "--max-train-steps", "4"], project)
+    assert resumed.rc == 0 and "MAX_TRAIN_STEPS 2 -> 4" in resumed.out, str(resumed)
+    history = json.loads((root / "checkpoint-000004/train_state.json").read_text())["history"]
+    # Steps 1-2 on the 2-step schedule; 3-4 on the 4-step one (not at the 0 the old schedule had reached).
+    assert history["lr"] == pytest.approx([1e-2, 5e-3, 5e-3, 2.5e-3], rel=1e-6)
