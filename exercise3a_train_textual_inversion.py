@@ -223,7 +223,7 @@ def main(argv=None):
     samples, n = None, cfg.TRAIN_BATCH_SIZE
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
-            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]
+            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]  # (lr: logged too)
             for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
                 with accelerator.accumulate(embedding):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)

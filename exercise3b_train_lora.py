@@ -235,7 +235,7 @@ def main(argv=None):
     unet.train()
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
-            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]
+            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
             for micro in range(cfg.GRADIENT_ACCUMULATION):
                 with accelerator.accumulate(unet):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)

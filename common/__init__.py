@@ -11,6 +11,8 @@ One module per idea of the lesson:
 - ``textual_inversion``  the placeholder token, training only its embedding, loading embeddings
 - ``comparison``  the base model, Textual Inversion and LoRA side by side (Concept 4)
 - ``training``    cached latents, checkpoints, the Ctrl-C guard and other training-loop helpers
+- ``folder_lock`` one training per checkpoints folder at a time
+- ``pickles``     reading .bin/.pt/.pkl weights without letting them run code
 - ``sampling``    generating images in batches with fixed seeds
 - ``figures``     grids, strips and loss curves
 

@@ -169,7 +169,10 @@ def _as_json(value):
 
 def _read_json(path: Path, advice: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not data:
+            raise ValueError("not the object this script writes")
+        return data
     except (OSError, ValueError) as exc:
         raise LessonError(f"--resume could not read '{path}' ({brief(exc)}). {advice}") from exc
 
@@ -184,7 +187,7 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
     root = Path(root)
     if int(os.environ.get("RANK", "0")) == 0:  # (under accelerate launch, the first process speaks for all)
         folder_lock.claim(root, cfg.SCRIPT, folder_option)
-    settings = _as_json({k: v for k, v in cfg.as_dict().items() if k != "RESUME"})
+    settings = _as_json({k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEBUG")})
     run = Run(root, cfg.SCRIPT, uuid.uuid4().hex[:12], {k: settings[k] for k in fixed}, settings)
     found = checkpoint_dirs(root) if cfg.RESUME else []
     if cfg.RESUME and not found:
@@ -193,26 +196,28 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
         return run
     latest = found[-1]
     afresh = "run without --resume to start afresh (the old checkpoints are then moved aside, not deleted)"
-    pickled = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl"))
-    if pickled or not (root / RUN_FILE).is_file() or not (latest / STATE_FILE).is_file():
+    old = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl")) + [
+        f"no {p.name}" for p in (root / RUN_FILE, latest / STATE_FILE) if not p.is_file()]
+    if old:  # (never handed to accelerate, which would unpickle custom_checkpoint_0.pkl)
         raise LessonError(f"--resume refused '{latest}' for safety: it is a checkpoint in the old layout "
-                          f"({', '.join(pickled) or 'no ' + STATE_FILE}), whose step counter is a pickle that could "
-                          f"run code when loaded, so nothing in it was read. Please {afresh}.")
+                          f"({', '.join(old)}), which keeps its step counter in a pickle that could run code when "
+                          f"loaded, so nothing in it was read. Please {afresh}.")
     saved = _read_json(root / RUN_FILE, f"Please {afresh}.")
     if saved.get("script") != cfg.SCRIPT:
         raise LessonError(f"The checkpoints in '{root}/' were made by {saved.get('script')}, not {cfg.SCRIPT}. Set "
                           f"{folder_option} to a folder of its own ({dashed(folder_option)}).")
-    changed = [f"{k} {saved['fixed'].get(k)!r} -> {v!r}" for k, v in run.fixed.items() if saved["fixed"].get(k) != v]
+    was = saved.get("fixed", {})
+    changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in run.fixed.items() if was.get(k) != v]
     if changed:
         raise LessonError(f"--resume: the run in '{root}/' was trained with other settings, which cannot change "
                           f"mid-run: {', '.join(changed)}. Change them back to resume it, or {afresh}.")
-    run.id, run.resume_from = saved["id"], latest
+    run.id, run.resume_from = saved.get("id"), latest
     run.saved_state = _read_json(latest / STATE_FILE, f"Delete the folder '{latest}' to resume from the one before, "
                                                       f"or {afresh}.")
     before = run.saved_state.get("settings", {})
     news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
     if news:
-        print(f"  --resume with new settings (in effect from step {run.saved_state['step'] + 1}): {', '.join(news)}")
+        print(f"  --resume with new settings (in effect after step {run.saved_state.get('step')}): {', '.join(news)}")
     return run
 
 

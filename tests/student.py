@@ -255,8 +255,8 @@ def _serve() -> None:
     from diffusers.training_utils import cast_training_params  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    from common import (animation, comparison, device, fast_mode, figures, files, images, lesson,  # noqa: F401
-                        lora, models, personalize, prior, sampling, textual_inversion, training)
+    from common import (animation, comparison, device, fast_mode, figures, files, folder_lock, images,  # noqa: F401
+                        lesson, lora, models, personalize, pickles, prior, sampling, textual_inversion, training)
 
     channel = sys.stdout
     print(json.dumps({"ready": True}), file=channel, flush=True)

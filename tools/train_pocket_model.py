@@ -135,6 +135,7 @@ class Stage:
     def __init__(self, name, work_dir, **objects):
         self.path, self.objects, self.step, self.seconds = Path(work_dir) / name / "state.pt", objects, 0, 0.0
         if self.path.is_file():
+            # weights only: these files hold tensors, numbers and strings, and a swapped one cannot run code
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             for key, obj in objects.items():
                 obj.load_state_dict(state[key])
