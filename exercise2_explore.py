@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from common import device as devices
-from common import fast_mode, figures, lesson, models, personalize, sampling
+from common import figures, lesson, models, personalize, sampling
 from common.errors import LessonError
 from common.files import human_size
 
@@ -116,12 +116,8 @@ def main(argv=None):
     resolution = cfg.RESOLUTION or models.native_resolution(pipe)
 
     lesson.step(2, f"Personalise it: load what binds '{cfg.SUBJECT_TOKEN}' to your fabric")
-    loaded = personalize.load_adapters(pipe, cfg.LORA_PATH if cfg.USE_LORA else None, cfg.LORA_SCALE,
-                                       cfg.EMBEDDING_PATH)
-    steps, guidance = cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE
-    if cfg.FAST_MODE:
-        print("  " + fast_mode.enable_fast_mode(pipe, loaded.adapters, cfg.LCM_LORA_ID, cfg.TINY_VAE_ID))
-        steps, guidance = cfg.FAST_STEPS, cfg.FAST_GUIDANCE_SCALE
+    loaded = personalize.personalize(pipe, cfg)  # LoRA, embedding, and FAST_MODE's LCM-LoRA on top
+    steps, guidance = loaded.steps, loaded.guidance
     settings = sampling.SamplingSettings(steps, guidance, cfg.NEGATIVE_PROMPT, resolution, resolution,
                                          cfg.BATCH_SIZE)
     style_prompts = [cfg.STYLE_PROMPT.replace("{}", s) for s in cfg.STYLES]

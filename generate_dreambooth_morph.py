@@ -17,7 +17,7 @@ installed) and outputs/dreambooth_fabric_morph_keyframes.png.
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import animation, fast_mode, figures, lesson, models, personalize, sampling
+from common import animation, figures, lesson, models, personalize, sampling
 from common import device as devices
 from common.errors import LessonError
 from common.files import human_size
@@ -111,12 +111,8 @@ def main(argv=None):
     resolution = cfg.RESOLUTION or models.native_resolution(pipe)
 
     lesson.step(2, f"Personalise it: load what binds '{cfg.SUBJECT_TOKEN}' to your fabric")
-    loaded = personalize.load_adapters(pipe, cfg.LORA_PATH if cfg.USE_LORA else None, cfg.LORA_SCALE,
-                                       cfg.EMBEDDING_PATH)
-    steps, guidance = cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE
-    if cfg.FAST_MODE:
-        print("  " + fast_mode.enable_fast_mode(pipe, loaded.adapters, cfg.LCM_LORA_ID, cfg.TINY_VAE_ID))
-        steps, guidance = cfg.FAST_STEPS, cfg.FAST_GUIDANCE_SCALE
+    loaded = personalize.personalize(pipe, cfg)  # LoRA, embedding, and FAST_MODE's LCM-LoRA on top
+    steps, guidance = loaded.steps, loaded.guidance
     settings = sampling.SamplingSettings(steps, guidance, height=resolution, width=resolution,
                                          batch_size=cfg.BATCH_SIZE)
 

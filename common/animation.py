@@ -56,15 +56,10 @@ def can_write_mp4() -> bool:
 
 
 def save_mp4(frames: list[Image.Image], path, fps: float, quality: int = 8) -> Path:
-    """H.264 MP4 (yuv420p, plays everywhere). Needs ``pip install imageio-ffmpeg``."""
-    import imageio.v2 as imageio
+    """H.264 MP4 through diffusers' ``export_to_video`` (imageio + ffmpeg), written atomically.
+    Needs ``pip install imageio-ffmpeg``."""
+    from diffusers.utils import export_to_video
 
     with atomic_path(path) as tmp:
-        writer = imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality,
-                                    pixelformat="yuv420p", macro_block_size=8, ffmpeg_log_level="error")
-        try:
-            for frame in frames:
-                writer.append_data(np.asarray(frame.convert("RGB")))
-        finally:
-            writer.close()
+        export_to_video(frames, str(tmp), fps=fps, quality=quality, macro_block_size=8)
     return Path(path)

@@ -10,6 +10,7 @@ a matching path kill its own process half-way (after writing, before the rename)
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -18,6 +19,8 @@ import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from common.errors import LessonError
 
 
 _UMASK = os.umask(0)
@@ -45,11 +48,11 @@ def _remove_leftovers(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path, suffix: str | None = None):
+def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -102,6 +105,50 @@ def save_json(data, path) -> Path:
 def _pil_format(path: Path) -> str:
     return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".webp": "WEBP"}.get(
         path.suffix.lower(), "PNG")
+
+
+# --------------------------------------------------------------------------- adapter files' headers
+def safetensors_keys(path) -> list[str] | None:
+    """The tensor names in a .safetensors file (its header only), or None when it cannot be read.
+
+    A generation run asks about the same LoRA or embedding several times (checked before the model loads,
+    then loaded); each file's header is read once, while the file stays as it is."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    keys = _header_keys(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return list(keys) if keys is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return tuple(f.keys())
+    except Exception:  # noqa: BLE001 - damaged, cut short, or not safetensors at all
+        return None
+
+
+def require_readable(path, script: str) -> Path:
+    """Refuse a .safetensors file whose header cannot be read (cut short by a download, or not one at all)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and safetensors_keys(path) is None:
+        raise LessonError(f"'{path}' is not a readable .safetensors file ({path.stat().st_size} bytes): it is damaged "
+                          f"or incompletely downloaded. Download it again, or retrain with {script}.")
+    return path
+
+
+def adapter_kind(path) -> str | None:
+    """What a .safetensors file holds, from its header: "lora" (``lora_`` layers or kohya ``.alpha`` values),
+    "embedding" (Textual Inversion: a tensor per token, or AUTOMATIC1111's ``emb_params``), or None
+    (unreadable, empty, or not .safetensors)."""
+    keys = safetensors_keys(path) if Path(path).suffix == ".safetensors" else None
+    if not keys:
+        return None
+    return "lora" if any("lora" in k or k.endswith(".alpha") for k in keys) else "embedding"
 
 
 def human_size(num_bytes: int) -> str:

@@ -331,8 +331,10 @@ DISK_FULL = ("The disk is full. Free some space (old class_images/ or models/*/c
 
 
 def one_line(message: str) -> str:
-    """The message on one line (a library's text inside it may have brought line breaks)."""
-    return re.sub(r"\s*\n\s*", " ", message.strip())
+    """The message on one line, as plain text: a library's text inside it may have brought line breaks and
+    terminal colour codes (which a log file or a Windows console shows as garbage)."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07", "", message)
+    return re.sub(r"\s*\n\s*", " ", plain.strip())
 
 
 def run(main) -> None:

@@ -23,13 +23,14 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import atomic_path
+from common.files import adapter_kind, atomic_path, require_readable, safetensors_keys
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 SETTINGS_KEY = "dreambooth_training_settings"
 ADAPTER_NAME = "fabric"
+TRAIN_SCRIPT = "exercise3b_train_lora.py"  # named in the advice: how to make a LoRA
 
 
 # --------------------------------------------------------------------------- training side
@@ -129,33 +130,35 @@ def read_settings(path) -> dict:
 
 # --------------------------------------------------------------------------- loading, whatever the layout
 def find_lora_file(path) -> tuple[str, Path]:
-    """Which layout ``path`` holds: ("peft" | "file", the weights file). Refuses what it cannot load.
+    """Which layout ``path`` holds: ("peft" | "diffusers" | "kohya", the weights file). Refuses what it
+    cannot load.
 
-    Only file headers are read, so the generation scripts call this before any model loads.
+    Only file headers are read (once per file: ``files.safetensors_keys``), so the generation scripts call
+    this before any model loads, and hand its answer to ``load_lora``.
     """
     path = Path(path)
     if not path.exists():
-        raise LessonError(f"No LoRA at '{path}'. Train one first with 'python exercise3b_train_lora.py' "
+        raise LessonError(f"No LoRA at '{path}'. Train one first with 'python {TRAIN_SCRIPT}' "
                           "(or download the course's and put it there).")
     if path.is_file():
-        require_readable(path)
-        if _is_embedding(path):
+        require_readable(path, TRAIN_SCRIPT)
+        if adapter_kind(path) == "embedding":
             raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
                               "and LORA_PATH to the LoRA folder.")
         if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
             return "peft", path
-        return "file", path
+        return _file_layout(path), path
     if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
-        return "file", require_readable(path / WEIGHT_NAME)
+        return _file_layout(require_readable(path / WEIGHT_NAME, TRAIN_SCRIPT)), path / WEIGHT_NAME
     if (path / PEFT_WEIGHTS).is_file():
         if not (path / PEFT_CONFIG).is_file():
             raise LessonError(f"'{path / PEFT_WEIGHTS}' needs its '{PEFT_CONFIG}' beside it (it holds the rank "
                               "and alpha). Download both files.")
-        return "peft", require_readable(path / PEFT_WEIGHTS)
+        return "peft", require_readable(path / PEFT_WEIGHTS, TRAIN_SCRIPT)
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))  # (.x: unfinished saves)
-    candidates = [p for p in files if not _is_embedding(p)]
+    candidates = [p for p in files if adapter_kind(p) != "embedding"]
     if len(candidates) == 1:
-        return "file", require_readable(candidates[0])
+        return _file_layout(require_readable(candidates[0], TRAIN_SCRIPT)), candidates[0]
     if not candidates:
         embeddings = f" It holds only a Textual Inversion embedding ({files[0].name}): set EMBEDDING_PATH to it." \
             if files else ""
@@ -165,33 +168,10 @@ def find_lora_file(path) -> tuple[str, Path]:
                       "set LORA_PATH to the one you mean.")
 
 
-def safetensors_keys(path) -> list[str] | None:
-    """The tensor names in a .safetensors file (its header only), or None when it cannot be read."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:  # noqa: BLE001 - damaged, cut short, or not safetensors at all
-        return None
-
-
-def require_readable(path: Path, script: str = "exercise3b_train_lora.py") -> Path:
-    """Refuse a .safetensors file whose header cannot be read (cut short by a download, or not one at all)."""
-    if path.suffix == ".safetensors" and safetensors_keys(path) is None:
-        raise LessonError(f"'{path}' is not a readable .safetensors file ({path.stat().st_size} bytes): it is damaged "
-                          f"or incompletely downloaded. Download it again, or retrain with {script}.")
-    return path
-
-
-def is_lora_file(path) -> bool:
-    """A readable .safetensors file with LoRA weights in it (``lora_`` layers or kohya ``.alpha`` values)."""
-    keys = safetensors_keys(path)
-    return bool(keys) and any("lora" in k or k.endswith(".alpha") for k in keys)
-
-
-def _is_embedding(path: Path) -> bool:
-    """A Textual Inversion file: one tensor per token, or AUTOMATIC1111's emb_params/string_to_param."""
-    keys = safetensors_keys(path)  # (unreadable files are reported by require_readable)
-    return bool(keys) and not any("lora" in k or k.endswith(".alpha") for k in keys)
+def _file_layout(path: Path) -> str:
+    """kohya/AUTOMATIC1111 files name their layers ``lora_unet_...`` / ``lora_te_...``; diffusers' do not."""
+    keys = safetensors_keys(path) or []
+    return "kohya" if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -232,22 +212,20 @@ def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None
                 "SD 2.x 1024, SDXL 2048.) Use a LoRA trained on this MODEL_ID, or the MODEL_ID it was trained on.")
 
 
-def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> int:
+def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, found=None) -> int:
     """Load a LoRA (any layout above) into ``pipe.unet`` at ``scale``; return how many layers it patched.
 
+    ``found``: what ``find_lora_file(path)`` already answered, so the folder is not searched again.
     Refuses to continue when nothing was patched, instead of quietly running the base model.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    layout, file = find_lora_file(path)
-    if _is_embedding(file):
-        raise LessonError(f"'{file}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
-                          "and LORA_PATH to the LoRA folder.")
+    layout, file = found or find_lora_file(path)
     if layout == "peft":
         from peft import LoraConfig
 
         state = {k.removeprefix("base_model.model."): v for k, v in _read_weights(file).items()}
-        require_finite(state, file, "the LoRA", "exercise3b_train_lora.py")
+        require_finite(state, file, "the LoRA", TRAIN_SCRIPT)
         config = LoraConfig.from_pretrained(str(file.parent)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         _check_shapes(pipe.unet, state, file)
@@ -255,7 +233,7 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) 
     else:
         state, _ = pipe.lora_state_dict(_read_weights(file)) if file.suffix != ".safetensors" else \
             pipe.lora_state_dict(str(file.parent), weight_name=file.name)
-        require_finite(state, file, "the LoRA", "exercise3b_train_lora.py")
+        require_finite(state, file, "the LoRA", TRAIN_SCRIPT)
         unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         _check_shapes(pipe.unet, convert_unet_state_dict_to_peft(unet_state) if unet_state else {}, file)
         try:
@@ -266,6 +244,6 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) 
     patched = len(lora_layer_names(pipe.unet, adapter_name))
     if patched == 0:
         raise LessonError(f"'{file}' patched 0 layers of the UNet: its keys do not match this model. "
-                          "Use a LoRA trained on this MODEL_ID (retrain with exercise3b_train_lora.py).")
+                          f"Use a LoRA trained on this MODEL_ID (retrain with {TRAIN_SCRIPT}).")
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
     return patched

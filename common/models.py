@@ -120,16 +120,16 @@ def _web_address_advice(url: str) -> str:
 
 def _refuse_adapter(path: Path) -> None:
     """A LoRA or an embedding is not a base model: say where it goes instead (headers only are read)."""
-    from common import lora
+    from common import files
 
-    keys = lora.safetensors_keys(path) if path.suffix.lower() == ".safetensors" else None
+    keys = files.safetensors_keys(path) if path.suffix.lower() == ".safetensors" else None
     if not keys or len(keys) > 2000:  # a whole model has ~1000 tensors; an adapter a few hundred at most
         return
     if any(k.startswith(("unet.", "text_encoder.", "vae.", "model.diffusion_model.", "first_stage_model.",
                          "cond_stage_model.")) and "lora" not in k for k in keys):
         return
-    kind, constant = ("a LoRA", "LORA_PATH") if lora.is_lora_file(path) else ("a Textual Inversion embedding",
-                                                                             "EMBEDDING_PATH")
+    kind, constant = (("a LoRA", "LORA_PATH") if files.adapter_kind(path) == "lora"
+                      else ("a Textual Inversion embedding", "EMBEDDING_PATH"))
     raise LessonError(f"MODEL_ID file '{path}' is {kind}, not a base model. Set {constant} to it, and MODEL_ID to the "
                       "model it was trained on ('stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny').")
 
@@ -179,15 +179,16 @@ def _explain_load_failure(model_id: str, source: ModelSource, exc: Exception) ->
                 "'python tools/train_pocket_model.py').")
     offline = any(s in text for s in ("connect", "cached", "offline", "resolve", "Network", "network"))
     if source.kind == "hub" and ("401" in text or "gated" in text.lower() or "token" in text.lower()):
-        return (f"The Hub refused access to '{source.location}'. Log in with 'huggingface-cli login' "
+        return (f"The Hub refused access to '{source.location}'. Log in with 'hf auth login' "
                 "(and accept the model's licence on its Hub page), or use a local folder, a .safetensors file, or 'tiny'.")
     if source.kind == "hub" and ("404" in text or "not found" in text.lower()) and not offline:
-        return f"MODEL_ID '{model_id}' was not found on the Hugging Face Hub. Check the spelling, or use 'tiny'."
+        return f"MODEL_ID '{model_id}' was not found on the Hugging Face Hub. Check the spelling, or use 'pocket' (built in)."
     if source.kind in ("hub", "single_file") and offline:
         what = "the model" if source.kind == "hub" else "the configuration files a single-file checkpoint needs"
         return (f"Could not download {what} for MODEL_ID '{model_id}': the Hugging Face Hub cannot be reached "
-                "and nothing is cached. Connect to the internet (run 'huggingface-cli login' if the model asks), "
-                "or set MODEL_ID to a local diffusers folder, or use MODEL_ID = 'tiny' (built in, works offline).")
+                "and nothing is cached. Connect to the internet (run 'hf auth login' if the model asks), "
+                "or set MODEL_ID to a local diffusers folder, or use MODEL_ID = 'pocket' (built in, works offline, draws real "
+                "pictures on a CPU).")
     return (f"Could not load MODEL_ID '{model_id}' ({source.kind}): {text.splitlines()[0] if text else type(exc).__name__}. "
             "If it is a local folder or file, it may be incomplete or damaged: download it again, or use 'tiny'.")
 

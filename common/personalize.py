@@ -10,6 +10,8 @@ LoRA was missing, and a student then studied pictures that had never seen their 
 - ``load_adapters`` applies the LoRA through :func:`common.lora.load_lora` (diffusers, PEFT and kohya
   layouts; it refuses a file that patches nothing) and the embedding through
   :func:`common.textual_inversion.load_embedding` (ours, the course's, AUTOMATIC1111's).
+- ``personalize`` is step 2 of every generation script: the above, from the script's constants, and
+  FAST_MODE's LCM-LoRA stacked on top.
 - ``lora_path=None`` is the base model *on purpose* (``USE_LORA = False`` in the scripts).
 """
 
@@ -19,9 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-
-from common import lora, textual_inversion
+from common import fast_mode, lora, textual_inversion
 from common.errors import LessonError, warn
 
 
@@ -36,6 +36,8 @@ class Personalization:
     embedding_file: Path | None = None
     tokens: list[str] = field(default_factory=list)  # the word(s) to prompt with, from the embedding
     adapters: dict[str, float] = field(default_factory=dict)  # active LoRA adapters -> weight (for stacking)
+    steps: int = 0  # what to sample with (``personalize``: FAST_MODE changes them)
+    guidance: float = 0.0
 
     def describe(self) -> list[str]:
         lines = []
@@ -49,48 +51,58 @@ class Personalization:
         return lines
 
 
-def check_adapter_files(lora_path, embedding_path=None) -> None:
-    """Refuse missing files before any model loads. ``lora_path=None`` means no LoRA, on purpose."""
+def check_adapter_files(lora_path, embedding_path=None) -> tuple[tuple[str, Path] | None, Path | None]:
+    """Refuse missing or unreadable files before any model loads. ``lora_path=None`` means no LoRA, on purpose.
+
+    Returns what was found: the LoRA's (layout, file) and the embedding file, each None where none was asked for.
+    """
+    found_lora = found_embedding = None
     if lora_path is not None and not Path(lora_path).exists():
         raise LessonError(
             f"No LoRA at '{lora_path}' (LORA_PATH). Train one first: 'python exercise3b_train_lora.py' "
             "('--model tiny' gives a quick toy one), or download the course's into that folder (see README). "
             "To look at the base model on purpose instead, set USE_LORA = False (--no-use-lora).")
     if lora_path is not None:
-        lora.find_lora_file(lora_path)  # the folder's layout is readable (PEFT config present, one file, ...)
+        found_lora = lora.find_lora_file(lora_path)  # the folder's layout is readable (PEFT config present, one file)
     if embedding_path is not None and not Path(embedding_path).exists():
         raise LessonError(
             f"No embedding at '{embedding_path}' (EMBEDDING_PATH). Train one with "
             "'python exercise3a_train_textual_inversion.py', or set EMBEDDING_PATH = None.")
     if embedding_path is not None:
-        textual_inversion.find_embedding_file(embedding_path)  # one readable file, not a LoRA
+        found_embedding = textual_inversion.find_embedding_file(embedding_path)  # one readable file, not a LoRA
+    return found_lora, found_embedding
 
 
 def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=None) -> Personalization:
     """Load the LoRA (at ``lora_scale``) and the embedding into ``pipe``; print and return what was loaded."""
-    check_adapter_files(lora_path, embedding_path)
+    found_lora, found_embedding = check_adapter_files(lora_path, embedding_path)
     loaded = Personalization()
-    if lora_path is not None:
-        loaded.lora_layout, loaded.lora_file = lora.find_lora_file(lora_path)
-        if loaded.lora_layout == "file":
-            loaded.lora_layout = "kohya" if _is_kohya(loaded.lora_file) else "diffusers"
-        loaded.lora_layers = lora.load_lora(pipe, lora_path, lora_scale)
+    if found_lora is not None:
+        loaded.lora_layout, loaded.lora_file = found_lora
+        loaded.lora_layers = lora.load_lora(pipe, lora_path, lora_scale, found=found_lora)
         loaded.lora_scale = lora_scale
         loaded.adapters = {lora.ADAPTER_NAME: lora_scale}
-    if embedding_path is not None:
+    if found_embedding is not None:
         loaded.embedding_file = Path(embedding_path)
-        loaded.tokens = [textual_inversion.load_embedding(pipe, embedding_path)]
+        loaded.tokens = [textual_inversion.load_embedding(pipe, found_embedding)]
     for line in loaded.describe():
         print(f"  {line}")
     return loaded
 
 
-def _is_kohya(path: Path) -> bool:
-    """kohya/AUTOMATIC1111 files name their layers ``lora_unet_...`` / ``lora_te_...``."""
-    if path.suffix != ".safetensors":
-        return False
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return any(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
+def personalize(pipe, cfg) -> Personalization:
+    """Step 2 of the generation scripts: load what the constants name (LORA_PATH unless USE_LORA is off,
+    at LORA_SCALE; EMBEDDING_PATH), then, with FAST_MODE, stack the LCM-LoRA on top.
+
+    ``steps`` and ``guidance`` of the result are what to sample with: NUM_INFERENCE_STEPS and
+    GUIDANCE_SCALE, or FAST_STEPS and FAST_GUIDANCE_SCALE in FAST_MODE.
+    """
+    loaded = load_adapters(pipe, cfg.LORA_PATH if cfg.USE_LORA else None, cfg.LORA_SCALE, cfg.EMBEDDING_PATH)
+    loaded.steps, loaded.guidance = cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE
+    if cfg.FAST_MODE:
+        print("  " + fast_mode.enable_fast_mode(pipe, loaded.adapters, cfg.LCM_LORA_ID, cfg.TINY_VAE_ID))
+        loaded.steps, loaded.guidance = cfg.FAST_STEPS, cfg.FAST_GUIDANCE_SCALE
+    return loaded
 
 
 def without_token(prompt: str, token: str) -> str:

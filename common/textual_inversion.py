@@ -26,8 +26,8 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import atomic_path
-from common.lora import SETTINGS_KEY, is_lora_file, require_finite, require_readable
+from common.files import adapter_kind, atomic_path, require_readable
+from common.lora import SETTINGS_KEY, require_finite
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
 
@@ -183,7 +183,7 @@ def find_embedding_file(path) -> Path:
     if found is None:
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file()
                        and not p.name.startswith("."))
-        candidates = [p for p in files if not is_lora_file(p)]
+        candidates = [p for p in files if adapter_kind(p) != "lora"]
         if len(candidates) != 1:
             loras = [p.name for p in files if p not in candidates]
             raise LessonError(f"The folder '{path}' holds {len(candidates) or 'no'} embedding files"
@@ -192,7 +192,7 @@ def find_embedding_file(path) -> Path:
                               + ": point EMBEDDING_PATH at the one embedding file you mean.")
         found = candidates[0]
     require_readable(found, "exercise3a_train_textual_inversion.py")
-    if is_lora_file(found):
+    if adapter_kind(found) == "lora":
         raise LessonError(f"'{found}' is a LoRA, not a Textual Inversion embedding. Set LORA_PATH to it, and "
                           "EMBEDDING_PATH to an embedding (or None).")
     return found

@@ -327,7 +327,7 @@ CASES = _constant_cases() + [
     Case("1-not-a-model-id", E1, ["--model", "sd15"], r"MODEL_ID 'sd15' is not a Hub id",
          r"The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
     Case("2-unknown-hub-id-offline", E2, ["--model", "someone/no-such-model"],
-         r"MODEL_ID 'someone/no-such-model': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'tiny'"),
+         r"MODEL_ID 'someone/no-such-model': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'pocket'"),
     Case("3a-missing-local-folder", A, TRAIN[A] + ["--model", "models/my-sd15"],
          r"MODEL_ID 'models/my-sd15' does not exist on this computer", r"Check the path"),
     Case("morph-missing-local-folder", MORPH, ["--model", "./downloads/sd15"],
@@ -339,7 +339,7 @@ CASES = _constant_cases() + [
     Case("1-damaged-model-file", E1, ["--model", "models/sd15.safetensors"], r"Could not load MODEL_ID "
          r"'models/sd15.safetensors'", r"download it again", setup=_write("models/sd15.safetensors", b"\0" * 4096)),
     Case("1-hub-unreachable", E1, [], r"Could not download the model for MODEL_ID 'stable-diffusion-v1-5/"
-         r"stable-diffusion-v1-5': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'tiny'",
+         r"stable-diffusion-v1-5': the Hugging Face Hub cannot be reached", r"use MODEL_ID = 'pocket'",
          env={"HF_HUB_OFFLINE": "1", "DREAMBOOTH_MODEL": ""}, cold=True),
     # ---------------------------------------------------------------- adapters
     Case("1-lora-for-sdxl", E1, QUICK + ["--lora-path", "models/sdxl_lora.safetensors"],

@@ -143,3 +143,8 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
     assert "also set: SAMPLE_EVERY = 3 (from --sample-every)" in said  # an override not in the summary's list
     cfg = lesson.configure(vars(script), ["--model", "tiny"])
     assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model-id"  # the flag beats the variable
+
+
+def test_an_error_line_carries_no_terminal_escape_codes():
+    coloured = "\x1b[31mOSError\x1b[0m: could not\n  read \x1b[1;33m'file'\x1b[0m \x1b]8;;http://x\x07link\x1b]8;;\x07"
+    assert lesson.one_line(coloured) == "OSError: could not read 'file' link"

@@ -76,7 +76,7 @@ def test_unreachable_hub_gives_ways_out(monkeypatch):
         models.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     message = str(info.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
-    assert "huggingface-cli login" in message and "tiny" in message and "local" in message
+    assert "hf auth login" in message and "pocket" in message and "local" in message
     assert "\n" not in message
 
 

@@ -86,3 +86,37 @@ def test_without_token_removes_only_the_word():
         "a dress made of african fabric,"
     assert personalize.without_token("tasks for sks", "sks") == "tasks for"
     assert personalize.without_token("sks african fabric pattern", "sks") == "african fabric pattern"
+
+
+def test_an_adapter_is_found_once_and_each_header_read_once(tiny_pipe, tmp_path, monkeypatch):
+    """Checked before the model loads, then loaded: the folder is searched once more, its header never."""
+    from common import files
+
+    folder = _make("diffusers", tiny_pipe, tmp_path / "fabric_lora")
+    tiny_pipe.unet.delete_adapters("default")  # (_make trained it in this pipe; load it afresh)
+    calls = []
+    real = lora.find_lora_file
+    monkeypatch.setattr(lora, "find_lora_file", lambda path: calls.append(path) or real(path))
+    files._header_keys.cache_clear()
+    personalize.check_adapter_files(folder)  # what validate() does, before any model loads
+    loaded = personalize.load_adapters(tiny_pipe, folder)
+    assert loaded.lora_layers == 56
+    assert len(calls) == 2  # validate, then load (load_lora is handed the answer: no third search)
+    assert files._header_keys.cache_info().misses == 1  # one header read for the one file
+    (folder / lora.WEIGHT_NAME).write_bytes(b"\0" * 100)  # a changed file is read again, not served stale
+    with pytest.raises(LessonError, match="is not a readable .safetensors file"):
+        personalize.check_adapter_files(folder)
+
+
+def test_personalize_takes_the_scripts_constants_and_fast_mode_changes_steps(tiny_pipe, tmp_path):
+    from types import SimpleNamespace
+
+    folder = _make("diffusers", tiny_pipe, tmp_path / "fabric_lora")
+    tiny_pipe.unet.delete_adapters("default")
+    cfg = SimpleNamespace(LORA_PATH=str(folder), USE_LORA=True, LORA_SCALE=0.5, EMBEDDING_PATH=None, FAST_MODE=False,
+                          NUM_INFERENCE_STEPS=30, GUIDANCE_SCALE=7.5, FAST_STEPS=4, FAST_GUIDANCE_SCALE=1.0)
+    loaded = personalize.personalize(tiny_pipe, cfg)
+    assert (loaded.lora_layers, loaded.lora_scale, loaded.steps, loaded.guidance) == (56, 0.5, 30, 7.5)
+    cfg.USE_LORA = False
+    base = personalize.personalize(tiny_pipe, cfg)  # the base model on purpose: nothing loaded
+    assert base.lora_file is None and base.adapters == {}
