@@ -16,6 +16,7 @@ loads them. This module only chooses the settings and handles the file layouts s
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -27,6 +28,7 @@ from common.files import adapter_kind, atomic_path, require_readable, safetensor
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"  # a pickle: read weights-only
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 SETTINGS_KEY = "dreambooth_training_settings"
 ADAPTER_NAME = "fabric"
@@ -150,6 +152,8 @@ def find_lora_file(path) -> tuple[str, Path]:
         return _file_layout(path), path
     if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
         return _file_layout(require_readable(path / WEIGHT_NAME, TRAIN_SCRIPT)), path / WEIGHT_NAME
+    if (path / LEGACY_WEIGHT_NAME).is_file():  # what diffusers' DreamBooth-LoRA example wrote until 0.19
+        return "diffusers", path / LEGACY_WEIGHT_NAME
     if (path / PEFT_WEIGHTS).is_file():
         if not (path / PEFT_CONFIG).is_file():
             raise LessonError(f"'{path / PEFT_WEIGHTS}' needs its '{PEFT_CONFIG}' beside it (it holds the rank "
@@ -166,6 +170,34 @@ def find_lora_file(path) -> tuple[str, Path]:
                           "'python exercise3b_train_lora.py', or point LORA_PATH at the right folder or file.")
     raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "
                       "set LORA_PATH to the one you mean.")
+
+
+def fold_kohya_alphas(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya's rule, layer by layer: W + alpha / rank * up @ down. diffusers gives every layer the file's most
+    common alpha (PEFT ignores its per-layer alphas), so a file whose alphas differ per layer (kohya's
+    ``resize_lora.py --dynamic_method``) would load at the wrong strength. Fold each layer's alpha / rank into
+    its up matrix and set its alpha to its rank: the strength is then in the weights, whatever the loader does.
+    """
+    folded = dict(weights)
+    for key in [k for k in weights if k.endswith(".alpha")]:
+        prefix = key.removesuffix(".alpha")
+        down, up = weights.get(f"{prefix}.lora_down.weight"), weights.get(f"{prefix}.lora_up.weight")
+        if down is None or up is None:
+            continue
+        rank = down.shape[0]
+        folded[f"{prefix}.lora_up.weight"] = (up.float() * (float(weights[key]) / rank)).to(up.dtype)
+        folded[key] = torch.tensor(float(rank))
+    return folded
+
+
+def _lora_layers(pipe, adapter_name: str):
+    """The LoRA layers of ``adapter_name`` in the pipeline's UNet and text encoder."""
+    from peft.tuners.lora import LoraLayer
+
+    for model in (pipe.unet, getattr(pipe, "text_encoder", None)):
+        for module in (model.modules() if model is not None else ()):
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                yield module
 
 
 def _file_layout(path: Path) -> str:
@@ -231,16 +263,32 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
         _check_shapes(pipe.unet, state, file)
         pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=config)
     else:
-        state, _ = pipe.lora_state_dict(_read_weights(file)) if file.suffix != ".safetensors" else \
-            pipe.lora_state_dict(str(file.parent), weight_name=file.name)
+        # Our .safetensors load from the file, whose header holds rank and alpha (save_lora); a kohya file's
+        # alphas are folded in first; a .bin or .pt goes through the weights-only reader, never a full unpickler.
+        source = str(file.parent) if layout == "diffusers" and file.suffix == ".safetensors" else None
+        weights = None if source else _read_weights(file)
+        if layout == "kohya":
+            weights = fold_kohya_alphas(weights)
+        elif weights is not None and not any(k.startswith(("unet.", "text_encoder.")) for k in weights):
+            weights = {f"unet.{k}": v for k, v in weights.items()}  # diffusers 0.16's save_attn_procs: UNet only
+        state, _ = (pipe.lora_state_dict(source, weight_name=file.name) if source
+                    else pipe.lora_state_dict(dict(weights)))
         require_finite(state, file, "the LoRA", TRAIN_SCRIPT)
         unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         _check_shapes(pipe.unet, convert_unet_state_dict_to_peft(unet_state) if unet_state else {}, file)
         try:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+            if source:
+                pipe.load_lora_weights(source, weight_name=file.name, adapter_name=adapter_name)
+            else:
+                with warnings.catch_warnings():  # (PEFT's note on the per-layer alphas it ignores: folded above)
+                    warnings.filterwarnings("ignore", message=".*alpha_pattern keys.*")
+                    pipe.load_lora_weights(dict(weights), adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise LessonError(f"'{file}' could not be applied to this model ({str(exc)[:160]}). Is it a LoRA for "
                               "Stable Diffusion v1.x?") from exc
+        if layout == "kohya":  # each layer's alpha/rank is in its up matrix now: every layer at scale 1
+            for module in _lora_layers(pipe, adapter_name):
+                module.lora_alpha[adapter_name] = module.r[adapter_name]
     patched = len(lora_layer_names(pipe.unet, adapter_name))
     if patched == 0:
         raise LessonError(f"'{file}' patched 0 layers of the UNet: its keys do not match this model. "

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import safetensors
@@ -144,3 +145,69 @@ def test_course_published_lora_applies_exactly_as_peft(tmp_path):
     assert len(lora.lora_layer_names(unet)) == 0
     assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
     assert torch.allclose(_unet_output(unet), reference, atol=1e-5)
+
+
+def _kohya_file_with_mixed_alphas_and_ranks(pipe, path):
+    """What kohya's resize_lora.py --dynamic_method writes: per-layer ranks, alpha = scale x rank per layer,
+    for the UNet's attention projections and the text encoder's. Returns {module: (scale, up @ down)}."""
+    g = torch.Generator().manual_seed(5)
+    tensors, rule = {}, {}
+    targets = [("lora_unet_", "unet", pipe.unet, lora.TARGET_MODULES),
+               ("lora_te_", "text_encoder", pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))]
+    for prefix, part, model, wanted in targets:
+        for i, (name, module) in enumerate((n, m) for n, m in model.named_modules()
+                                           if isinstance(m, torch.nn.Linear) and n.endswith(wanted)):
+            rank, alpha = (2, 8.0) if i % 3 == 0 else (4, 1.0) if i % 3 == 1 else (4, 4.0)
+            down = torch.randn(rank, module.in_features, generator=g) * 0.3
+            up = torch.randn(module.out_features, rank, generator=g) * 0.3
+            key = prefix + name.replace(".", "_")
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(alpha)})
+            rule[(part, name)] = alpha / rank * (up @ down)
+    safetensors.torch.save_file(tensors, str(path))
+    return rule
+
+
+def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tmp_path):
+    """Each layer gets W + alpha / rank * up @ down with its own alpha and rank, UNet and text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    rule = _kohya_file_with_mixed_alphas_and_ranks(loaded, tmp_path / "resized.safetensors")
+    expected = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        for (part, name), delta in rule.items():
+            getattr(expected, part).get_submodule(name).weight += delta
+    assert lora.find_lora_file(tmp_path / "resized.safetensors")[0] == "kohya"
+    assert lora.load_lora(loaded, tmp_path / "resized.safetensors") == 56
+
+    ids = loaded.tokenizer(["a sks african fabric pattern"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        text, text_expected = loaded.text_encoder(ids)[0], expected.text_encoder(ids)[0]
+    assert torch.allclose(text, text_expected, atol=1e-4)
+    assert not torch.allclose(text, StableDiffusionPipeline.from_pretrained(str(tiny_dir)).text_encoder(ids)[0],
+                              atol=1e-2)  # the text-encoder layers did load
+    assert torch.allclose(_unet_output(loaded.unet), _unet_output(expected.unet), atol=1e-4)
+
+
+def test_a_legacy_bin_lora_folder_loads_like_its_safetensors(trained_unet, tiny_dir, tmp_path):
+    """diffusers' DreamBooth-LoRA example wrote pytorch_lora_weights.bin (attention-processor names) until 0.19."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    config.lora_alpha = config.r  # the old format has no alpha: it always meant alpha = rank
+    unet.delete_adapters("default")
+    lora.add_lora(unet, rank=config.r, alpha=config.r)
+    _randomize_lora(unet)
+    old = {}
+    for key, value in lora.lora_state_dict(unet).items():  # "X.to_q.lora_A.weight" -> "X.processor.to_q_lora.down.weight"
+        module, proj, kind = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_(A|B)\.weight", key).groups()
+        old[f"{module}.processor.{proj.replace('.0', '')}_lora.{'down' if kind == 'A' else 'up'}.weight"] = value
+    # 0.17-0.19 (save_lora_weights) prefixed the UNet's keys with "unet."; 0.16 (save_attn_procs) did not.
+    for name, weights in (("v0.19", {f"unet.{k}": v for k, v in old.items()}), ("v0.16", old)):
+        (tmp_path / name).mkdir()
+        torch.save(weights, tmp_path / name / "pytorch_lora_weights.bin")
+        assert lora.find_lora_file(tmp_path / name) == ("diffusers", tmp_path / name / "pytorch_lora_weights.bin")
+        fresh = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+        assert lora.load_lora(fresh, tmp_path / name) == 56, name
+        assert torch.allclose(_unet_output(fresh.unet), _unet_output(unet), atol=1e-5), name
