@@ -157,6 +157,15 @@ def save_embedding(vectors: torch.Tensor, placeholder: str, path, settings: dict
     return path
 
 
+def export_a1111(vectors: torch.Tensor, path) -> Path:
+    """The same vectors as AUTOMATIC1111 and ComfyUI read them: one ``emb_params`` tensor, the word being the
+    file's name (so the file is named after the placeholder, without its angle brackets)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({"emb_params": vectors.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+    return path
+
+
 def load_checkpoint(module: PlaceholderEmbedding, folder) -> None:
     """Put the vectors saved in a checkpoint folder back into the module being trained (resuming)."""
     saved = next(iter(safetensors.torch.load_file(str(Path(folder) / WEIGHT_NAME)).values()))

@@ -1,0 +1,39 @@
+"""Files every Stable Diffusion tool opens, and a card that says what they are (issue 13 part 3)."""
+
+import torch
+from huggingface_hub import ModelCard
+
+from common import model_card
+from common import textual_inversion as ti
+
+SETTINGS = {"MODEL_ID": "stable-diffusion-v1-5/stable-diffusion-v1-5", "INSTANCE_PROMPT": "a sks african fabric pattern",
+            "SUBJECT_TOKEN": "sks", "LORA_RANK": 4, "LORA_ALPHA": 4.0, "LEARNING_RATE": 1e-4, "MAX_TRAIN_STEPS": 800}
+
+
+def test_lora_card_is_yaml_front_matter_and_markdown(tmp_path):
+    preview = tmp_path / "grid.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(preview)
+    folder = tmp_path / "fabric_lora"
+    folder.mkdir()
+    path = model_card.write_lora_card(folder, SETTINGS, folder / "fabric_lora_kohya.safetensors", preview)
+    card = ModelCard.load(path)  # the Hub's own parser: front matter + Markdown
+    assert card.data.base_model == SETTINGS["MODEL_ID"] and card.data.license == "creativeml-openrail-m"
+    assert card.data.instance_prompt == "a sks african fabric pattern" and "lora" in card.data.tags
+    assert "pipe.load_lora_weights(" in card.text and "<lora:fabric_lora_kohya:1>" in card.text
+    assert "| `LORA_RANK` | `4` |" in card.text and "![samples during training](preview.png)" in card.text
+    assert (folder / "preview.png").read_bytes() == preview.read_bytes()
+
+
+def test_embedding_card_and_a1111_file(tmp_path):
+    from diffusers.loaders.textual_inversion import load_textual_inversion_state_dicts
+
+    vectors = torch.randn(2, 32)
+    file = ti.export_a1111(vectors, tmp_path / "african-fabric.safetensors")
+    state = load_textual_inversion_state_dicts([str(file)])[0]
+    assert list(state) == ["emb_params"] and torch.equal(state["emb_params"], vectors)
+    settings = {**SETTINGS, "PLACEHOLDER_TOKEN": "<african-fabric>"}
+    card = ModelCard.load(model_card.write_embedding_card(tmp_path, settings, file))
+    assert card.data.instance_prompt == "a <african-fabric> pattern" and "textual_inversion" in card.data.tags
+    assert "pipe.load_textual_inversion(" in card.text and "embedding:african-fabric" in card.text
