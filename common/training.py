@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-from common import folder_lock, pickles
+from common import files, folder_lock, pickles
 from common.errors import LessonError, brief
-from common.files import fault_point, save_json
+from common.files import save_json
 from common.lesson import dashed
-
-NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests: "5" makes step 5's loss NaN, "5:inf" infinite,
-# "5:weights" one trained weight NaN after step 5 (as an overflowing update would)
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -102,19 +99,12 @@ def _not_finite(what: str, step: int, checkpoint_dir) -> LessonError:
 
 def check_finite(loss: torch.Tensor, step: int, checkpoint_dir) -> None:
     """Stop at once on a NaN/inf loss: continuing would only write broken weights over good ones."""
-    at, _, value = os.environ.get(NAN_FAULT_ENV, "").partition(":")
-    if at == str(step) and value != "weights":
-        loss = loss * float(value or "nan")
     if not torch.isfinite(loss).all():
         raise _not_finite(f"The loss became {loss.item()}", step, checkpoint_dir)
 
 
 def check_weights_finite(params, step: int, checkpoint_dir) -> None:
     """Refuse to save weights holding NaN/inf (a finite loss can still end in an infinite update)."""
-    params = list(params)
-    if os.environ.get(NAN_FAULT_ENV) == f"{step}:weights":
-        with torch.no_grad():
-            params[0].view(-1)[0] = float("nan")
     if not all(torch.isfinite(p).all() for p in params):
         raise _not_finite("The trained weights became NaN or infinite", step, checkpoint_dir)
 
@@ -286,11 +276,8 @@ def save_checkpoint(accelerator, run: Run, step: int, keep: int) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fault_point(final)  # (tests: killed with everything written, before the rename)
         _set_aside_earlier_run(run)  # (only now: a fresh run that fails before its first checkpoint moves nothing)
-        if final.exists():  # the same step saved again (after a resume): the new one is as good
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        files.commit(partial, final)  # (replacing the same step saved before a resume: the new one is as good)
         for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

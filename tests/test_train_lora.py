@@ -96,14 +96,15 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch):
+def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch, fault_hooks):
+    """Step 5's loss made NaN (tests/fault_hooks.py) stops the run; the step-3 checkpoint stays as it was."""
     from common.errors import LessonError
 
     script = load_script("exercise3b_train_lora.py")
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
     before = good.read_bytes()
-    monkeypatch.setenv(training.NAN_FAULT_ENV, "5")
+    monkeypatch.setenv(fault_hooks.NAN_AT_STEP_ENV, "5")
     with pytest.raises(LessonError, match="loss became nan at step 5"):
         script.main(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
     assert good.read_bytes() == before
