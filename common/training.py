@@ -78,6 +78,30 @@ def step_generator(seed: int, step: int, process_index: int = 0, micro_step: int
         (seed * 1_000_003 + step * 1009 + micro_step * 17 + process_index * 7_919_993) % (2**63))
 
 
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype for the frozen models' weights, from the accelerator's mixed precision (as diffusers'
+    training examples choose it). The trained LoRA or embedding stays fp32 whatever this is."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prediction_type(noise_scheduler) -> str:
+    """What the UNet learned to predict, from its scheduler's config: the noise itself ("epsilon", SD 1.x)
+    or the velocity ("v_prediction", SD 2.x at 768 px). Anything else is refused (scripts ask at load time,
+    so the refusal comes before the class images and the first step)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise LessonError(f"This model predicts {kind!r}, which the lesson's loss does not handle (epsilon or "
+                          "v_prediction). Use a Stable Diffusion 1.x or 2.x model (MODEL_ID).")
+    return kind
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """The loss's target for ``noise`` added to ``latents`` at ``timesteps``: what the UNet should predict."""
+    if prediction_type(noise_scheduler) == "epsilon":
+        return noise
+    return noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
 def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, weight_decay: float = 1e-2):
     """AdamW, or bitsandbytes' 8-bit AdamW (optional dependency) to save GPU memory."""
     if use_8bit_adam:
@@ -138,6 +162,12 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
         self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
+
+
+def mean_losses(micro_batches: list[dict[str, float]]) -> dict[str, float]:
+    """Each loss averaged over one step's micro-batches (``[{"total": ..., "prior": ...}, ...]``): the
+    number to log for the step, as its update follows the mean of their gradients."""
+    return {name: sum(m[name] for m in micro_batches) / len(micro_batches) for name in micro_batches[0]}
 
 
 @dataclass
