@@ -22,8 +22,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-
 NAN_AT_STEP_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"
 KILL_DURING_SAVE_ENV = "DREAMBOOTH_KILL_DURING_SAVE"
 ENV_VARS = (NAN_AT_STEP_ENV, KILL_DURING_SAVE_ENV)
@@ -47,6 +45,8 @@ def _nan_loss(check_finite):
 def _nan_weights(check_weights_finite):
     @functools.wraps(check_weights_finite)
     def wrapper(params, step, checkpoint_dir):
+        import torch  # (here: student.py's warm server must import common before the libraries)
+
         params = list(params)
         if os.environ.get(NAN_AT_STEP_ENV) == f"{step}:weights":
             with torch.no_grad():
