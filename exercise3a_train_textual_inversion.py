@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
 
 from common import comparison, figures, images, lesson, models, sampling, training
 from common import device as devices
@@ -129,8 +130,7 @@ def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     text_states = embedding(ids.to(device))  # the only part with a gradient: the new vector(s)
     model_pred = unet(noisy_latents.to(dtype), timesteps, text_states.to(dtype)).sample
-    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
-              else noise_scheduler.get_velocity(latents, noise, timesteps))
+    target = training.diffusion_target(noise_scheduler, latents, noise, timesteps)  # the noise (SD 1.x)
     return F.mse_loss(model_pred.float(), target.float())
 
 
@@ -150,10 +150,11 @@ def main(argv=None):
     runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
                               gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
-    device = accelerator.device
+    device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
     print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=runtime.dtype).to(device)
+    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype).to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
+    training.prediction_type(noise_scheduler)  # (a model the loss cannot train: refused now, not after minutes)
     sampling.use_multistep_solver(pipe)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     resolution = cfg.RESOLUTION or models.native_resolution(pipe)
@@ -183,7 +184,7 @@ def main(argv=None):
                       for _ in range(cfg.NUM_SAMPLE_SEEDS)]
     sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
     vae.to("cpu")
-    devices.empty_cache(device)
+    free_memory()
 
     lesson.step(5, "Freeze everything; train only the new vector(s)")
     unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
@@ -228,15 +229,15 @@ def main(argv=None):
                 with accelerator.accumulate(embedding):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
                     # The loss through the new word (textual_inversion_loss, above: noise, timesteps, UNet call).
-                    loss = textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, runtime.dtype)
+                    loss = textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, weight_dtype)
                     training.check_finite(loss, step, checkpoint_root)
                     accelerator.backward(loss)
                     optimizer.step()  # accelerate applies it once all micro-batches are summed
                     lr_scheduler.step()
                     optimizer.zero_grad()
-                    losses.append(loss.item())
+                    losses.append({"loss": loss.item()})
             state.step = step
-            state.log(loss=sum(losses) / len(losses), lr=lr)
+            state.log(**training.mean_losses(losses), lr=lr)
             bar.update(1, loss=state.history["loss"][-1])
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, free_memory
 
 from common import device as devices
 from common import figures, images, lesson, lora, models, prior, sampling, training
@@ -137,8 +137,7 @@ def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, 
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     # One UNet call for instance and class images together: predict the noise.
     model_pred = unet(noisy_latents.to(dtype), timesteps, torch.cat(embeds).to(device, dtype)).sample
-    target = (noise if noise_scheduler.config.prediction_type == "epsilon"
-              else noise_scheduler.get_velocity(latents, noise, timesteps))
+    target = training.diffusion_target(noise_scheduler, latents, noise, timesteps)  # the noise (SD 1.x)
     # The first n_inst rows are instance images, the rest class images (prior.prior_preservation_loss).
     return prior.prior_preservation_loss(model_pred, target, n_inst, prior_loss_weight)
 
@@ -159,10 +158,11 @@ def main(argv=None):
     runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
                               gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
-    device = accelerator.device
+    device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
     print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=runtime.dtype).to(device)
+    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype).to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
+    training.prediction_type(noise_scheduler)  # (a model the loss cannot train: refused now, not after minutes)
     sampling.use_multistep_solver(pipe)
     unet, vae = pipe.unet, pipe.vae
     resolution = cfg.RESOLUTION or models.native_resolution(pipe)
@@ -194,7 +194,7 @@ def main(argv=None):
     sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
     sample_embeds = sampling.encode_prompts(pipe, sample_prompts, guidance=cfg.GUIDANCE_SCALE > 1)
     vae.to("cpu"), pipe.text_encoder.to("cpu")
-    devices.empty_cache(device)
+    free_memory()
 
     lesson.step(5, f"Add rank-{cfg.LORA_RANK} LoRA layers to the UNet's attention (to_q, to_k, to_v, to_out)")
     unet.requires_grad_(False)
@@ -235,21 +235,22 @@ def main(argv=None):
     unet.train()
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
-            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
-            for micro in range(cfg.GRADIENT_ACCUMULATION):
+            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
+            for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
                 with accelerator.accumulate(unet):
                     g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
                     # Concept 3's loss on this batch (dreambooth_loss, above: noise, timesteps, one UNet call).
                     loss, instance_loss, prior_loss = dreambooth_loss(
-                        unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, runtime.dtype)
+                        unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, weight_dtype)
                     training.check_finite(loss, step, checkpoint_root)
                     accelerator.backward(loss)
-                    optimizer.step()
+                    optimizer.step()  # accelerate applies it once all micro-batches are summed
                     lr_scheduler.step()
                     optimizer.zero_grad()
+                    losses.append({"total": loss.item(), "instance": instance_loss.item(), "prior": prior_loss.item()})
             state.step = step
-            state.log(total=loss.item(), instance=instance_loss.item(), prior=prior_loss.item(), lr=lr)
-            bar.update(1, loss=loss.item())
+            state.log(**training.mean_losses(losses), lr=lr)
+            bar.update(1, loss=state.history["total"][-1])
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
             if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested:

@@ -45,7 +45,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import cast_training_params  # noqa: E402
+from diffusers.training_utils import cast_training_params, free_memory  # noqa: E402
 
 from common import device as devices  # noqa: E402
 from common import images, lora, models, training  # noqa: E402
@@ -171,7 +171,8 @@ def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, arg
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-        return loss.item(), instance_loss.item(), prior_loss.item()  # what the script logs each step
+                logged = loss.item(), instance_loss.item(), prior_loss.item()  # the script logs every micro-batch's
+        return logged
 
     # The floor's inputs, drawn once and left on the device.
     g = training.step_generator(0, 0)
@@ -348,7 +349,7 @@ def _placement(helpers, device):
             if device.type != "cpu":
                 for model in helpers:
                     model.to(where)
-                devices.empty_cache(device)
+                free_memory()
         return place
     return move("cpu"), move(device)
 

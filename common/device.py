@@ -95,9 +95,3 @@ def generator(seed: int) -> torch.Generator:
     """A CPU generator: the same seed gives the same starting noise on every device."""
     return torch.Generator("cpu").manual_seed(int(seed))
 
-
-def empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()

@@ -2,10 +2,8 @@
 
 Every write goes to a temporary file beside the target and is renamed into place (``os.replace`` is
 atomic on the same filesystem, on Windows too). A crash mid-save leaves the previous file intact, and
-the next save of the same file removes the temporary one the crash left behind.
-
-For the tests that prove it, the environment variable ``DREAMBOOTH_KILL_DURING_SAVE`` makes a save of
-a matching path kill its own process half-way (after writing, before the rename), as a power cut would.
+the next save of the same file removes the temporary one the crash left behind. Every rename into
+place goes through ``commit``.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +23,21 @@ from common.errors import LessonError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-KILL_DURING_SAVE_ENV = "DREAMBOOTH_KILL_DURING_SAVE"  # tests: a save of a path containing this text dies half-way
 
+def commit(tmp, path) -> None:
+    """Put the finished temporary file or folder ``tmp`` in place of ``path``: the step a crash must not split.
 
-def fault_point(path) -> None:
-    """Kill this process at once (SIGKILL: no clean-up, no ``finally``) when ``path`` contains the text
-    in ``DREAMBOOTH_KILL_DURING_SAVE``. Called between writing a save and renaming it into place."""
-    pattern = os.environ.get(KILL_DURING_SAVE_ENV)
-    if pattern and pattern in Path(path).as_posix():
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+    A file is replaced in one atomic rename. A folder cannot replace another in one step, so an old
+    ``path`` is renamed aside first (".name.old-PID"), then deleted.
+    """
+    path = Path(path)
+    if Path(tmp).is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -56,9 +59,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        fault_point(path)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual permissions
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -74,14 +76,7 @@ def atomic_dir(path):
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes folders private; give them the usual permissions
     try:
         yield tmp
-        fault_point(path)
-        if path.exists():  # rename the old one aside first: a folder cannot be replaced in one step
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

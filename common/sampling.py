@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from common.device import empty_cache, generator
+from common.device import generator
 from common.errors import warn
 
 
@@ -120,7 +120,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSetti
                 raise
             batch //= 2
             print(f"  Out of memory: generating {batch} image(s) at a time from now on.")
-            empty_cache(pipe._execution_device)
+            from diffusers.training_utils import free_memory
+
+            free_memory()
             continue
         pictures, bad = to_pil(out.images)
         images.extend(pictures)

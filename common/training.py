@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-from common import folder_lock, pickles
+from common import files, folder_lock, pickles
 from common.errors import LessonError, brief
-from common.files import fault_point, save_json
+from common.files import save_json
 from common.lesson import dashed
-
-NAN_FAULT_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"  # tests: "5" makes step 5's loss NaN, "5:inf" infinite,
-# "5:weights" one trained weight NaN after step 5 (as an overflowing update would)
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -81,6 +78,30 @@ def step_generator(seed: int, step: int, process_index: int = 0, micro_step: int
         (seed * 1_000_003 + step * 1009 + micro_step * 17 + process_index * 7_919_993) % (2**63))
 
 
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype for the frozen models' weights, from the accelerator's mixed precision (as diffusers'
+    training examples choose it). The trained LoRA or embedding stays fp32 whatever this is."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prediction_type(noise_scheduler) -> str:
+    """What the UNet learned to predict, from its scheduler's config: the noise itself ("epsilon", SD 1.x)
+    or the velocity ("v_prediction", SD 2.x at 768 px). Anything else is refused (scripts ask at load time,
+    so the refusal comes before the class images and the first step)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise LessonError(f"This model predicts {kind!r}, which the lesson's loss does not handle (epsilon or "
+                          "v_prediction). Use a Stable Diffusion 1.x or 2.x model (MODEL_ID).")
+    return kind
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """The loss's target for ``noise`` added to ``latents`` at ``timesteps``: what the UNet should predict."""
+    if prediction_type(noise_scheduler) == "epsilon":
+        return noise
+    return noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
 def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, weight_decay: float = 1e-2):
     """AdamW, or bitsandbytes' 8-bit AdamW (optional dependency) to save GPU memory."""
     if use_8bit_adam:
@@ -102,19 +123,12 @@ def _not_finite(what: str, step: int, checkpoint_dir) -> LessonError:
 
 def check_finite(loss: torch.Tensor, step: int, checkpoint_dir) -> None:
     """Stop at once on a NaN/inf loss: continuing would only write broken weights over good ones."""
-    at, _, value = os.environ.get(NAN_FAULT_ENV, "").partition(":")
-    if at == str(step) and value != "weights":
-        loss = loss * float(value or "nan")
     if not torch.isfinite(loss).all():
         raise _not_finite(f"The loss became {loss.item()}", step, checkpoint_dir)
 
 
 def check_weights_finite(params, step: int, checkpoint_dir) -> None:
     """Refuse to save weights holding NaN/inf (a finite loss can still end in an infinite update)."""
-    params = list(params)
-    if os.environ.get(NAN_FAULT_ENV) == f"{step}:weights":
-        with torch.no_grad():
-            params[0].view(-1)[0] = float("nan")
     if not all(torch.isfinite(p).all() for p in params):
         raise _not_finite("The trained weights became NaN or infinite", step, checkpoint_dir)
 
@@ -148,6 +162,12 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
         self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
+
+
+def mean_losses(micro_batches: list[dict[str, float]]) -> dict[str, float]:
+    """Each loss averaged over one step's micro-batches (``[{"total": ..., "prior": ...}, ...]``): the
+    number to log for the step, as its update follows the mean of their gradients."""
+    return {name: sum(m[name] for m in micro_batches) / len(micro_batches) for name in micro_batches[0]}
 
 
 @dataclass
@@ -286,11 +306,8 @@ def save_checkpoint(accelerator, run: Run, step: int, keep: int) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fault_point(final)  # (tests: killed with everything written, before the rename)
         _set_aside_earlier_run(run)  # (only now: a fresh run that fails before its first checkpoint moves nothing)
-        if final.exists():  # the same step saved again (after a resume): the new one is as good
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        files.commit(partial, final)  # (replacing the same step saved before a resume: the new one is as good)
         for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

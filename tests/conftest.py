@@ -43,6 +43,16 @@ def load_script(name: str):
 
 
 @pytest.fixture
+def fault_hooks(monkeypatch):
+    """tests/fault_hooks.py installed for this test only (in this process); set its environment variables
+    (``monkeypatch.setenv(fault_hooks.NAN_AT_STEP_ENV, "5")``) to inject a fault."""
+    import fault_hooks
+
+    fault_hooks.install(monkeypatch.setattr)
+    return fault_hooks
+
+
+@pytest.fixture
 def tiny_pipe(tiny_dir):
     """A fresh tiny StableDiffusionPipeline loaded with plain diffusers."""
     from diffusers import StableDiffusionPipeline

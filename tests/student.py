@@ -11,6 +11,10 @@ as ``__main__`` (``runpy``); its exit status is reported exactly as the shell wo
 ``sys.executable script.py`` instead: needed where an environment variable is read at import time
 (``HF_HUB_OFFLINE``), and a way to check that warm and cold runs agree.
 
+A run whose environment asks for a fault (``fault_hooks.ENV_VARS``) gets the tests' fault hooks: a warm
+child installs them before running the script; a cold run finds ``tests/hooks/sitecustomize.py``, which
+installs them, first on its PYTHONPATH.
+
 Run as a program, this module is the warm server: it reads one JSON request a line on stdin, forks,
 answers ``{"pid": ...}`` at once and ``{"rc": ..., "maxrss_kb": ...}`` when the child has ended.
 """
@@ -27,7 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fault_hooks
+
 ROOT = Path(__file__).resolve().parents[1]
+HOOKS_DIR = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: the fault hooks in a cold run
 COLD_ENV = "FAULTS_COLD"
 CAN_FORK = hasattr(os, "fork") and hasattr(os, "wait4")  # (not on Windows: every run is cold there)
 
@@ -93,6 +100,8 @@ class Student:
         out, err = self.log_dir / f"{self._count:03d}.out", self.log_dir / f"{self._count:03d}.err"
         environment = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "DREAMBOOTH_MODEL")}
         environment.update(PYTHONUNBUFFERED="1", **(env or {}))
+        if fault_hooks.wanted(environment):  # (a PYTHONPATH the test set is kept, after the hooks)
+            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS_DIR), environment.get("PYTHONPATH")]))
         command = [str(ROOT / script), *map(str, args)]
         if cold or os.environ.get(COLD_ENV) == "1" or not CAN_FORK:
             return self._start_cold(command, Path(cwd), environment, out, err)
@@ -205,6 +214,8 @@ def _child(request: dict) -> None:
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
                                       write_through=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh Python
+        if fault_hooks.wanted():  # (what tests/hooks/sitecustomize.py does in a cold run)
+            fault_hooks.install()
         script = request["argv"][0]
         sys.argv = list(request["argv"])
         sys.path[0] = str(Path(script).parent)  # what `python script.py` puts first

@@ -10,6 +10,10 @@ runs take seconds; ``FAULTS_COLD=1`` makes every run a fresh interpreter). Each 
 3. every file that existed before is byte-for-byte intact, and nothing appeared outside ``outputs/``,
    ``models/`` and ``class_images/``.
 
+Faults a student cannot cause on demand (a NaN loss, NaN weights, a power cut mid-save) are injected by
+``tests/fault_hooks.py``, switched on by its environment variables and installed only in the runs that set
+one; the lesson code holds no test switch (``test_the_lesson_code_holds_no_test_hook``).
+
 Cases that need a trained LoRA or embedding copy one project trained once per session (``trained``).
 Covered elsewhere, not repeated here: each image mode, EXIF, animated GIF, bad files, non-ASCII names and
 the upscaling warning at the loader's level (test_images.py); 3b's NaN stop, Ctrl-C + resume, and resume ==
@@ -43,8 +47,8 @@ from PIL import Image
 
 from common import configurator, lesson, lora, training
 from common import textual_inversion as ti
-from common.files import KILL_DURING_SAVE_ENV
 from conftest import ROOT, SHARED_SEED, needs_shared
+from fault_hooks import KILL_DURING_SAVE_ENV, NAN_AT_STEP_ENV
 from student import Student
 
 SCRIPTS = ["exercise3b_train_lora.py", "exercise3a_train_textual_inversion.py", "exercise1_generate.py",
@@ -398,9 +402,9 @@ CASES = _constant_cases() + [
          before_model=True),
     # ---------------------------------------------------------------- training faults
     Case("3b-nan-loss", B, TRAIN[B] + ["--resume", "--max-train-steps", "4"], r"The loss became nan at step 3",
-         r"Lower LEARNING_RATE.*--resume", env={training.NAN_FAULT_ENV: "3"}),
+         r"Lower LEARNING_RATE.*--resume", env={NAN_AT_STEP_ENV: "3"}),
     Case("3a-inf-loss", A, TRAIN[A] + ["--resume", "--max-train-steps", "4"], r"The loss became inf at step 3",
-         r"Lower LEARNING_RATE.*--resume", env={training.NAN_FAULT_ENV: "3:inf"}),
+         r"Lower LEARNING_RATE.*--resume", env={NAN_AT_STEP_ENV: "3:inf"}),
 ]
 
 
@@ -426,6 +430,17 @@ def test_failure_is_one_line_and_loses_nothing(case, student, project):
 def test_every_script_has_cases():
     for script in SCRIPTS:
         assert sum(c.script == script for c in CASES) >= 8, script
+
+
+def test_the_lesson_code_holds_no_test_hook():
+    """The faults these tests inject (a NaN loss or weights, a kill mid-save) come from tests/fault_hooks.py,
+    which wraps lesson functions for the runs that ask for one: no lesson module or script reads a test switch."""
+    sources = sorted((ROOT / "common").glob("*.py")) + [ROOT / script for script in SCRIPTS]
+    assert len(sources) > len(SCRIPTS) + 10
+    for path in sources:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            found = re.search(r"DREAMBOOTH_INJECT|DREAMBOOTH_KILL|(?<!de)fault", line, re.IGNORECASE)
+            assert not found, f"{path.name}:{number}: {line.strip()}"
 
 
 # ========================================================================== what works, with a warning
@@ -1136,11 +1151,11 @@ CHECKPOINT_CASES = [
     Case("3b-nan-weights-in-a-checkpoint", B, TRAIN[B], r"The trained weights became NaN or infinite at step 1, "
          rf"so training stopped \(nothing was saved over your checkpoints in '{CKPT[B]}/'\)",
          r"Lower LEARNING_RATE .*then run again with --resume \(it continues from the last good checkpoint",
-         env={training.NAN_FAULT_ENV: "1:weights"}),
+         env={NAN_AT_STEP_ENV: "1:weights"}),
     Case("3b-nan-weights-in-the-final-file", B, TRAIN[B] + ["--checkpoint-every", "100"], r"The trained weights "
-         r"became NaN or infinite at step 2", r"Lower LEARNING_RATE", env={training.NAN_FAULT_ENV: "2:weights"}),
+         r"became NaN or infinite at step 2", r"Lower LEARNING_RATE", env={NAN_AT_STEP_ENV: "2:weights"}),
     Case("3a-nan-weights-on-resume", A, RESUME[A], r"The trained weights became NaN or infinite at step 3",
-         r"Lower LEARNING_RATE", env={training.NAN_FAULT_ENV: "3:weights"}),
+         r"Lower LEARNING_RATE", env={NAN_AT_STEP_ENV: "3:weights"}),
 ]
 
 
@@ -1242,7 +1257,7 @@ def test_after_a_nan_resume_at_a_lower_learning_rate_trains_at_that_rate(student
     root = project / CKPT[B]
     shutil.rmtree(root)
     args = TRAIN[B] + ["--max-train-steps", "4", "--learning-rate", "5e-3"]
-    failed = student.run(B, args, project, env={training.NAN_FAULT_ENV: "3"})
+    failed = student.run(B, args, project, env={NAN_AT_STEP_ENV: "3"})
     assert_one_line_error(failed, r"The loss became nan at step 3", r"Lower LEARNING_RATE .*--resume")
     assert [p.name for p in training.checkpoint_dirs(root)] == ["checkpoint-000001", "checkpoint-000002"]
 

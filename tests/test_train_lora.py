@@ -1,6 +1,8 @@
 """Exercise 3b end to end on the tiny model: the LoRA it writes works with plain diffusers."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,18 +98,71 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch):
+def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch, fault_hooks):
+    """Step 5's loss made NaN (tests/fault_hooks.py) stops the run; the step-3 checkpoint stays as it was."""
     from common.errors import LessonError
 
     script = load_script("exercise3b_train_lora.py")
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
     before = good.read_bytes()
-    monkeypatch.setenv(training.NAN_FAULT_ENV, "5")
+    monkeypatch.setenv(fault_hooks.NAN_AT_STEP_ENV, "5")
     with pytest.raises(LessonError, match="loss became nan at step 5"):
         script.main(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
     assert good.read_bytes() == before
     assert [p.name for p in training.checkpoint_dirs(good.parents[1])] == ["checkpoint-000003"]
+
+
+def test_gradient_accumulation_logs_the_mean_of_the_micro_batch_losses(workdir, monkeypatch):
+    """Each step logs its micro-batches' mean loss (total, instance, prior), not the last micro-batch's."""
+    script = load_script("exercise3b_train_lora.py")
+    seen = []  # (total, instance, prior) of every micro-batch, in order
+
+    def recorded(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        seen.append([x.item() for x in losses])
+        return losses
+
+    original = prior.prior_preservation_loss
+    monkeypatch.setattr(prior, "prior_preservation_loss", recorded)
+    result = script.main(FAST + ["--max-train-steps", "2", "--gradient-accumulation", "2", "--sample-every", "100",
+                                 "--checkpoint-every", "2"])
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    assert seen[0] != seen[1] and seen[2] != seen[3]  # (so the last one alone would not pass)
+    for i, name in enumerate(["total", "instance", "prior"]):
+        means = [(seen[0][i] + seen[1][i]) / 2, (seen[2][i] + seen[3][i]) / 2]
+        assert result.history[name] == pytest.approx(means, rel=1e-6, abs=1e-9), name
+    saved = json.loads((workdir / "models/fabric_lora/checkpoints/checkpoint-000002/train_state.json").read_text())
+    assert saved["history"]["total"] == pytest.approx(result.history["total"], rel=1e-6)
+
+
+def test_only_noise_or_velocity_predicting_models_are_trained(workdir, tiny_pipe):
+    """The loss's target follows the scheduler's prediction_type; any other kind is refused, before the
+    class images are drawn."""
+    from diffusers import DDPMScheduler
+
+    from common.errors import LessonError
+
+    def scheduler(kind):
+        return DDPMScheduler.from_config({**tiny_pipe.scheduler.config, "prediction_type": kind})
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 900])
+    assert training.diffusion_target(scheduler("epsilon"), latents, noise, timesteps) is noise
+    alpha_bar = scheduler("v_prediction").alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(training.diffusion_target(scheduler("v_prediction"), latents, noise, timesteps),
+                               alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents)  # v = a*eps - s*x0
+    refused = r"This model predicts 'sample', which the lesson's loss does not handle \(epsilon or v_prediction\)"
+    with pytest.raises(LessonError, match=refused):
+        training.diffusion_target(scheduler("sample"), latents, noise, timesteps)
+
+    shutil.copytree(workdir / "models/tiny-sd", workdir / "models/sample-sd")
+    config = workdir / "models/sample-sd/scheduler/scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(LessonError, match=refused):
+        load_script("exercise3b_train_lora.py").main(FAST + ["--model", "models/sample-sd", "--max-train-steps", "1"])
+    assert not (workdir / "class_images").exists()
 
 
 def _run(args, cwd):
