@@ -148,3 +148,11 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
 def test_an_error_line_carries_no_terminal_escape_codes():
     coloured = "\x1b[31mOSError\x1b[0m: could not\n  read \x1b[1;33m'file'\x1b[0m \x1b]8;;http://x\x07link\x1b]8;;\x07"
     assert lesson.one_line(coloured) == "OSError: could not read 'file' link"
+
+
+def test_common_lists_every_module_once():
+    import common
+
+    modules = sorted(p.stem for p in (ROOT / "common").glob("*.py") if p.stem != "__init__")
+    listed = [m for m in modules if common.__doc__.count(f"``{m}``") == 1]
+    assert listed == modules
