@@ -7,14 +7,15 @@ import pytest
 
 from common import configurator, lesson
 from common.errors import LessonError
-from conftest import ROOT, load_script
+import exercise3b_train_lora
+from conftest import ROOT
 
 
 def test_every_constant_has_a_dashed_flag_in_help():
     out = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     for name, _ in configurator.constants(script.__file__):
         assert lesson.dashed(name) in out.stdout, name
     assert "--model" in out.stdout and "--debug" in out.stdout
@@ -22,7 +23,7 @@ def test_every_constant_has_a_dashed_flag_in_help():
 
 
 def test_overrides_and_types():
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), ["--max-train-steps", "12", "--learning-rate", "3e-4",
                                           "--no-prior-preservation", "--resolution", "128",
                                           "--sample-prompts", "a, b | c"])
@@ -33,13 +34,13 @@ def test_overrides_and_types():
 
 
 def test_constants_are_read_when_main_runs(monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     monkeypatch.setattr(script, "MAX_TRAIN_STEPS", 5)
     assert lesson.configure(vars(script), []).MAX_TRAIN_STEPS == 5
 
 
 def test_model_selection_flag_and_environment(monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     assert lesson.configure(vars(script), []).MODEL_ID == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     monkeypatch.setenv("DREAMBOOTH_MODEL", "tiny")
     assert lesson.configure(vars(script), []).MODEL_ID == "tiny"
@@ -56,7 +57,7 @@ def test_model_selection_flag_and_environment(monkeypatch):
     (["--lr-scheduler", "sometimes"], "LR_SCHEDULER"),
 ])
 def test_bad_constants_are_rejected_by_name_before_loading(args, constant, monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     # If validation let it through, loading this model would fail differently.
     monkeypatch.setattr(script, "MODEL_ID", "no-such/model-anywhere")
     with pytest.raises(LessonError, match=constant):
@@ -75,7 +76,7 @@ def test_script_failure_is_one_readable_line(tmp_path):
 
 
 def test_instance_prompt_without_token_warns(capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), ["--instance-prompt", "a fabric pattern"])
     script.validate(cfg)
     assert "does not contain SUBJECT_TOKEN" in capsys.readouterr().out
@@ -123,7 +124,7 @@ def test_a_computed_constant_is_a_constant_too(tmp_path):
     (["--instance-prompt", "1990"], "INSTANCE_PROMPT", "1990"),  # text stays text, even when it reads as a number
 ])
 def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, value):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), args)
     assert getattr(cfg, name) == value and type(getattr(cfg, name)) is type(value)
     script.validate(cfg)  # accepted
@@ -132,7 +133,7 @@ def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, 
 
 
 def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     monkeypatch.setenv("DREAMBOOTH_MODEL", "pocket")
     cfg = lesson.configure(vars(script), ["--max-train-steps", "12", "--sample-every", "3"])
     lesson.print_summary(cfg, "title", ["MODEL_ID", "MAX_TRAIN_STEPS", "LORA_RANK"])
@@ -143,3 +144,4 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
     assert "also set: SAMPLE_EVERY = 3 (from --sample-every)" in said  # an override not in the summary's list
     cfg = lesson.configure(vars(script), ["--model", "tiny"])
     assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model-id"  # the flag beats the variable
+

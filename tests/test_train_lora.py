@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common import lora, prior, sampling, training
-from conftest import ROOT, load_script
+import exercise3b_train_lora
+from conftest import ROOT
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
         "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
@@ -19,7 +20,7 @@ FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--
 def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
     from diffusers import StableDiffusionPipeline
 
-    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", "6"])
+    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", "6"])
     lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
     assert result.lora_file.resolve() == lora_file and lora_file.is_file()
     assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
@@ -47,7 +48,7 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
 
 
 def test_resume_continues_at_the_right_step(workdir, capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     result = script.main(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
     said = capsys.readouterr().out
@@ -58,7 +59,7 @@ def test_resume_continues_at_the_right_step(workdir, capsys):
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
     from safetensors.torch import load_file
 
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     args = FAST + ["--sample-every", "100", "--no-random-flip"]
     script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/straight"])
     script.main(args + ["--max-train-steps", "2", "--checkpoint-every", "2", "--lora-dir", "models/split"])
@@ -70,7 +71,7 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
 
 
 def test_no_prior_preservation_trains_on_instances_only(workdir):
-    result = load_script("exercise3b_train_lora.py").main(
+    result = exercise3b_train_lora.main(
         FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
     assert not (workdir / "class_images").exists()
     assert result.history["prior"] == [0.0, 0.0]
@@ -99,7 +100,7 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
 def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch):
     from common.errors import LessonError
 
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
     before = good.read_bytes()
@@ -136,7 +137,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workdir):
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
     assert 0 < step < 100000
-    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", str(step + 2),
+    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", str(step + 2),
                                                                   "--sample-every", "100000", "--resume"])
     assert len(result.history["total"]) == step + 2
 
