@@ -58,6 +58,14 @@ def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys)
     assert np.abs(_pixels(again) - _pixels(result.images[4])).max() <= 1
 
 
+def test_exercise1_compares_with_and_without_the_subject_token_it_is_given(fabric_lora, workdir):
+    result = exercise1_generate.main(QUICK + ["--subject-token", "ohwx", "--prompts",
+                                              "a {} scarf | a dress of {} cloth"])
+    assert result.prompts == ["a ohwx scarf", "a dress of ohwx cloth"]
+    assert result.plain_prompts == ["a scarf", "a dress of cloth"]  # the same prompts, one word less
+    assert (workdir / "outputs/exercise1_token_comparison.png").is_file()
+
+
 def test_missing_lora_stops_with_how_to_get_one(workdir):
     with pytest.raises(LessonError, match=r"No LoRA at 'models/fabric_lora'.*exercise3b_train_lora\.py.*USE_LORA"):
         exercise1_generate.main(QUICK)

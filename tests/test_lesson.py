@@ -7,7 +7,10 @@ import pytest
 
 from common import configurator, lesson
 from common.errors import LessonError
+import exercise1_generate
+import exercise2_explore
 import exercise3b_train_lora
+import generate_dreambooth_morph
 from conftest import ROOT
 
 
@@ -101,6 +104,23 @@ def test_help_renders_every_flag_of_every_script(name):
     assert "%(" not in shown and "%%" not in shown  # a '%' in a comment is printed as it is
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_answers_before_any_library_loads(name):
+    """--help is read before torch, diffusers, transformers, accelerate and peft are imported (they take seconds)."""
+    module = name.removesuffix(".py")
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{name!r}, '--help']\n"
+             "try:\n"
+             f"    runpy.run_module({module!r}, run_name='__main__')\n"
+             "except SystemExit as exc:\n"
+             "    assert exc.code == 0, exc.code\n"
+             "heavy = ('torch', 'diffusers', 'transformers', 'accelerate', 'peft')\n"
+             "print('LOADED:', [m for m in heavy if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "--help" in out.stdout and out.stdout.strip().splitlines()[-1] == "LOADED: []", out.stdout[-500:]
+
+
 def test_a_computed_constant_is_a_constant_too(tmp_path):
     """A student writes MAX_TRAIN_STEPS = 4 * 200: it keeps its flag, its value, and validation."""
     source = (ROOT / "exercise3b_train_lora.py").read_text(encoding="utf-8")
@@ -145,3 +165,53 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
     cfg = lesson.configure(vars(script), ["--model", "tiny"])
     assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model-id"  # the flag beats the variable
 
+
+# --------------------------------------------------------------------------- SUBJECT_TOKEN is typed once
+def test_the_default_prompts_are_the_courses():
+    b = lesson.configure(vars(exercise3b_train_lora), [])
+    assert b.INSTANCE_PROMPT == "a sks african fabric pattern"
+    assert b.SAMPLE_PROMPTS == ("a sks african fabric pattern",
+                                "a beautiful dress made of sks african fabric pattern, fashion photography",
+                                "a fabric pattern")
+    one = lesson.configure(vars(exercise1_generate), [])
+    assert one.PROMPTS[0] == "a beautiful dress made of sks african fabric pattern, fashion photography"
+    assert all(" sks african fabric pattern" in p for p in one.PROMPTS) and len(one.PROMPTS) == 9
+    two = lesson.configure(vars(exercise2_explore), [])
+    assert two.PROMPT == "a sks african fabric pattern"
+    assert two.STYLE_PROMPT == "sks african fabric pattern, {style} style"
+    assert lesson.configure(vars(generate_dreambooth_morph), []).PROMPT == "a sks african fabric pattern"
+
+
+def test_subject_token_fills_every_prompt(capsys):
+    b = lesson.configure(vars(exercise3b_train_lora), ["--subject-token", "ohwx"])
+    exercise3b_train_lora.validate(b)
+    assert b.INSTANCE_PROMPT == "a ohwx african fabric pattern"
+    assert b.SAMPLE_PROMPTS[:2] == ("a ohwx african fabric pattern",
+                                    "a beautiful dress made of ohwx african fabric pattern, fashion photography")
+    assert "does not contain SUBJECT_TOKEN" not in capsys.readouterr().out
+    lesson.print_summary(b, "title", ["INSTANCE_PROMPT"])
+    assert "INSTANCE_PROMPT = 'a ohwx african fabric pattern'" in capsys.readouterr().out  # the summary shows it filled
+    one = lesson.configure(vars(exercise1_generate), ["--subject-token", "ohwx"])
+    assert all("ohwx" in p and "sks" not in p and "{}" not in p for p in one.PROMPTS)
+    two = lesson.configure(vars(exercise2_explore), ["--subject-token", "ohwx"])
+    assert two.PROMPT == "a ohwx african fabric pattern"
+    assert two.STYLE_PROMPT == "ohwx african fabric pattern, {style} style"
+    morph = lesson.configure(vars(generate_dreambooth_morph), ["--subject-token", "ohwx", "--prompt", "{} on silk"])
+    assert morph.PROMPT == "ohwx on silk"  # a prompt from the command line is filled too
+
+
+def test_a_prompt_without_braces_is_used_as_written(capsys):
+    b = lesson.configure(vars(exercise3b_train_lora), ["--subject-token", "ohwx", "--instance-prompt",
+                                                       "a sks kente pattern", "--sample-prompts", "sks | a {} cloth"])
+    assert b.INSTANCE_PROMPT == "a sks kente pattern" and b.SAMPLE_PROMPTS == ("sks", "a ohwx cloth")
+    exercise3b_train_lora.validate(b)  # the token is not in the instance prompt: the warning says so
+    assert "INSTANCE_PROMPT 'a sks kente pattern' does not contain SUBJECT_TOKEN 'ohwx'" in capsys.readouterr().out
+    one = lesson.configure(vars(exercise1_generate), ["--prompts", "a sks scarf | a {} dress"])
+    assert one.PROMPTS == ("a sks scarf", "a sks dress")
+
+
+def test_style_prompt_needs_its_style_placeholder():
+    cfg = lesson.configure(vars(exercise2_explore), ["--style-prompt", "{} african fabric pattern, {} style"])
+    with pytest.raises(LessonError, match=r"STYLE_PROMPT must contain \{style\} where each style goes, got "
+                                          r"'sks african fabric pattern, sks style'"):
+        exercise2_explore.validate(cfg)

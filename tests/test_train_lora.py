@@ -77,6 +77,16 @@ def test_no_prior_preservation_trains_on_instances_only(workdir):
     assert result.history["prior"] == [0.0, 0.0]
 
 
+def test_subject_token_is_trained_and_recorded_in_the_lora_file(workdir):
+    result = exercise3b_train_lora.main(
+        FAST + ["--max-train-steps", "1", "--no-prior-preservation", "--sample-every", "100",
+                "--subject-token", "ohwx"])
+    settings = lora.read_settings(result.lora_file)
+    assert settings["SUBJECT_TOKEN"] == "ohwx" and settings["INSTANCE_PROMPT"] == "a ohwx african fabric pattern"
+    assert settings["SAMPLE_PROMPTS"][1] == "a beautiful dress made of ohwx african fabric pattern, fashion photography"
+    assert result.sample_prompts[0] == "a ohwx african fabric pattern"  # what the progress grids drew
+
+
 def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
     """The pieces 3b trains with (LoRA layers, AdamW, the DreamBooth loss) can fit a fixed batch."""
     unet = tiny_pipe.unet
