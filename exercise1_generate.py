@@ -17,8 +17,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import device as devices
-from common import figures, lesson, models, personalize, sampling
+from common import lesson  # (torch and diffusers load in main(), once the command line is read)
 from common.files import human_size, save_image, slug
 
 # ============================== CONSTANTS: edit these ==============================
@@ -27,18 +26,18 @@ LORA_PATH = "models/fabric_lora"  # exercise 3b's LoRA: folder or file (diffuser
 USE_LORA = True  # False = the base model on purpose, to compare with
 LORA_SCALE = 1.0  # how strongly the LoRA applies: 0 = base model, 1 = as trained
 EMBEDDING_PATH = None  # optional Textual Inversion embedding (exercise 3a) to load as well
-SUBJECT_TOKEN = "sks"  # the word the LoRA learned
+SUBJECT_TOKEN = "sks"  # the word the LoRA learned; it fills the {} of PROMPTS
 PROMPTS = (
-    "a beautiful dress made of sks african fabric pattern, fashion photography",
-    "a modern room with sks african fabric pattern wallpaper, interior design",
-    "a watercolor painting of sks african fabric pattern",
-    "a leather handbag with sks african fabric pattern",
-    "a ceramic vase painted with sks african fabric pattern",
-    "a cyberpunk city decorated with sks african fabric pattern",
-    "a woven basket with sks african fabric pattern",
-    "abstract art inspired by sks african fabric pattern",
-    "a plain sks african fabric pattern, textile photography",
-)  # the nine contexts of the course's figure
+    "a beautiful dress made of {} african fabric pattern, fashion photography",
+    "a modern room with {} african fabric pattern wallpaper, interior design",
+    "a watercolor painting of {} african fabric pattern",
+    "a leather handbag with {} african fabric pattern",
+    "a ceramic vase painted with {} african fabric pattern",
+    "a cyberpunk city decorated with {} african fabric pattern",
+    "a woven basket with {} african fabric pattern",
+    "abstract art inspired by {} african fabric pattern",
+    "a plain {} african fabric pattern, textile photography",
+)  # the nine contexts of the course's figure ({} = SUBJECT_TOKEN)
 COMPARE_WITHOUT_TOKEN = True  # also draw every prompt and seed without SUBJECT_TOKEN, side by side
 NUM_INFERENCE_STEPS = 30  # denoising steps (DPM-Solver++)
 GUIDANCE_SCALE = 7.5  # classifier-free guidance: how strictly to follow the prompt
@@ -68,6 +67,8 @@ REFLECTION = [
 
 def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
+    from common import personalize
+
     lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "PROMPTS")
     lesson.require_int(cfg, "BATCH_SIZE")
@@ -85,6 +86,10 @@ def validate(cfg):
 
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
+    # The libraries load now, after the command line is read, so that --help answers at once.
+    from common import device as devices
+    from common import figures, models, personalize, sampling
+
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 1 - your fabric in nine contexts", [
         "MODEL_ID", "LORA_PATH", "USE_LORA", "LORA_SCALE", "EMBEDDING_PATH", "NUM_INFERENCE_STEPS",

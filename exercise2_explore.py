@@ -20,8 +20,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import device as devices
-from common import figures, lesson, models, personalize, sampling
+from common import lesson  # (torch and diffusers load in main(), once the command line is read)
 from common.errors import LessonError
 from common.files import human_size
 
@@ -32,13 +31,13 @@ LORA_PATH = "models/fabric_lora"  # exercise 3b's LoRA: folder or file (diffuser
 USE_LORA = True  # False = the base model on purpose, to compare with
 LORA_SCALE = 1.0  # how strongly the LoRA applies: 0 = base model, 1 = as trained
 EMBEDDING_PATH = None  # optional Textual Inversion embedding (exercise 3a) to load as well
-SUBJECT_TOKEN = "sks"  # the word the LoRA learned
-PROMPT = "a sks african fabric pattern"  # parts A and C
+SUBJECT_TOKEN = "sks"  # the word the LoRA learned; it fills the {} of PROMPT and STYLE_PROMPT
+PROMPT = "a {} african fabric pattern"  # parts A and C ({} = SUBJECT_TOKEN)
 NEGATIVE_PROMPT = ""  # what to steer away from, e.g. "blurry, distorted" (used whenever guidance > 1)
 GUIDANCE_SCALES = (1.5, 3.0, 7.5, 12.0, 20.0)  # part A
 STYLES = ("oil painting", "watercolor painting", "pencil sketch", "pop art", "pixel art",
           "ukiyo-e woodblock print", "stained glass", "cubist painting", "impressionist painting")  # part B
-STYLE_PROMPT = "sks african fabric pattern, {} style"  # part B: {} is replaced by each style
+STYLE_PROMPT = "{} african fabric pattern, {style} style"  # part B: {} = SUBJECT_TOKEN, {style} = each of STYLES
 NUM_SEEDS = 9  # part C: seeds RANDOM_SEED, RANDOM_SEED + 1, ...
 NUM_INFERENCE_STEPS = 30  # denoising steps (DPM-Solver++)
 GUIDANCE_SCALE = 7.5  # parts B and C
@@ -70,15 +69,17 @@ REFLECTION = [
 
 def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
+    from common import personalize
+
     cfg.PART = str(cfg.PART).lower()
     lesson.require_choice(cfg, "PART", ["a", "b", "c", "all"])
     lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN", "PROMPT", "STYLE_PROMPT")
     lesson.require_text_list(cfg, "STYLES")
     if not isinstance(cfg.NEGATIVE_PROMPT, str):
         cfg.NEGATIVE_PROMPT = "" if cfg.NEGATIVE_PROMPT is None else str(cfg.NEGATIVE_PROMPT)
-    if "{}" not in cfg.STYLE_PROMPT:
-        raise LessonError(f"STYLE_PROMPT must contain {{}} where each style goes, got {cfg.STYLE_PROMPT!r}. "
-                          "For example: 'sks african fabric pattern, {} style'.")
+    if "{style}" not in cfg.STYLE_PROMPT:
+        raise LessonError(f"STYLE_PROMPT must contain {{style}} where each style goes, got {cfg.STYLE_PROMPT!r}. "
+                          "For example: '{} african fabric pattern, {style} style' ({} = SUBJECT_TOKEN).")
     scales = cfg.GUIDANCE_SCALES if isinstance(cfg.GUIDANCE_SCALES, (tuple, list)) else (cfg.GUIDANCE_SCALES,)
     cfg.GUIDANCE_SCALES = tuple(scales)  # one number alone is a list of one
     if not scales or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
@@ -101,6 +102,10 @@ def validate(cfg):
 
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
+    # The libraries load now, after the command line is read, so that --help answers at once.
+    from common import device as devices
+    from common import figures, models, personalize, sampling
+
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 2 - guidance, styles and seeds", [
         "MODEL_ID", "PART", "LORA_PATH", "USE_LORA", "LORA_SCALE", "PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALES",
@@ -120,7 +125,7 @@ def main(argv=None):
     steps, guidance = loaded.steps, loaded.guidance
     settings = sampling.SamplingSettings(steps, guidance, cfg.NEGATIVE_PROMPT, resolution, resolution,
                                          cfg.BATCH_SIZE)
-    style_prompts = [cfg.STYLE_PROMPT.replace("{}", s) for s in cfg.STYLES]
+    style_prompts = [cfg.STYLE_PROMPT.replace("{style}", s) for s in cfg.STYLES]
     personalize.warn_if_unused([cfg.PROMPT] + style_prompts, loaded, cfg.SUBJECT_TOKEN)
     # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
     embeddings = sampling.encode_prompts(pipe, ([cfg.PROMPT] if set(parts) & {"a", "c"} else [])

@@ -18,16 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import free_memory
-
-from common import comparison, figures, images, lesson, models, sampling, training
-from common import device as devices
-from common import textual_inversion as ti
+from common import lesson  # (torch, diffusers and accelerate load in main(), once the command line is read)
 from common.errors import LessonError, warn
 from common.files import human_size
 
@@ -83,6 +74,9 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "PLACEHOLDER_TOKEN", "INITIALIZER_T
 
 def validate(cfg):
     """Every constant checked before any model loads."""
+    from common import images
+    from common import textual_inversion as ti
+
     lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "CLASS_WORDS")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
     lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
@@ -119,6 +113,11 @@ def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device
     ``cache`` holds what step 4 computed once (latent distributions, tokenized captions); every random
     draw comes from ``g``. (A function of its own so that bench/bench_train.py times this very step.)
     """
+    import torch
+    import torch.nn.functional as F
+
+    from common import training
+
     # The batch: fresh latents of random images, each with a random caption.
     latents = training.sample_latents(cache.latents[torch.randint(len(cache.latents), (n,), generator=g)],
                                       g, cache.vae_config)
@@ -134,8 +133,40 @@ def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device
     return F.mse_loss(model_pred.float(), target.float())
 
 
+def train_only_new_vectors(cfg, pipe, token_ids, accelerator):
+    """Step 5: freeze the UNet, the VAE and the text encoder; the new token's vector(s) train, with their
+    optimizer and learning-rate schedule, through accelerate. Returns ``(embedding, optimizer, lr_scheduler)``.
+    (A function of its own so that bench/bench_train.py trains exactly this setup.)
+    """
+    from diffusers.optimization import get_scheduler
+
+    from common import training
+    from common import textual_inversion as ti
+
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode (SD's UNet has no dropout)
+    embedding = ti.PlaceholderEmbedding(text_encoder, token_ids)
+    optimizer = training.make_optimizer([embedding.vectors], cfg.LEARNING_RATE)
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer,
+                                 num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
+                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
+    return accelerator.prepare(embedding, optimizer, lr_scheduler)
+
+
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
+    # The libraries load now, after the command line is read, so that --help answers at once.
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import free_memory
+
+    from common import comparison, figures, images, models, sampling, training
+    from common import device as devices
+    from common import textual_inversion as ti
+
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3a - Textual Inversion", [
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
@@ -187,18 +218,10 @@ def main(argv=None):
     free_memory()
 
     lesson.step(5, "Freeze everything; train only the new vector(s)")
-    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
-    if cfg.GRADIENT_CHECKPOINTING:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode (SD's UNet has no dropout)
-    embedding = ti.PlaceholderEmbedding(text_encoder, token_ids)
-    print(f"  {embedding.vectors.numel():,} trainable numbers; frozen: "
+    # (train_only_new_vectors, above: everything frozen, a PlaceholderEmbedding, AdamW and the LR schedule)
+    embedding, optimizer, lr_scheduler = train_only_new_vectors(cfg, pipe, token_ids, accelerator)
+    print(f"  {accelerator.unwrap_model(embedding).vectors.numel():,} trainable numbers; frozen: "
           f"{sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters()):,}")
-    optimizer = training.make_optimizer([embedding.vectors], cfg.LEARNING_RATE)
-    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer,
-                                 num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
-                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
-    embedding, optimizer, lr_scheduler = accelerator.prepare(embedding, optimizer, lr_scheduler)
     state = training.TrainState()
     run_settings = {k: getattr(cfg, k) for k in (  # kept in the file's header: how it was made (a few hundred bytes)
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",

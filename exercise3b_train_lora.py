@@ -18,24 +18,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, free_memory
-
-from common import device as devices
-from common import figures, images, lesson, lora, models, prior, sampling, training
+from common import lesson  # (torch, diffusers and accelerate load in main(), once the command line is read)
 from common.errors import warn
 from common.files import human_size
 
 # ============================== CONSTANTS: edit these ==============================
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
 TRAINING_IMAGES_DIR = "training_images"  # 5-20 pictures of your subject
-INSTANCE_PROMPT = "a sks african fabric pattern"  # rare token "sks" + the class it belongs to
+SUBJECT_TOKEN = "sks"  # the rare word that will mean *your* fabric; it fills the {} of the prompts below
+INSTANCE_PROMPT = "a {} african fabric pattern"  # {} = SUBJECT_TOKEN, + the class it belongs to
 CLASS_PROMPT = "a fabric pattern"  # the same class, without the token
-SUBJECT_TOKEN = "sks"  # the rare word that will mean *your* fabric
 RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
 LORA_RANK = 4  # rank r of the LoRA matrices: bigger = more capacity, bigger file
 LORA_ALPHA = 4  # LoRA scale is alpha / rank
@@ -55,9 +47,9 @@ USE_8BIT_ADAM = False  # bitsandbytes' 8-bit AdamW (NVIDIA only, optional instal
 MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16 (LoRA weights always train in fp32)
 DEVICE = "auto"  # auto, cuda, mps or cpu
 SAMPLE_EVERY = 100  # steps between progress grids
-SAMPLE_PROMPTS = ("a sks african fabric pattern",
-                  "a beautiful dress made of sks african fabric pattern, fashion photography",
-                  "a fabric pattern")  # the last one shows language drift (or its absence)
+SAMPLE_PROMPTS = ("a {} african fabric pattern",
+                  "a beautiful dress made of {} african fabric pattern, fashion photography",
+                  "a fabric pattern")  # {} = SUBJECT_TOKEN; the last one shows language drift (or its absence)
 NUM_SAMPLE_SEEDS = 2  # images per sample prompt
 NUM_INFERENCE_STEPS = 25  # denoising steps for samples and class images
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples and class images
@@ -84,6 +76,8 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "INSTANCE_PROMPT", "CLASS_PROMPT", 
 
 def validate(cfg):
     """Every constant checked before any model loads."""
+    from common import images
+
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
     lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
@@ -122,6 +116,10 @@ def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, 
     random draw comes from ``g``. Returns ``(total, instance_loss, prior_loss)``. (A function of its
     own so that bench/bench_train.py times this very step.)
     """
+    import torch
+
+    from common import prior, training
+
     # The batch: instance latents (+ class latents), each with its prompt's embedding.
     pick = torch.randint(len(cache.instance), (n_inst,), generator=g)
     latents = training.sample_latents(cache.instance[pick], g, cache.vae_config)
@@ -142,8 +140,44 @@ def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, 
     return prior.prior_preservation_loss(model_pred, target, n_inst, prior_loss_weight)
 
 
+def add_lora_and_optimizer(cfg, unet, accelerator):
+    """Step 5: LoRA layers on the frozen UNet, their optimizer and learning-rate schedule, through accelerate.
+
+    Returns ``(unet, optimizer, lr_scheduler, lora_config, trainable parameters)``. (A function of its own
+    so that bench/bench_train.py trains exactly this setup.)
+    """
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    from common import lora, training
+
+    unet.requires_grad_(False)
+    set_seed(cfg.RANDOM_SEED)  # the LoRA's random initialisation: same seed, same run
+    lora_config = lora.add_lora(unet, cfg.LORA_RANK, cfg.LORA_ALPHA)
+    cast_training_params(unet, torch.float32)  # LoRA trains in fp32 even when the frozen UNet is fp16
+    if cfg.GRADIENT_CHECKPOINTING:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer(trainable, cfg.LEARNING_RATE, cfg.USE_8BIT_ADAM)
+    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer,
+                                 num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
+                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return unet, optimizer, lr_scheduler, lora_config, trainable
+
+
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
+    # The libraries load now, after the command line is read, so that --help answers at once.
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import free_memory
+
+    from common import device as devices
+    from common import figures, images, lora, models, prior, sampling, training
+
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3b - DreamBooth-LoRA with prior preservation", [
         "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "RESOLUTION", "LORA_RANK", "LORA_ALPHA", "LEARNING_RATE",
@@ -197,19 +231,10 @@ def main(argv=None):
     free_memory()
 
     lesson.step(5, f"Add rank-{cfg.LORA_RANK} LoRA layers to the UNet's attention (to_q, to_k, to_v, to_out)")
-    unet.requires_grad_(False)
-    set_seed(cfg.RANDOM_SEED)  # the LoRA's random initialisation: same seed, same run
-    lora_config = lora.add_lora(unet, cfg.LORA_RANK, cfg.LORA_ALPHA)
-    cast_training_params(unet, torch.float32)  # LoRA trains in fp32 even when the frozen UNet is fp16
-    if cfg.GRADIENT_CHECKPOINTING:
-        unet.enable_gradient_checkpointing()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    # (add_lora_and_optimizer, above: freeze the UNet, add LoRA in fp32, AdamW and the LR schedule)
+    unet, optimizer, lr_scheduler, lora_config, trainable = add_lora_and_optimizer(cfg, unet, accelerator)
     print(f"  {len(lora.lora_layer_names(unet))} LoRA layers, {sum(p.numel() for p in trainable):,} trainable "
           f"parameters ({sum(p.numel() for p in unet.parameters()):,} in the UNet)")
-    optimizer = training.make_optimizer(trainable, cfg.LEARNING_RATE, cfg.USE_8BIT_ADAM)
-    lr_scheduler = get_scheduler(cfg.LR_SCHEDULER, optimizer, num_warmup_steps=cfg.LR_WARMUP_STEPS * accelerator.num_processes,
-                                 num_training_steps=cfg.MAX_TRAIN_STEPS * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     state = training.TrainState()
     run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE")}
     training.register_adapter_checkpointing(

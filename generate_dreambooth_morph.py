@@ -17,8 +17,7 @@ installed) and outputs/dreambooth_fabric_morph_keyframes.png.
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import animation, figures, lesson, models, personalize, sampling
-from common import device as devices
+from common import lesson  # (torch and diffusers load in main(), once the command line is read)
 from common.errors import LessonError
 from common.files import human_size
 
@@ -28,8 +27,8 @@ LORA_PATH = "models/fabric_lora"  # exercise 3b's LoRA: folder or file (diffuser
 USE_LORA = True  # False = the base model on purpose, to compare with
 LORA_SCALE = 1.0  # how strongly the LoRA applies: 0 = base model, 1 = as trained
 EMBEDDING_PATH = None  # optional Textual Inversion embedding (exercise 3a) to load as well
-SUBJECT_TOKEN = "sks"  # the word the LoRA learned
-PROMPT = "a sks african fabric pattern"  # the same prompt for every frame
+SUBJECT_TOKEN = "sks"  # the word the LoRA learned; it fills the {} of PROMPT
+PROMPT = "a {} african fabric pattern"  # the same prompt for every frame ({} = SUBJECT_TOKEN)
 NUM_KEYFRAMES = 5  # distinct patterns the loop passes through
 DURATION_SECONDS = 15.0  # length of the loop, in seconds
 FPS = 30  # frames per second (15 s x 30 fps = 450 frames)
@@ -65,6 +64,8 @@ REFLECTION = [
 
 def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
+    from common import personalize
+
     lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN", "PROMPT")
     lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2)
     lesson.require_int(cfg, "BATCH_SIZE")
@@ -96,6 +97,10 @@ def validate(cfg):
 
 def main(argv=None):
     cfg = lesson.configure(globals(), argv, __doc__)
+    # The libraries load now, after the command line is read, so that --help answers at once.
+    from common import device as devices
+    from common import animation, figures, models, personalize, sampling
+
     validate(cfg)
     num_frames = round(cfg.DURATION_SECONDS * cfg.FPS)
     lesson.print_summary(cfg, f"Step 5 - morphing animation ({num_frames} frames)", [

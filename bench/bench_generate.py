@@ -41,8 +41,11 @@ import harness  # noqa: E402  (puts the project root on sys.path)
 
 import torch  # noqa: E402
 
+import exercise1_generate  # noqa: E402
+import exercise3b_train_lora  # noqa: E402
+import generate_dreambooth_morph  # noqa: E402
 from common import device as devices  # noqa: E402
-from common import fast_mode, lora, models, personalize, prior, sampling  # noqa: E402
+from common import fast_mode, lesson, lora, models, personalize, prior, sampling  # noqa: E402
 from common.files import save_image  # noqa: E402
 
 PARTS = ("class", "exercise1", "morph", "fast")  # in this order: class images use the base model, fast comes last
@@ -85,9 +88,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ex1 = harness.load_script("exercise1_generate.py")
-    morph = harness.load_script("generate_dreambooth_morph.py")
-    ex3b = harness.load_script("exercise3b_train_lora.py")
+    # Each script's constants as its main() reads them (the {} of its prompts filled with SUBJECT_TOKEN).
+    ex1, morph, ex3b = (lesson.configure(vars(script), []) for script in (
+        exercise1_generate, generate_dreambooth_morph, exercise3b_train_lora))
     runtime = devices.pick_runtime(args.device, args.precision)
     device = runtime.device
     notes = [w for w in [harness.busy_warning(device)] if w]

@@ -8,9 +8,9 @@
 For each loop (3b: DreamBooth-LoRA with prior preservation; 3a: Textual Inversion) three variants
 train the same model, round-robin, and each is timed per optimizer step:
 
-- ours:   the scripts' own step. ``dreambooth_loss`` / ``textual_inversion_loss`` are imported from
-          exercise3b/exercise3a, with the scripts' setup (cached latents and prompt embeddings,
-          ``lora.add_lora``, ``ti.PlaceholderEmbedding``, accelerate) and their loop around it
+- ours:   the scripts' own step. ``dreambooth_loss`` / ``textual_inversion_loss`` and the step-5 setup
+          (``add_lora_and_optimizer`` / ``train_only_new_vectors``) are called from exercise3b/exercise3a,
+          with the scripts' cached latents and prompt embeddings, and their loop around it
           (``accumulate``, ``step_generator``, ``check_finite``, ``backward``, optimizer and LR
           scheduler steps, the losses read back for the log);
 - floor:  one bare UNet forward and backward over the same batch, inputs already on the device, with
@@ -42,13 +42,13 @@ import sd15_shapes  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import cast_training_params, free_memory  # noqa: E402
+from diffusers.training_utils import free_memory  # noqa: E402
 
+import exercise3a_train_textual_inversion as ex3a  # noqa: E402
+import exercise3b_train_lora as ex3b  # noqa: E402
 from common import device as devices  # noqa: E402
-from common import images, lora, models, training  # noqa: E402
+from common import images, lesson, models, training  # noqa: E402
 from common import textual_inversion as ti  # noqa: E402
 
 LOOPS = ("3a", "3b")  # 3a first: 3b then adds its LoRA to the same UNet
@@ -81,8 +81,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    script_b = harness.load_script("exercise3b_train_lora.py")
-    script_a = harness.load_script("exercise3a_train_textual_inversion.py")
+    # Each script's constants as its main() reads them ({} filled in), with this benchmark's checkpointing.
+    checkpointing = ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+    script_b = lesson.configure(vars(ex3b), checkpointing)
+    script_a = lesson.configure(vars(ex3a), checkpointing)
     runtime = devices.pick_runtime(args.device, args.precision, training=True)
     device, dtype = runtime.device, runtime.dtype
     notes = [w for w in [harness.busy_warning(device)] if w]
@@ -141,30 +143,22 @@ def main(argv=None):
 
 # --------------------------------------------------------------------------- 3b: DreamBooth-LoRA
 def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, args):
+    """``script``: exercise 3b's constants (a Config)."""
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     device, dtype, n = runtime.device, runtime.dtype, args.batch
     cache = SimpleNamespace(  # the fields exercise3b's step 4 computes once
         instance=data.instance, klass=data.klass, instance_embeds=training.encode_text(pipe, script.INSTANCE_PROMPT),
         class_embeds=training.encode_text(pipe, script.CLASS_PROMPT), vae_config=vae.config)
 
-    # exercise3b step 5, as the script does it
-    unet.requires_grad_(False)
-    set_seed(script.RANDOM_SEED)
-    lora.add_lora(unet, script.LORA_RANK, script.LORA_ALPHA)
-    cast_training_params(unet, torch.float32)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = training.make_optimizer(trainable, script.LEARNING_RATE)
-    lr_scheduler = get_scheduler("constant", optimizer)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # exercise3b step 5: the script's own function
+    unet, optimizer, lr_scheduler, _, trainable = ex3b.add_lora_and_optimizer(script, unet, accelerator)
     unet.train()
 
     def ours(step):
         for micro in range(args.accumulation):
             with accelerator.accumulate(unet):
                 g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
-                loss, instance_loss, prior_loss = script.dreambooth_loss(
+                loss, instance_loss, prior_loss = ex3b.dreambooth_loss(
                     unet, noise_scheduler, cache, g, n, script.PRIOR_LOSS_WEIGHT, device, dtype)
                 training.check_finite(loss, step, "bench")
                 accelerator.backward(loss)
@@ -226,10 +220,11 @@ def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, arg
 
 # --------------------------------------------------------------------------- 3a: Textual Inversion
 def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator, runtime, args):
+    """``script``: exercise 3a's constants (a Config)."""
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     device, dtype, n = runtime.device, runtime.dtype, args.batch
 
-    # exercise3a steps 3-5, as the script does them
+    # exercise3a steps 3-4, as the script does them
     token_ids = ti.add_placeholder(tokenizer, text_encoder, script.PLACEHOLDER_TOKEN, script.INITIALIZER_TOKEN,
                                    script.NUM_VECTORS)
     if args.arch == "sd15-shapes":  # the tiny tokenizer's vocabulary shrank the table: give it SD's 49408 rows back
@@ -239,21 +234,15 @@ def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator,
     templates = ti.TEMPLATES[script.LEARNABLE_PROPERTY]
     cache = SimpleNamespace(latents=data.instance, caption_ids=ti.tokenize_templates(tokenizer, templates, tokens),
                             vae_config=vae.config)
-    unet.requires_grad_(False), vae.requires_grad_(False), text_encoder.requires_grad_(False)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()
-    embedding = ti.PlaceholderEmbedding(text_encoder, token_ids)
-    optimizer = training.make_optimizer([embedding.vectors], script.LEARNING_RATE)
-    lr_scheduler = get_scheduler("constant", optimizer)
-    embedding, optimizer, lr_scheduler = accelerator.prepare(embedding, optimizer, lr_scheduler)
+    # exercise3a step 5: the script's own function
+    embedding, optimizer, lr_scheduler = ex3a.train_only_new_vectors(script, pipe, token_ids, accelerator)
     vectors = accelerator.unwrap_model(embedding).vectors
 
     def ours(step):
         for micro in range(args.accumulation):
             with accelerator.accumulate(embedding):
                 g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
-                loss = script.textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, dtype)
+                loss = ex3a.textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, dtype)
                 training.check_finite(loss, step, "bench")
                 accelerator.backward(loss)
                 optimizer.step()

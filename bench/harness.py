@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import re
@@ -69,14 +68,6 @@ def default_name(kind: str, args, runtime, resolution: int, *extra: str) -> str:
 
 
 # --------------------------------------------------------------------------- models
-def load_script(name: str):
-    """Import a lesson script as a module (its constants and functions; ``main`` does not run)."""
-    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_pipeline(arch: str, dtype: torch.dtype, workdir: Path):
     """The pipeline to time, on the CPU in ``dtype``: ``tiny`` exactly as the scripts load it
     (``models/tiny-sd`` relative to the current folder, built once), or SD v1.5's shapes."""

@@ -29,10 +29,13 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     """The script's CONSTANTS as they are now, with ``argv`` overrides applied (``common.configurator``).
 
     ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` is accepted
-    everywhere. Libraries are imported only after the command line is read, so ``--help`` answers at once.
+    everywhere. In a script with SUBJECT_TOKEN, ``{}`` in its prompts becomes that token (``fill_token``).
+    The scripts import the libraries only after this returns, so that ``--help`` answers at once.
     """
     robust_console()
     cfg = configurator.configure(script_globals, argv, description, os.environ)
+    if hasattr(cfg, "SUBJECT_TOKEN"):
+        fill_token(cfg, "SUBJECT_TOKEN")
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
         sys.stdout = open(os.devnull, "w")
     _ORIGIN.clear()  # so that an error about MODEL_ID can say it came from DREAMBOOTH_MODEL
@@ -42,6 +45,20 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
 
 
 _ORIGIN: dict[str, str] = {}  # constant -> environment variable it was read from, in the running script
+
+
+def fill_token(cfg: Config, token: str) -> None:
+    """``{}`` in every text constant (or list of texts) becomes the value of the constant ``token``:
+    "a {} african fabric pattern" with SUBJECT_TOKEN = "sks" reads "a sks african fabric pattern", so the
+    word is typed once and ``--subject-token ohwx`` changes every prompt. Text without ``{}`` stays as written."""
+    word = getattr(cfg, token)
+    if not isinstance(word, str):  # (validate() says what is wrong with it)
+        return
+    for name, value in cfg.as_dict().items():
+        if isinstance(value, str):
+            setattr(cfg, name, value.replace("{}", word))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+            setattr(cfg, name, type(value)(v.replace("{}", word) for v in value))
 
 
 def robust_console() -> None:

@@ -1,6 +1,5 @@
 """Shared test fixtures: a project folder in a temporary directory with the tiny model built once."""
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -10,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SEED = ROOT.parent / "shared" / "seed"  # the course's published files, beside a developer's checkout
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the lesson scripts, common/, bench/ and tools/ import as modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 from common import models  # noqa: E402
@@ -32,14 +31,6 @@ def workdir(tmp_path, monkeypatch, tiny_dir) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DREAMBOOTH_MODEL", raising=False)
     return tmp_path
-
-
-def load_script(name: str):
-    """Import a lesson script as a fresh module, so each test sees its CONSTANTS as written."""
-    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

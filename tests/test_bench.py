@@ -1,17 +1,9 @@
 """The benchmarks run on the tiny model and write valid JSON. Timings are never asserted."""
 
-import importlib.util
 import json
 import math
 
-from conftest import ROOT
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import bench_generate, bench_train
 
 
 def _record(path):
@@ -26,7 +18,7 @@ def _positive(value):
 
 
 def test_bench_train_times_one_step_of_each_variant(workdir, tmp_path):
-    out = _load("bench_train").main(["--arch", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1",
+    out = bench_train.main(["--arch", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1",
                                      "--results-dir", str(tmp_path / "results")])
     assert out.path == tmp_path / "results" / "train-tiny-cpu-64px-fp32.json"
     record = _record(out.path)
@@ -44,7 +36,7 @@ def test_bench_train_times_one_step_of_each_variant(workdir, tmp_path):
 
 
 def test_bench_generate_runs_each_part_once(workdir, tmp_path):
-    out = _load("bench_generate").main([
+    out = bench_generate.main([
         "--arch", "tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--images", "2", "--frames", "2",
         "--class-images", "2", "--fast-images", "1", "--fast-default-steps", "2", "--batch", "2",
         "--name", "generate-test", "--results-dir", str(tmp_path / "results")])

@@ -7,7 +7,7 @@ import torch
 
 from pocket import fabric_world as world
 from pocket import world_metrics
-from conftest import ROOT, load_script
+from conftest import ROOT
 
 
 def test_world_is_deterministic():
@@ -79,7 +79,7 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
 
     shutil.copytree(ROOT / "training_images", tmp_path / "training_images")
     monkeypatch.chdir(tmp_path)
-    script = load_script("tools/train_pocket_model.py")
+    from tools import train_pocket_model as script
     args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
             "--num-world-images", "16", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
             "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
@@ -101,7 +101,9 @@ def test_evaluate_script_runs_on_tiny(workdir):
     import json
 
     world_metrics.build_classifier().save_pretrained("models/judge")
-    results = load_script("tools/evaluate_dreambooth.py").main([
+    from tools import evaluate_dreambooth
+
+    results = evaluate_dreambooth.main([
         "--model", "tiny", "--classifier-dir", "models/judge", "--lora-steps", "2", "--ti-steps", "2",
         "--num-class-images", "2", "--samples", "4", "--num-inference-steps", "2"])
     assert list(results) == ["base model", "Textual Inversion", "LoRA, no prior preservation",

@@ -7,7 +7,9 @@ from PIL import Image
 
 from common import animation, lora
 from common.errors import LessonError
-from conftest import load_script
+import exercise1_generate
+import exercise2_explore
+import generate_dreambooth_morph
 from test_lora import _randomize_lora
 
 QUICK = ["--model", "tiny", "--num-inference-steps", "2", "--batch-size", "9"]
@@ -28,7 +30,7 @@ def fabric_lora(workdir, tiny_pipe):
 def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    result = load_script("exercise1_generate.py").main(QUICK)
+    result = exercise1_generate.main(QUICK)
     out = workdir / "outputs"
     said = capsys.readouterr().out
     assert "56 layers patched" in said and "images/s)" in said and "Safety checker: this model ships none" in said
@@ -56,14 +58,22 @@ def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys)
     assert np.abs(_pixels(again) - _pixels(result.images[4])).max() <= 1
 
 
+def test_exercise1_compares_with_and_without_the_subject_token_it_is_given(fabric_lora, workdir):
+    result = exercise1_generate.main(QUICK + ["--subject-token", "ohwx", "--prompts",
+                                              "a {} scarf | a dress of {} cloth"])
+    assert result.prompts == ["a ohwx scarf", "a dress of ohwx cloth"]
+    assert result.plain_prompts == ["a scarf", "a dress of cloth"]  # the same prompts, one word less
+    assert (workdir / "outputs/exercise1_token_comparison.png").is_file()
+
+
 def test_missing_lora_stops_with_how_to_get_one(workdir):
     with pytest.raises(LessonError, match=r"No LoRA at 'models/fabric_lora'.*exercise3b_train_lora\.py.*USE_LORA"):
-        load_script("exercise1_generate.py").main(QUICK)
+        exercise1_generate.main(QUICK)
     assert not (workdir / "outputs").exists()  # stopped before generating anything
 
 
 def test_exercise2_parts_run_alone_or_together(fabric_lora, workdir, capsys):
-    script, out = load_script("exercise2_explore.py"), workdir / "outputs"
+    script, out = exercise2_explore, workdir / "outputs"
     result = script.main(QUICK + ["--part", "a"])
     assert [p.name for p in result.files] == ["exercise2_guidance_comparison.png"] and result.count == 5
     assert Image.open(out / "exercise2_guidance_comparison.png").width == 5 * 196 + 4
@@ -79,13 +89,13 @@ def test_exercise2_parts_run_alone_or_together(fabric_lora, workdir, capsys):
 
 
 def test_base_model_on_purpose_needs_no_lora(workdir, capsys):
-    result = load_script("exercise2_explore.py").main(QUICK + ["--part", "a", "--no-use-lora"])
+    result = exercise2_explore.main(QUICK + ["--part", "a", "--no-use-lora"])
     assert result.loaded.lora_layers == 0 and len(lora.lora_layer_names(result.pipe.unet)) == 0
     assert "BASE model, on purpose" in capsys.readouterr().out
 
 
 def test_morph_writes_a_looping_gif_with_every_frame(fabric_lora, workdir, capsys):
-    result = load_script("generate_dreambooth_morph.py").main(
+    result = generate_dreambooth_morph.main(
         ["--model", "tiny", "--num-inference-steps", "2", "--duration-seconds", "1.5", "--fps", "8",
          "--num-keyframes", "3", "--gif-size", "48"])
     assert result.num_frames == 12 and len(result.frames) == 12
@@ -142,7 +152,7 @@ def fast_weights(tiny_dir, tmp_path):
 def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weights, workdir, capsys):
     from diffusers import AutoencoderTiny, LCMScheduler
 
-    result = load_script("exercise1_generate.py").main(
+    result = exercise1_generate.main(
         QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5",
                                 "--no-compare-without-token"])
     pipe = result.pipe
@@ -162,7 +172,7 @@ def test_fast_mode_without_its_weights_names_what_to_download(fabric_lora, workd
     # Tests run offline (HF_HUB_OFFLINE=1), as a classroom without internet would.
     with pytest.raises(LessonError, match=r"FAST_MODE needs the LCM-LoRA 'latent-consistency/lcm-lora-sdv1-5' "
                                           r"\(LCM_LORA_ID\).*hf download"):
-        load_script("exercise1_generate.py").main(QUICK + ["--fast-mode"])
+        exercise1_generate.main(QUICK + ["--fast-mode"])
 
 
 # --------------------------------------------------------------------------- safety checker
@@ -190,7 +200,7 @@ def model_with_checker(workdir, tiny_dir):
 
 
 def test_safety_checker_is_on_by_default_and_counts_what_it_blanked(model_with_checker, fabric_lora, capsys):
-    script = load_script("exercise2_explore.py")
+    script = exercise2_explore
     args = QUICK + ["--part", "a", "--model", model_with_checker]
     result = script.main(args)
     assert result.nsfw == [True] * 5

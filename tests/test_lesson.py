@@ -7,14 +7,18 @@ import pytest
 
 from common import configurator, lesson
 from common.errors import LessonError
-from conftest import ROOT, load_script
+import exercise1_generate
+import exercise2_explore
+import exercise3b_train_lora
+import generate_dreambooth_morph
+from conftest import ROOT
 
 
 def test_every_constant_has_a_dashed_flag_in_help():
     out = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     for name, _ in configurator.constants(script.__file__):
         assert lesson.dashed(name) in out.stdout, name
     assert "--model" in out.stdout and "--debug" in out.stdout
@@ -22,7 +26,7 @@ def test_every_constant_has_a_dashed_flag_in_help():
 
 
 def test_overrides_and_types():
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), ["--max-train-steps", "12", "--learning-rate", "3e-4",
                                           "--no-prior-preservation", "--resolution", "128",
                                           "--sample-prompts", "a, b | c"])
@@ -33,13 +37,13 @@ def test_overrides_and_types():
 
 
 def test_constants_are_read_when_main_runs(monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     monkeypatch.setattr(script, "MAX_TRAIN_STEPS", 5)
     assert lesson.configure(vars(script), []).MAX_TRAIN_STEPS == 5
 
 
 def test_model_selection_flag_and_environment(monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     assert lesson.configure(vars(script), []).MODEL_ID == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     monkeypatch.setenv("DREAMBOOTH_MODEL", "tiny")
     assert lesson.configure(vars(script), []).MODEL_ID == "tiny"
@@ -56,7 +60,7 @@ def test_model_selection_flag_and_environment(monkeypatch):
     (["--lr-scheduler", "sometimes"], "LR_SCHEDULER"),
 ])
 def test_bad_constants_are_rejected_by_name_before_loading(args, constant, monkeypatch):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     # If validation let it through, loading this model would fail differently.
     monkeypatch.setattr(script, "MODEL_ID", "no-such/model-anywhere")
     with pytest.raises(LessonError, match=constant):
@@ -75,7 +79,7 @@ def test_script_failure_is_one_readable_line(tmp_path):
 
 
 def test_instance_prompt_without_token_warns(capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), ["--instance-prompt", "a fabric pattern"])
     script.validate(cfg)
     assert "does not contain SUBJECT_TOKEN" in capsys.readouterr().out
@@ -98,6 +102,23 @@ def test_help_renders_every_flag_of_every_script(name):
         assert f"[{constant} = " in shown, constant  # each flag shows the value written in the file
         assert " ".join(comment.split()[:4]) in shown, constant  # and its comment is the help text
     assert "%(" not in shown and "%%" not in shown  # a '%' in a comment is printed as it is
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_answers_before_any_library_loads(name):
+    """--help is read before torch, diffusers, transformers, accelerate and peft are imported (they take seconds)."""
+    module = name.removesuffix(".py")
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{name!r}, '--help']\n"
+             "try:\n"
+             f"    runpy.run_module({module!r}, run_name='__main__')\n"
+             "except SystemExit as exc:\n"
+             "    assert exc.code == 0, exc.code\n"
+             "heavy = ('torch', 'diffusers', 'transformers', 'accelerate', 'peft')\n"
+             "print('LOADED:', [m for m in heavy if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "--help" in out.stdout and out.stdout.strip().splitlines()[-1] == "LOADED: []", out.stdout[-500:]
 
 
 def test_a_computed_constant_is_a_constant_too(tmp_path):
@@ -123,7 +144,7 @@ def test_a_computed_constant_is_a_constant_too(tmp_path):
     (["--instance-prompt", "1990"], "INSTANCE_PROMPT", "1990"),  # text stays text, even when it reads as a number
 ])
 def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, value):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     cfg = lesson.configure(vars(script), args)
     assert getattr(cfg, name) == value and type(getattr(cfg, name)) is type(value)
     script.validate(cfg)  # accepted
@@ -132,7 +153,7 @@ def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, 
 
 
 def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     monkeypatch.setenv("DREAMBOOTH_MODEL", "pocket")
     cfg = lesson.configure(vars(script), ["--max-train-steps", "12", "--sample-every", "3"])
     lesson.print_summary(cfg, "title", ["MODEL_ID", "MAX_TRAIN_STEPS", "LORA_RANK"])
@@ -156,3 +177,54 @@ def test_common_lists_every_module_once():
     modules = sorted(p.stem for p in (ROOT / "common").glob("*.py") if p.stem != "__init__")
     listed = [m for m in modules if common.__doc__.count(f"``{m}``") == 1]
     assert listed == modules
+
+
+# --------------------------------------------------------------------------- SUBJECT_TOKEN is typed once
+def test_the_default_prompts_are_the_courses():
+    b = lesson.configure(vars(exercise3b_train_lora), [])
+    assert b.INSTANCE_PROMPT == "a sks african fabric pattern"
+    assert b.SAMPLE_PROMPTS == ("a sks african fabric pattern",
+                                "a beautiful dress made of sks african fabric pattern, fashion photography",
+                                "a fabric pattern")
+    one = lesson.configure(vars(exercise1_generate), [])
+    assert one.PROMPTS[0] == "a beautiful dress made of sks african fabric pattern, fashion photography"
+    assert all(" sks african fabric pattern" in p for p in one.PROMPTS) and len(one.PROMPTS) == 9
+    two = lesson.configure(vars(exercise2_explore), [])
+    assert two.PROMPT == "a sks african fabric pattern"
+    assert two.STYLE_PROMPT == "sks african fabric pattern, {style} style"
+    assert lesson.configure(vars(generate_dreambooth_morph), []).PROMPT == "a sks african fabric pattern"
+
+
+def test_subject_token_fills_every_prompt(capsys):
+    b = lesson.configure(vars(exercise3b_train_lora), ["--subject-token", "ohwx"])
+    exercise3b_train_lora.validate(b)
+    assert b.INSTANCE_PROMPT == "a ohwx african fabric pattern"
+    assert b.SAMPLE_PROMPTS[:2] == ("a ohwx african fabric pattern",
+                                    "a beautiful dress made of ohwx african fabric pattern, fashion photography")
+    assert "does not contain SUBJECT_TOKEN" not in capsys.readouterr().out
+    lesson.print_summary(b, "title", ["INSTANCE_PROMPT"])
+    assert "INSTANCE_PROMPT = 'a ohwx african fabric pattern'" in capsys.readouterr().out  # the summary shows it filled
+    one = lesson.configure(vars(exercise1_generate), ["--subject-token", "ohwx"])
+    assert all("ohwx" in p and "sks" not in p and "{}" not in p for p in one.PROMPTS)
+    two = lesson.configure(vars(exercise2_explore), ["--subject-token", "ohwx"])
+    assert two.PROMPT == "a ohwx african fabric pattern"
+    assert two.STYLE_PROMPT == "ohwx african fabric pattern, {style} style"
+    morph = lesson.configure(vars(generate_dreambooth_morph), ["--subject-token", "ohwx", "--prompt", "{} on silk"])
+    assert morph.PROMPT == "ohwx on silk"  # a prompt from the command line is filled too
+
+
+def test_a_prompt_without_braces_is_used_as_written(capsys):
+    b = lesson.configure(vars(exercise3b_train_lora), ["--subject-token", "ohwx", "--instance-prompt",
+                                                       "a sks kente pattern", "--sample-prompts", "sks | a {} cloth"])
+    assert b.INSTANCE_PROMPT == "a sks kente pattern" and b.SAMPLE_PROMPTS == ("sks", "a ohwx cloth")
+    exercise3b_train_lora.validate(b)  # the token is not in the instance prompt: the warning says so
+    assert "INSTANCE_PROMPT 'a sks kente pattern' does not contain SUBJECT_TOKEN 'ohwx'" in capsys.readouterr().out
+    one = lesson.configure(vars(exercise1_generate), ["--prompts", "a sks scarf | a {} dress"])
+    assert one.PROMPTS == ("a sks scarf", "a sks dress")
+
+
+def test_style_prompt_needs_its_style_placeholder():
+    cfg = lesson.configure(vars(exercise2_explore), ["--style-prompt", "{} african fabric pattern, {} style"])
+    with pytest.raises(LessonError, match=r"STYLE_PROMPT must contain \{style\} where each style goes, got "
+                                          r"'sks african fabric pattern, sks style'"):
+        exercise2_explore.validate(cfg)

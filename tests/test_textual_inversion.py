@@ -10,7 +10,8 @@ import torch
 from common import comparison, lora, sampling, training
 from common import textual_inversion as ti
 from common.errors import LessonError
-from conftest import ROOT, SHARED_SEED, load_script, needs_shared
+import exercise3a_train_textual_inversion
+from conftest import ROOT, SHARED_SEED, needs_shared
 
 TOKEN = "<african-fabric>"
 FAST = ["--model", "tiny", "--sample-every", "100", "--num-inference-steps", "2", "--num-sample-seeds", "1",
@@ -50,7 +51,7 @@ def trained(tmp_path_factory, tiny_dir):
                 if "lora_B" in name:
                     p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
         lora.save_lora(unet, "models/fabric_lora", config, {"SUBJECT_TOKEN": "sks", "training_seconds": 754})
-        result = load_script("exercise3a_train_textual_inversion.py").main(
+        result = exercise3a_train_textual_inversion.main(
             FAST + ["--max-train-steps", "4", "--gradient-accumulation", "2", "--checkpoint-every", "2",
                     "--sample-every", "4", "--sample-prompts", "a {} pattern | a fabric pattern"])
         yield project, result
@@ -124,7 +125,7 @@ def test_comparison_figure_made_when_a_lora_exists(trained):
 
 
 def test_resume_continues_at_the_right_step_with_two_vectors(workdir, capsys):
-    script = load_script("exercise3a_train_textual_inversion.py")
+    script = exercise3a_train_textual_inversion
     args = FAST + ["--num-vectors", "2", "--no-random-flip", "--sample-prompts", "a {} pattern"]
     script.main(args + ["--max-train-steps", "2", "--embedding-dir", "models/split"])
     result = script.main(args + ["--max-train-steps", "3", "--embedding-dir", "models/split", "--resume"])
@@ -170,7 +171,7 @@ def test_bad_initializer_and_existing_placeholder_are_explained(tiny_pipe):
 
 
 def test_script_refuses_bad_placeholder_before_loading(workdir):
-    script = load_script("exercise3a_train_textual_inversion.py")
+    script = exercise3a_train_textual_inversion
     with pytest.raises(LessonError, match="PLACEHOLDER_TOKEN must be one lower-case word"):
         script.main(FAST + ["--placeholder-token", "<African-Fabric>"])
     with pytest.raises(LessonError, match="INITIALIZER_TOKEN 'zebra' is not a single token"):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from common import lora, prior, sampling, training
-from conftest import ROOT, load_script
+import exercise3b_train_lora
+from conftest import ROOT
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
         "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
@@ -21,7 +22,7 @@ FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--
 def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
     from diffusers import StableDiffusionPipeline
 
-    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", "6"])
+    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", "6"])
     lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
     assert result.lora_file.resolve() == lora_file and lora_file.is_file()
     assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
@@ -49,7 +50,7 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
 
 
 def test_resume_continues_at_the_right_step(workdir, capsys):
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     result = script.main(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
     said = capsys.readouterr().out
@@ -60,7 +61,7 @@ def test_resume_continues_at_the_right_step(workdir, capsys):
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
     from safetensors.torch import load_file
 
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     args = FAST + ["--sample-every", "100", "--no-random-flip"]
     script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/straight"])
     script.main(args + ["--max-train-steps", "2", "--checkpoint-every", "2", "--lora-dir", "models/split"])
@@ -72,10 +73,20 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
 
 
 def test_no_prior_preservation_trains_on_instances_only(workdir):
-    result = load_script("exercise3b_train_lora.py").main(
+    result = exercise3b_train_lora.main(
         FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
     assert not (workdir / "class_images").exists()
     assert result.history["prior"] == [0.0, 0.0]
+
+
+def test_subject_token_is_trained_and_recorded_in_the_lora_file(workdir):
+    result = exercise3b_train_lora.main(
+        FAST + ["--max-train-steps", "1", "--no-prior-preservation", "--sample-every", "100",
+                "--subject-token", "ohwx"])
+    settings = lora.read_settings(result.lora_file)
+    assert settings["SUBJECT_TOKEN"] == "ohwx" and settings["INSTANCE_PROMPT"] == "a ohwx african fabric pattern"
+    assert settings["SAMPLE_PROMPTS"][1] == "a beautiful dress made of ohwx african fabric pattern, fashion photography"
+    assert result.sample_prompts[0] == "a ohwx african fabric pattern"  # what the progress grids drew
 
 
 def test_loss_falls_when_overfitting_a_fixed_batch(tiny_pipe):
@@ -102,7 +113,7 @@ def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch, fault
     """Step 5's loss made NaN (tests/fault_hooks.py) stops the run; the step-3 checkpoint stays as it was."""
     from common.errors import LessonError
 
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
     before = good.read_bytes()
@@ -115,7 +126,7 @@ def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch, fault
 
 def test_gradient_accumulation_logs_the_mean_of_the_micro_batch_losses(workdir, monkeypatch):
     """Each step logs its micro-batches' mean loss (total, instance, prior), not the last micro-batch's."""
-    script = load_script("exercise3b_train_lora.py")
+    script = exercise3b_train_lora
     seen = []  # (total, instance, prior) of every micro-batch, in order
 
     def recorded(*args, **kwargs):
@@ -161,7 +172,7 @@ def test_only_noise_or_velocity_predicting_models_are_trained(workdir, tiny_pipe
     config = workdir / "models/sample-sd/scheduler/scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
     with pytest.raises(LessonError, match=refused):
-        load_script("exercise3b_train_lora.py").main(FAST + ["--model", "models/sample-sd", "--max-train-steps", "1"])
+        exercise3b_train_lora.main(FAST + ["--model", "models/sample-sd", "--max-train-steps", "1"])
     assert not (workdir / "class_images").exists()
 
 
@@ -191,7 +202,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workdir):
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
     assert 0 < step < 100000
-    result = load_script("exercise3b_train_lora.py").main(FAST + ["--max-train-steps", str(step + 2),
+    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", str(step + 2),
                                                                   "--sample-every", "100000", "--resume"])
     assert len(result.history["total"]) == step + 2
 

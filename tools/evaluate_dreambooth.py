@@ -15,7 +15,6 @@ pictures with the pocket world's classifier and colour reading (``pocket/world_m
 Writes outputs/evaluation/results.json, results.md (the table) and samples.png.
 """
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import exercise3a_train_textual_inversion  # noqa: E402  (the course's scripts, as modules)
+import exercise3b_train_lora  # noqa: E402
 from common import device as devices  # noqa: E402
 from common import figures, lesson, models, personalize, sampling  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
@@ -52,13 +53,6 @@ SUBJECT_WORDS = "sks african"  # what the LoRA's instance prompt calls the subje
 PLACEHOLDER = "<african-fabric>"  # exercise 3a's token
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_all(cfg, work: Path) -> dict:
     """The three personalisations, made by the course's own scripts. Returns {method: (adapter path, seconds)}."""
     common = ["--model", cfg.MODEL_ID, "--output-dir", str(Path(cfg.OUTPUT_DIR) / "training"), "--device", cfg.DEVICE]
@@ -67,12 +61,12 @@ def train_all(cfg, work: Path) -> dict:
                           ("LoRA + prior preservation", ["--num-class-images", str(cfg.NUM_CLASS_IMAGES)])]:
         folder = work / ("lora_prior" if "+" in method else "lora_no_prior")
         started = time.perf_counter()
-        _script("exercise3b_train_lora.py").main(common + extra + ["--class-data-dir", str(work / "class_images"),
+        exercise3b_train_lora.main(common + extra + ["--class-data-dir", str(work / "class_images"),
             "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE),
             "--lora-dir", str(folder), "--sample-every", "1000000"])
         made[method] = (folder, time.perf_counter() - started)
     folder, started = work / "textual_inversion", time.perf_counter()
-    _script("exercise3a_train_textual_inversion.py").main(common + [
+    exercise3a_train_textual_inversion.main(common + [
         "--max-train-steps", str(cfg.TI_STEPS), "--learning-rate", str(cfg.TI_LEARNING_RATE),
         "--embedding-dir", str(folder), "--sample-every", "1000000", "--lora-dir", str(work / "none")])
     made["Textual Inversion"] = (folder, time.perf_counter() - started)
