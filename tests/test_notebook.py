@@ -1,0 +1,179 @@
+"""course.ipynb, the classroom notebook: it runs the five scripts in order, shows what each wrote, and asks
+the scripts' own reflection questions.
+
+The structure checks read the notebook as JSON and need nothing more. The run executes the whole notebook
+with nbclient in a project folder of its own, on the tiny model with the notebook's quick settings
+(COURSE_NOTEBOOK_QUICK=1), offline; it skips where nbclient or ipykernel is not installed. The install
+cell (%pip install -r requirements.txt) is left out of the run: the test environment is already installed,
+and the run must not touch it or the network.
+"""
+
+import ast
+import json
+import shutil
+
+import pytest
+
+from conftest import ROOT
+
+NOTEBOOK = ROOT / "course.ipynb"
+SCRIPTS = ["exercise3b_train_lora.py", "exercise1_generate.py", "exercise2_explore.py",
+           "exercise3a_train_textual_inversion.py", "generate_dreambooth_morph.py"]  # the course's order
+EXPECTED_FILES = [
+    "models/fabric_lora/pytorch_lora_weights.safetensors",
+    "models/fabric_textual_inversion/learned_embeds.safetensors",
+    "outputs/exercise3b_progression.png",
+    "outputs/exercise3b_loss_curves.png",
+    "outputs/exercise1_output.png",
+    "outputs/exercise1_token_comparison.png",
+    "outputs/exercise2_guidance_comparison.png",
+    "outputs/exercise2_style_grid.png",
+    "outputs/exercise2_seed_comparison.png",
+    "outputs/exercise3a_loss_curve.png",
+    "outputs/exercise3_ti_vs_lora.png",
+    "outputs/dreambooth_fabric_morph.gif",
+    "outputs/dreambooth_fabric_morph_keyframes.png",
+]
+
+
+def cells(notebook: dict, kind: str | None = None, tag: str | None = None) -> list[dict]:
+    return [c for c in notebook["cells"] if (kind is None or c["cell_type"] == kind)
+            and (tag is None or tag in c.get("metadata", {}).get("tags", []))]
+
+
+def text(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def reflection(script: str) -> list[str]:
+    """The script's REFLECTION list, read without importing it."""
+    for node in ast.parse((ROOT / script).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "REFLECTION":
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{script} has no REFLECTION list")
+
+
+@pytest.fixture(scope="module")
+def notebook() -> dict:
+    return json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+
+
+def test_notebook_is_shipped_clean(notebook):
+    """No outputs or execution counts in the repository: a student's first run is the first output."""
+    for cell in cells(notebook, "code"):
+        assert cell.get("outputs") == [] and cell.get("execution_count") is None, text(cell)[:80]
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_runs_the_five_scripts_in_the_course_order_each_followed_by_its_pictures_and_questions(notebook):
+    steps = cells(notebook, "code", "step")
+    assert [next(s for s in SCRIPTS if f"python {s} --model {{MODEL}}" in text(c)) for c in steps] == SCRIPTS
+    order = notebook["cells"]
+    for script, step in zip(SCRIPTS, steps):
+        after = order[order.index(step) + 1:]
+        figures = next(c for c in after if c["cell_type"] == "code")
+        assert "figures" in figures["metadata"].get("tags", []), f"{script}: no figures cell after it"
+        questions = next(c for c in after if c["cell_type"] == "markdown" and "Reflection" in text(c))
+        for i, question in enumerate(reflection(script), 1):  # copied word for word, in order
+            assert f"{i}. {question}" in text(questions), f"{script}'s reflection question {i} is not in the notebook"
+
+
+def test_the_student_gets_the_course_settings_and_only_the_test_gets_the_quick_ones(notebook):
+    parameters = text(cells(notebook, "code", "parameters")[0])
+    assert 'MODEL = "auto"' in parameters and "QUICK = False" in parameters
+    assert '"stable-diffusion-v1-5/stable-diffusion-v1-5" if torch.cuda.is_available() else "pocket"' in parameters
+    assert 'os.environ.get("COURSE_NOTEBOOK_QUICK") == "1"' in parameters
+    install = text(cells(notebook, "code", "install")[0])
+    assert "%pip install -r requirements.txt" in install
+
+
+@pytest.fixture
+def project(workdir):
+    """The project folder a student opens the notebook in: the scripts, common/, training_images/, the tiny
+    model (workdir), requirements.txt and the notebook."""
+    for script in SCRIPTS:
+        shutil.copy2(ROOT / script, workdir / script)
+    shutil.copytree(ROOT / "common", workdir / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "requirements.txt", workdir / "requirements.txt")
+    shutil.copy2(NOTEBOOK, workdir / NOTEBOOK.name)
+    return workdir
+
+
+def test_the_whole_notebook_runs_on_the_tiny_model(project, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # The kernel, and every script it starts, inherit these.
+    monkeypatch.setenv("DREAMBOOTH_MODEL", "tiny")  # what MODEL = "auto" takes from the environment
+    monkeypatch.setenv("COURSE_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+    nb = nbformat.read(project / NOTEBOOK.name, as_version=4)
+    nbformat.validate(nb)
+    nb.cells = [c for c in nb.cells if "install" not in c.metadata.get("tags", [])]
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(project)}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+    parameters = "".join(o.get("text", "") for c in nb.cells if "parameters" in c.metadata.get("tags", [])
+                         for o in c.outputs)
+    assert "Model: tiny (quick look)" in parameters
+    for cell in nb.cells:
+        if "figures" in cell.metadata.get("tags", []):
+            mimes = {mime for o in cell.outputs for mime in o.get("data", {})}
+            assert mimes & {"image/png", "image/gif"}, f"no picture shown by:\n{cell.source}"
+            assert "did not write it" not in "".join(o.get("text", "") for o in cell.outputs), cell.source
+    morph = next(c for c in nb.cells
+                 if "dreambooth_fabric_morph.gif" in c.source and "figures" in c.metadata.get("tags", []))
+    assert any("image/gif" in o.get("data", {}) for o in morph.outputs)
+    steps = [c for c in nb.cells if "step" in c.metadata.get("tags", [])]
+    for cell in steps:  # each script's own output, with its reflection questions at the end, reached the page
+        shown = "".join(o.get("text", "") for o in cell.outputs)
+        assert "$ python " in shown and "Reflection questions" in shown, shown[-2000:]
+    for path in EXPECTED_FILES:
+        assert (project / path).is_file(), path
+
+
+def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project, monkeypatch):
+    """Interrupting a training cell reaches the script once, as Ctrl-C: it saves a checkpoint and prints how
+    to continue, and the cell ends in KeyboardInterrupt, so that "Run all" stops there."""
+    pytest.importorskip("ipykernel")
+    manager = pytest.importorskip("jupyter_client.manager")
+    import threading
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(project))
+    try:
+        kc.execute_interactive(text(cells(nb, "code", "setup")[0]), timeout=120)
+        seen, errors = [], []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                seen.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                errors.append(msg["content"]["ename"])
+
+        def stop_once_training():
+            deadline = time.monotonic() + 300
+            while "Training:" not in "".join(seen) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            km.interrupt_kernel()
+
+        threading.Thread(target=stop_once_training, daemon=True).start()
+        kc.execute_interactive('run("python exercise3b_train_lora.py --model tiny --max-train-steps 1000 '
+                               '--num-class-images 2 --sample-every 1000 --checkpoint-every 1000 '
+                               '--num-inference-steps 1 --num-sample-seeds 1")', timeout=300, output_hook=hook)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    shown = "".join(seen)
+    assert errors == ["KeyboardInterrupt"], shown[-2000:]
+    assert "checkpoint saved" in shown and "--resume" in shown, shown[-2000:]
+    assert shown.count("Ctrl-C: finishing this step") == 1, shown[-2000:]  # one Ctrl-C reached it, not two
+    assert list((project / "models" / "fabric_lora" / "checkpoints").glob("checkpoint-*"))
