@@ -163,7 +163,7 @@ def main(argv=None):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import free_memory
 
-    from common import comparison, figures, images, models, sampling, training
+    from common import comparison, figures, images, model_card, models, sampling, training
     from common import device as devices
     from common import textual_inversion as ti
 
@@ -281,6 +281,10 @@ def main(argv=None):
         written.append(ti.save_embedding(embedding.vectors, cfg.PLACEHOLDER_TOKEN, embedding_file, run_settings))
         written.append(figures.plot_curves({"loss": state.history.get("loss", [])},
                                            out_dir / "exercise3a_loss_curve.png", "Textual Inversion loss"))
+        # The same vectors as AUTOMATIC1111 and ComfyUI read them, and a model card (README.md).
+        a1111 = ti.export_a1111(embedding.vectors, embedding_dir / f"{cfg.PLACEHOLDER_TOKEN.strip('<>')}.safetensors")
+        written += [a1111, model_card.write_embedding_card(embedding_dir, run_settings, a1111,
+                                                           preview=progress_dir / f"step_{state.step:05d}.png")]
 
     lesson.step(8, "Compare with the base model and with LoRA (Concept 4)")
     comparison_file = out_dir / "exercise3_ti_vs_lora.png"

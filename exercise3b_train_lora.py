@@ -60,7 +60,6 @@ RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints (n
 RANDOM_SEED = 42  # same seed, same run
 LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
 OUTPUT_DIR = "outputs"  # where the pictures go
-EXPORT_KOHYA = False  # also write models/fabric_lora_kohya.safetensors for AUTOMATIC1111/ComfyUI
 # ==================================================================================
 
 REFLECTION = [
@@ -176,7 +175,7 @@ def main(argv=None):
     from diffusers.training_utils import free_memory
 
     from common import device as devices
-    from common import figures, images, lora, models, prior, sampling, training
+    from common import figures, images, lora, model_card, models, prior, sampling, training
 
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3b - DreamBooth-LoRA with prior preservation", [
@@ -292,8 +291,8 @@ def main(argv=None):
     written = []
     if accelerator.is_main_process:
         written.append(lora.save_lora(trained, lora_dir, lora_config, run_settings))
-        if cfg.EXPORT_KOHYA:
-            written.append(lora.export_kohya(trained, lora_dir.parent / f"{lora_dir.name}_kohya.safetensors", lora_config))
+        # The same LoRA as AUTOMATIC1111 and ComfyUI read it (kohya's layout), beside it.
+        kohya = lora.export_kohya(trained, lora_dir / f"{lora_dir.name}_kohya.safetensors", lora_config)
         curves = {"total loss": state.history.get("total", []), "instance loss": state.history.get("instance", [])}
         if cfg.PRIOR_PRESERVATION:
             curves["prior loss"] = state.history.get("prior", [])
@@ -302,6 +301,9 @@ def main(argv=None):
             written.append(figures.save_grid([im for _, im in strip], out_dir / "exercise3b_progression.png",
                                              cols=len(strip), labels=[f"step {s}" for s, _ in strip],
                                              title=repr(sample_prompts[0])))
+        # A model card (README.md): what the files are, how they were made, how to load them anywhere.
+        written += [kohya, model_card.write_lora_card(lora_dir, run_settings, kohya,
+                                                      preview=out_dir / "exercise3b_progression.png")]
     accelerator.wait_for_everyone()
 
     elapsed = time.perf_counter() - started

@@ -42,10 +42,13 @@ def _preview(folder: Path, preview) -> str:
     return "![samples during training](preview.png)\n\n"
 
 
-def _write(folder: Path, text: str) -> Path:
-    with atomic_path(folder / "README.md") as tmp:
+def _write(folder: Path, text: str, other_kind_file: str, own_name: str) -> Path:
+    """README.md, unless the folder also holds the other kind of adapter (a LoRA and an embedding may
+    share a folder): then each card is named after its kind, so neither overwrites the other's."""
+    path = folder / ("README.md" if not (folder / other_kind_file).exists() else own_name)
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return folder / "README.md"
+    return path
 
 
 def write_lora_card(folder, settings: dict, kohya_file: Path, preview=None) -> Path:
@@ -78,7 +81,7 @@ image = pipe("{prompt}").images[0]
 
 **ComfyUI**: copy `{kohya_file.name}` into `ComfyUI/models/loras/` and pick it in a *Load LoRA* node.
 """
-    return _write(folder, text)
+    return _write(folder, text, "learned_embeds.safetensors", "README_lora.md")
 
 
 def write_embedding_card(folder, settings: dict, a1111_file: Path, preview=None) -> Path:
@@ -111,4 +114,4 @@ image = pipe("{prompt}").images[0]
 `{a1111_file.stem}` in a prompt. **ComfyUI**: copy it into `ComfyUI/models/embeddings/` and write
 `embedding:{a1111_file.stem}`.
 """
-    return _write(folder, text)
+    return _write(folder, text, "pytorch_lora_weights.safetensors", "README_textual_inversion.md")

@@ -224,3 +224,17 @@ def test_course_embedding_loads_into_a_768_wide_text_encoder(tmp_path, tiny_pipe
     row = wide.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOKEN)]
     assert torch.equal(row, safetensors.torch.load_file(str(course))[TOKEN])
     assert not torch.allclose(_encode(pipe, f"a {TOKEN} pattern"), _encode(pipe, "a pattern pattern"), atol=1e-3)
+
+
+def test_beside_the_embedding_an_automatic1111_file_and_a_model_card(trained):
+    from diffusers.loaders.textual_inversion import load_textual_inversion_state_dicts
+    from huggingface_hub import ModelCard
+
+    project, _ = trained
+    folder = project / "models/fabric_textual_inversion"
+    ours = safetensors.torch.load_file(str(folder / "learned_embeds.safetensors"))[TOKEN]
+    a1111 = load_textual_inversion_state_dicts([str(folder / "african-fabric.safetensors")])[0]
+    assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"], ours)  # the same vectors
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.instance_prompt == f"a {TOKEN} pattern" and "textual_inversion" in card.data.tags
+    assert "embedding:african-fabric" in card.text and (folder / "preview.png").is_file()

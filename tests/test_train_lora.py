@@ -48,6 +48,20 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
         assert np.abs(trained - reloaded).max() <= 1  # the in-training sample, reproduced from the file
         assert np.abs(reloaded - untouched).mean() > 0.5  # and the LoRA visibly changes the picture
 
+    # Beside it, what AUTOMATIC1111/ComfyUI read (kohya's layout), which plain diffusers loads with the same
+    # effect on the UNet, and a model card the Hub's own parser reads.
+    from huggingface_hub import ModelCard
+
+    kohya = StableDiffusionPipeline.from_pretrained("models/tiny-sd")
+    kohya.load_lora_weights("models/fabric_lora", weight_name="fabric_lora_kohya.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(kohya.unet(x, t, text).sample, pipe.unet(x, t, text).sample, atol=1e-5)
+    card = ModelCard.load(workdir / "models/fabric_lora/README.md")
+    assert card.data.instance_prompt == "a sks african fabric pattern" and card.data.base_model == "tiny"
+    assert "| `MAX_TRAIN_STEPS` | `6` |" in card.text and (workdir / "models/fabric_lora/preview.png").is_file()
+
 
 def test_resume_continues_at_the_right_step(workdir, capsys):
     script = exercise3b_train_lora
