@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.files import atomic_path
 
+PREVIEW = ("preview.png", "preview_embedding.png")  # the LoRA's, the embedding's (they may share a folder)
 LICENSE = "creativeml-openrail-m"  # Stable Diffusion v1.5's licence, which fine-tunes inherit
 SHOWN_SETTINGS = ("MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN",
                   "NUM_VECTORS", "RESOLUTION", "LORA_RANK", "LORA_ALPHA", "LEARNING_RATE", "MAX_TRAIN_STEPS",
@@ -33,13 +34,13 @@ def _settings_table(settings: dict) -> str:
     return "| setting | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
-def _preview(folder: Path, preview) -> str:
-    """Copy the preview picture into the folder (the card travels with it) and link it."""
+def _preview(folder: Path, preview, name: str) -> str:
+    """Copy the preview picture into the folder as ``name`` (the card travels with it) and link it."""
     if preview is None or not Path(preview).is_file():
         return ""
-    with atomic_path(folder / "preview.png") as tmp:
+    with atomic_path(folder / name) as tmp:
         shutil.copyfile(preview, tmp)
-    return "![samples during training](preview.png)\n\n"
+    return f"![samples during training]({name})\n\n"
 
 
 def _write(folder: Path, text: str, other_kind_file: str, own_name: str) -> Path:
@@ -61,7 +62,7 @@ def write_lora_card(folder, settings: dict, kohya_file: Path, preview=None) -> P
 Trained with `exercise3b_train_lora.py` (DreamBooth + LoRA with prior preservation). Trigger word:
 **`{token}`**; prompt it as in training: `{prompt}`.
 
-{_preview(folder, preview)}## Training settings
+{_preview(folder, preview, PREVIEW[0])}## Training settings
 
 {_settings_table(settings)}
 ## Use it
@@ -95,7 +96,7 @@ def write_embedding_card(folder, settings: dict, a1111_file: Path, preview=None)
 Trained with `exercise3a_train_textual_inversion.py`: one new word, **`{token}`**, and nothing else in the
 model changed. Write it in a prompt: `{prompt}`.
 
-{_preview(folder, preview)}## Training settings
+{_preview(folder, preview, PREVIEW[1])}## Training settings
 
 {_settings_table(settings)}
 ## Use it

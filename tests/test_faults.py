@@ -1214,7 +1214,11 @@ def test_lora_and_embedding_sharing_a_folder_keep_to_their_own_checkpoints(stude
         "--embedding-dir", str(shared)]
     for script, args in ((B, lora_args), (A, ti_args)):
         assert student.run(script, args, project).rc == 0
-    assert {p.name for p in shared.iterdir()} == {"checkpoints", "checkpoints-ti", lora.WEIGHT_NAME, ti.WEIGHT_NAME}
+    assert {p.name for p in shared.iterdir()} == {
+        "checkpoints", "checkpoints-ti", lora.WEIGHT_NAME, ti.WEIGHT_NAME, "shared_kohya.safetensors",
+        "african-fabric.safetensors", "README.md", "README_textual_inversion.md", "preview.png", "preview_embedding.png"}
+    assert "a DreamBooth-LoRA" in (shared / "README.md").read_text()  # each card kept, neither overwritten
+    assert "a Textual Inversion embedding" in (shared / "README_textual_inversion.md").read_text()
     theirs = {p: d for p, d in snapshot(project).items() if "/checkpoints-ti/" in p}
 
     again = student.run(B, lora_args, project)  # a fresh LoRA run: moves only the LoRA's earlier checkpoints
@@ -1232,7 +1236,8 @@ def test_lora_and_embedding_sharing_a_folder_keep_to_their_own_checkpoints(stude
 def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside_unread_and_resume_continues_its_own(student, project):
     root = project / CKPT[B]
     _old_layout(CKPT[B])(project)  # an older version's run, whose pickles would run code if loaded
-    own = ("outputs/", "models/fabric_lora/pytorch_lora_weights")  # what a run writes anew, by design
+    own = ("outputs/", "models/fabric_lora/pytorch_lora_weights", "models/fabric_lora/fabric_lora_kohya",
+           "models/fabric_lora/README", "models/fabric_lora/preview")  # what a run writes anew, by design
     before = {p: d for p, d in snapshot(project).items() if not p.startswith(own)}
     fresh = student.run(B, TRAIN[B], project)
     assert fresh.rc == 0, str(fresh)

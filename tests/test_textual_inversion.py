@@ -237,4 +237,4 @@ def test_beside_the_embedding_an_automatic1111_file_and_a_model_card(trained):
     assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"], ours)  # the same vectors
     card = ModelCard.load(folder / "README.md")
     assert card.data.instance_prompt == f"a {TOKEN} pattern" and "textual_inversion" in card.data.tags
-    assert "embedding:african-fabric" in card.text and (folder / "preview.png").is_file()
+    assert "embedding:african-fabric" in card.text and (folder / "preview_embedding.png").is_file()
