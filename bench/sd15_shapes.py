@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.models import SD15_SCHEDULER_CONFIG, build_tokenizer
+from common.tiny_model import SD15_SCHEDULER_CONFIG, build_tokenizer
 
 # The real UNet's configuration (stable-diffusion-v1-5/unet/config.json), for tests and benchmarks that
 # need SD v1.5's layer shapes without downloading its weights.

@@ -7,6 +7,7 @@ One module per idea of the lesson, each listed once:
 - ``errors``        ``LessonError`` (a failure the student can fix) and warnings
 - ``device``        which accelerator and precision to use
 - ``models``        where the base model comes from (Hub id, folder, single file, ``tiny``, ``pocket``)
+- ``tiny_model``    the built-in ``tiny`` model: SD v1.5's architecture at toy size, built offline
 - ``images``        loading and preparing the instance (training) images
 - ``prior``         class images and the prior-preservation term of the DreamBooth loss
 - ``lora``          adding, saving and loading LoRA adapters (diffusers, PEFT and kohya layouts)

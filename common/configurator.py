@@ -107,13 +107,15 @@ def configure(script_globals: dict, argv: list[str] | None, description: str | N
         parser.add_argument(*flags, dest=name, default=None, help=f"{comment} [{name} = {shown}]".replace("%", "%%"),
                             **kind)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
 
     cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug, SOURCES={})
     for name, _ in names:
         value, given = script_globals[name], getattr(args, name)
         if given is not None:
-            cfg.SOURCES[name] = dashed(name)
+            typed = [a.split("=")[0] for a in argv if a.split("=")[0] in (dashed(name), "--model")]
+            cfg.SOURCES[name] = typed[-1] if typed and name == "MODEL_ID" else dashed(name)  # (the alias, if used)
         elif name == "MODEL_ID" and environ.get(MODEL_ENV_VAR):
             given, cfg.SOURCES[name] = environ[MODEL_ENV_VAR], MODEL_ENV_VAR
         setattr(cfg, name, value if given is None else given if isinstance(given, bool) else parse_value(given, value))

@@ -239,7 +239,7 @@ def require_writable_dir(cfg: Config, *names: str) -> None:
                               f"(edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}).")
     model_id = getattr(cfg, "MODEL_ID", None)
     if isinstance(model_id, str) and model_id.strip().lower() == "tiny":
-        from common.models import TINY_DIR, tiny_model_is_built
+        from common.tiny_model import TINY_DIR, tiny_model_is_built
 
         if not tiny_model_is_built() and _writable_problem(TINY_DIR):
             raise LessonError(f"MODEL_ID 'tiny' is built into '{TINY_DIR}/', which {_writable_problem(TINY_DIR)}. "

@@ -12,7 +12,7 @@ SHARED_SEED = ROOT.parent / "shared" / "seed"  # the course's published files, b
 sys.path.insert(0, str(ROOT))  # the lesson scripts, common/, bench/ and tools/ import as modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
-from common import models  # noqa: E402
+from common import tiny_model  # noqa: E402
 
 needs_shared = pytest.mark.skipif(not SHARED_SEED.is_dir(), reason="../shared/seed (course files) not present")
 
@@ -20,7 +20,7 @@ needs_shared = pytest.mark.skipif(not SHARED_SEED.is_dir(), reason="../shared/se
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The built-in tiny model, built once per test session."""
-    return models.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+    return tiny_model.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
 @pytest.fixture

@@ -267,7 +267,8 @@ def _serve() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     from common import (animation, comparison, device, fast_mode, figures, files, folder_lock, images,  # noqa: F401
-                        lesson, lora, models, personalize, pickles, prior, sampling, textual_inversion, training)
+                        lesson, lora, model_card, models, personalize, pickles, prior, sampling,
+                        textual_inversion, tiny_model, training)
 
     channel = sys.stdout
     print(json.dumps({"ready": True}), file=channel, flush=True)

@@ -163,7 +163,7 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
     assert "LORA_RANK       = 4\n" in said  # as written in the file: no note
     assert "also set: SAMPLE_EVERY = 3 (from --sample-every)" in said  # an override not in the summary's list
     cfg = lesson.configure(vars(script), ["--model", "tiny"])
-    assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model-id"  # the flag beats the variable
+    assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model"  # the flag beats the variable
 
 
 def test_an_error_line_carries_no_terminal_escape_codes():

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from bench import sd15_shapes
-from common import lora, models
+from common import lora, tiny_model
 from common.errors import LessonError
 from conftest import SHARED_SEED, needs_shared
 
@@ -137,7 +137,7 @@ def test_course_published_lora_applies_exactly_as_peft(tmp_path):
     reference = _unet_output(peft_model)
     unet = peft_model.unload()  # back to the bare UNet, same weights
 
-    tiny = models.build_tiny_pipeline(tmp_path / "tok")
+    tiny = tiny_model.build_tiny_pipeline(tmp_path / "tok")
     pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
                                    scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

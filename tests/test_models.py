@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from bench import sd15_shapes
-from common import models
+from common import models, tiny_model
 from common.errors import LessonError
 
 
@@ -32,8 +32,8 @@ def test_tiny_tokenizer_knows_the_course_words(tiny_pipe):
 
 
 def test_tiny_model_is_deterministic(tmp_path):
-    a = models.build_tiny_pipeline(tmp_path / "a")
-    b = models.build_tiny_pipeline(tmp_path / "b")
+    a = tiny_model.build_tiny_pipeline(tmp_path / "a")
+    b = tiny_model.build_tiny_pipeline(tmp_path / "b")
     for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
         assert torch.equal(pa, pb), name
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import device as devices  # noqa: E402
-from common import lesson, models, sampling, training  # noqa: E402
+from common import lesson, models, sampling, tiny_model, training  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
 from common.files import atomic_dir, atomic_path, save_json  # noqa: E402
 from common.images import center_crop_resize, list_image_files, open_image  # noqa: E402
@@ -253,7 +253,7 @@ def train_unet(cfg, device, vae, tokenizer):
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.UNET_LEARNING_RATE, weight_decay=1e-2)
     stage = Stage("unet", cfg.WORK_DIR, unet=unet, text_encoder=text_encoder, ema=ema, optimizer=optimizer)
-    scheduler = DDPMScheduler.from_config(models.SD15_SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler.from_config(tiny_model.SD15_SCHEDULER_CONFIG)
 
     cache = Path(cfg.WORK_DIR) / "unet" / "world_latents.pt"
     if cache.is_file():
@@ -298,13 +298,13 @@ def train_unet(cfg, device, vae, tokenizer):
 def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_state, card: dict):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    tokenizer = models.build_tokenizer(tokenizer_dir)
+    tokenizer = tiny_model.build_tokenizer(tokenizer_dir)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(**models.SD15_SCHEDULER_CONFIG, skip_prk_steps=True),
+                                   scheduler=PNDMScheduler(**tiny_model.SD15_SCHEDULER_CONFIG, skip_prk_steps=True),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(cfg.OUTPUT_DIR) as tmp:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        models.build_tokenizer(tmp / "tokenizer")  # vocab.json/merges.txt too, for transformers 4
+        tiny_model.build_tokenizer(tmp / "tokenizer")  # vocab.json/merges.txt too, for transformers 4
         classifier = world_metrics.build_classifier()
         classifier.load_state_dict(classifier_state)
         classifier.to(torch.float16).save_pretrained(tmp / "world_classifier", safe_serialization=True)
@@ -368,7 +368,7 @@ def main(argv=None):
                     torch=torch.__version__)
     todo = ["classifier", "vae", "unet", "export", "evaluate"] if cfg.STAGE == "all" else [cfg.STAGE]
     tokenizer_dir = work / "tokenizer"
-    tokenizer = models.build_tokenizer(tokenizer_dir)
+    tokenizer = tiny_model.build_tokenizer(tokenizer_dir)
     if "classifier" in todo:
         lesson.step(1, "World classifier")
         card.update(train_classifier(cfg, device))
