@@ -197,7 +197,8 @@ def find_embedding_file(path) -> Path:
             loras = [p.name for p in files if p not in candidates]
             raise LessonError(f"The folder '{path}' holds {len(candidates) or 'no'} embedding files"
                               + (f" ({', '.join(p.name for p in candidates)})" if candidates else "")
-                              + (f" (and the LoRA {', '.join(loras)}, which belongs in LORA_PATH)" if loras else "")
+                              + (f" (and the LoRA {'files ' if len(loras) > 1 else ''}{', '.join(loras)}, which "
+                                 f"belong{'' if len(loras) > 1 else 's'} in LORA_PATH)" if loras else "")
                               + ": point EMBEDDING_PATH at the one embedding file you mean.")
         found = candidates[0]
     require_readable(found, "exercise3a_train_textual_inversion.py")

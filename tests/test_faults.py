@@ -380,7 +380,8 @@ CASES = _constant_cases() + [
                                                            "learned_embeds.safetensors"],
          r"is a Textual Inversion embedding, not a LoRA", r"Set EMBEDDING_PATH to it", before_model=True),
     Case("2-lora-as-embedding", E2, QUICK + ["--embedding-path", "models/fabric_lora"],
-         r"holds no embedding files \(and the LoRA pytorch_lora_weights.safetensors, which belongs in LORA_PATH\)",
+         r"holds no embedding files \(and the LoRA files fabric_lora_kohya.safetensors, "
+         r"pytorch_lora_weights.safetensors, which belong in LORA_PATH\)",
          r"point EMBEDDING_PATH at the one embedding file", before_model=True),
     Case("morph-two-embeddings", MORPH, GENERATE[MORPH] + ["--embedding-path", "models/embeddings"],
          r"holds 2 embedding files \(kente.safetensors, wax.safetensors\)", r"point EMBEDDING_PATH at the one",
