@@ -258,7 +258,7 @@ def main(argv=None):
                     optimizer.step()  # accelerate applies it once all micro-batches are summed
                     lr_scheduler.step()
                     optimizer.zero_grad()
-                    losses.append({"loss": loss.item()})
+                    losses.append({"loss": loss.detach()})
             state.step = step
             state.log(**training.mean_losses(losses), lr=lr)
             bar.update(1, loss=state.history["loss"][-1])

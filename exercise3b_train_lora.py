@@ -271,7 +271,8 @@ def main(argv=None):
                     optimizer.step()  # accelerate applies it once all micro-batches are summed
                     lr_scheduler.step()
                     optimizer.zero_grad()
-                    losses.append({"total": loss.item(), "instance": instance_loss.item(), "prior": prior_loss.item()})
+                    losses.append({"total": loss.detach(), "instance": instance_loss.detach(),
+                                   "prior": prior_loss.detach()})
             state.step = step
             state.log(**training.mean_losses(losses), lr=lr)
             bar.update(1, loss=state.history["total"][-1])

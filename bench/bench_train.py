@@ -96,7 +96,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
         print(f"Building {args.arch} ...")
         pipe = harness.load_pipeline(args.arch, dtype, Path(workdir)).to(device)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    vae, text_encoder = pipe.vae, pipe.text_encoder
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # as the scripts train against
     resolution = args.resolution or models.native_resolution(pipe)
     name = args.name or harness.default_name("train", args, runtime, resolution,
@@ -155,6 +155,7 @@ def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, arg
     unet.train()
 
     def ours(step):
+        losses = []
         for micro in range(args.accumulation):
             with accelerator.accumulate(unet):
                 g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
@@ -165,8 +166,8 @@ def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, arg
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-                logged = loss.item(), instance_loss.item(), prior_loss.item()  # the script logs every micro-batch's
-        return logged
+                losses.append({"total": loss.detach(), "instance": instance_loss.detach(), "prior": prior_loss.detach()})
+        return training.mean_losses(losses)  # what the script logs each step
 
     # The floor's inputs, drawn once and left on the device.
     g = training.step_generator(0, 0)
@@ -239,6 +240,7 @@ def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator,
     vectors = accelerator.unwrap_model(embedding).vectors
 
     def ours(step):
+        losses = []
         for micro in range(args.accumulation):
             with accelerator.accumulate(embedding):
                 g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
@@ -248,8 +250,8 @@ def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator,
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-                loss.item()  # the script logs every micro-batch's loss
-        return loss.item()
+                losses.append({"loss": loss.detach()})
+        return training.mean_losses(losses)  # what the script logs each step
 
     g = training.step_generator(0, 0)
     fixed = _noisy_batch(noise_scheduler, training.sample_latents(data.instance[:n], g, vae.config), g, device, dtype)

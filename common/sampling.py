@@ -145,13 +145,12 @@ def to_pil(array) -> tuple[list, int]:
 
     diffusers turns NaN into black without a word; counting first lets ``generate`` say so."""
     import numpy as np
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
     array = np.asarray(array)
     finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
-    array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)  # black, as diffusers would draw them
-    pixels = (np.clip(array, 0.0, 1.0) * 255).round().astype("uint8")  # diffusers' numpy_to_pil, exactly
-    return [Image.fromarray(p) for p in pixels], int((~finite).sum())
+    array = np.clip(np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)  # black, as diffusers draws them
+    return VaeImageProcessor.numpy_to_pil(array), int((~finite).sum())
 
 
 def describe_speed(count: int, seconds: float, unit: str = "images") -> str:

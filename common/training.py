@@ -164,10 +164,12 @@ class TrainState:
         self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
 
 
-def mean_losses(micro_batches: list[dict[str, float]]) -> dict[str, float]:
-    """Each loss averaged over one step's micro-batches (``[{"total": ..., "prior": ...}, ...]``): the
-    number to log for the step, as its update follows the mean of their gradients."""
-    return {name: sum(m[name] for m in micro_batches) / len(micro_batches) for name in micro_batches[0]}
+def mean_losses(micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Each loss averaged over one step's micro-batches (``[{"total": loss.detach(), ...}, ...]``): the
+    number to log for the step, as its update follows the mean of their gradients. The losses stay on
+    their device until here, so a GPU waits for them once a step, not once a micro-batch."""
+    return {name: torch.stack([torch.as_tensor(m[name]).detach().float() for m in micro_batches]).mean().item()
+            for name in micro_batches[0]}
 
 
 @dataclass
