@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import lesson  # (torch and diffusers load in main(), once the command line is read)
-from common.files import human_size, save_image, slug
+from common import lesson  # (torch and diffusers load in the lesson, once the command line is read)
+from common.files import save_image, slug
 
 # ============================== CONSTANTS: edit these ==============================
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
@@ -69,26 +69,15 @@ def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
     from common import personalize
 
-    lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "PROMPTS")
-    lesson.require_int(cfg, "BATCH_SIZE")
-    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
-    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
-    lesson.require_seed(cfg, "RANDOM_SEED")
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
-    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
-    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
-    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
-    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
-    lesson.require_model_id(cfg)
-    personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
+    personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
 
 
-def main(argv=None):
+def generate(argv=None):
+    """The lesson, step by step. Returns what it made (the tests read it); the command line runs main()."""
     cfg = lesson.configure(globals(), argv, __doc__)
     # The libraries load now, after the command line is read, so that --help answers at once.
-    from common import device as devices
-    from common import figures, models, personalize, sampling
+    from common import figures, personalize, sampling
 
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 1 - your fabric in nine contexts", [
@@ -97,11 +86,7 @@ def main(argv=None):
     out_dir = Path(cfg.OUTPUT_DIR)
 
     lesson.step(1, "Choose the device and load the base model")
-    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION)
-    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype, safety_checker=cfg.SAFETY_CHECKER).to(runtime.device)
-    sampling.use_multistep_solver(pipe)  # DPM-Solver++: 30 steps do what SD's default needed 50 for
-    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+    pipe, resolution = personalize.load_base_model(cfg)  # (with DPM-Solver++: 30 steps do what 50 did)
 
     lesson.step(2, f"Personalise it: load what binds '{cfg.SUBJECT_TOKEN}' to your fabric")
     loaded = personalize.personalize(pipe, cfg)  # LoRA, embedding, and FAST_MODE's LCM-LoRA on top
@@ -145,14 +130,18 @@ def main(argv=None):
     print("  " + sampling.describe_safety(pipe, flags, cfg.SAFETY_CHECKER))
     for line in loaded.describe():
         print(f"  {line}")
-    print("Files written:")
-    for path in written:
-        print(f"  {path}  ({human_size(path.stat().st_size)})")
+    lesson.print_files(written)
     print(f"  {out_dir / 'exercise1_variations'}/  ({len(variations)} images, 01_{names[0]}.png ...)")
     lesson.print_reflection(REFLECTION)
     return SimpleNamespace(images=with_token, without_token=without, prompts=prompts, plain_prompts=plain,
                            seeds=seeds, files=written + variations, seconds=seconds, nsfw=flags,
                            loaded=loaded, pipe=pipe, settings=settings)
+
+
+def main(argv=None) -> int:
+    """The command line: run the lesson; the exit code is 0 when it ran to the end."""
+    generate(argv)
+    return 0
 
 
 if __name__ == "__main__":

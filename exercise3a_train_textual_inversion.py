@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import lesson  # (torch, diffusers and accelerate load in main(), once the command line is read)
+from common import lesson  # (torch, diffusers and accelerate load in train(), once the command line is read)
 from common.errors import LessonError, warn
-from common.files import human_size
 
 # ============================== CONSTANTS: edit these ==============================
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
@@ -111,7 +110,7 @@ def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device
     """One micro-batch's loss: the frozen UNet's noise prediction error, read through the new word.
 
     ``cache`` holds what step 4 computed once (latent distributions, tokenized captions); every random
-    draw comes from ``g``. (A function of its own so that bench/bench_train.py times this very step.)
+    draw comes from ``g``. Returns ``{"loss": ...}`` (the form ``training.optimizer_step`` takes).
     """
     import torch
     import torch.nn.functional as F
@@ -130,7 +129,7 @@ def textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device
     text_states = embedding(ids.to(device))  # the only part with a gradient: the new vector(s)
     model_pred = unet(noisy_latents.to(dtype), timesteps, text_states.to(dtype)).sample
     target = training.diffusion_target(noise_scheduler, latents, noise, timesteps)  # the noise (SD 1.x)
-    return F.mse_loss(model_pred.float(), target.float())
+    return {"loss": F.mse_loss(model_pred.float(), target.float())}
 
 
 def train_only_new_vectors(cfg, pipe, token_ids, accelerator):
@@ -156,15 +155,14 @@ def train_only_new_vectors(cfg, pipe, token_ids, accelerator):
     return accelerator.prepare(embedding, optimizer, lr_scheduler)
 
 
-def main(argv=None):
+def train(argv=None):
+    """The lesson, step by step. Returns what it made (the tests read it); the command line runs main()."""
     cfg = lesson.configure(globals(), argv, __doc__)
     # The libraries load now, after the command line is read, so that --help answers at once.
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.training_utils import free_memory
 
-    from common import comparison, figures, images, model_card, models, sampling, training
-    from common import device as devices
+    from common import comparison, figures, images, model_card, sampling, training
     from common import textual_inversion as ti
 
     validate(cfg)
@@ -178,17 +176,11 @@ def main(argv=None):
     run = training.begin_run(cfg, checkpoint_root, FIXED_ON_RESUME, "EMBEDDING_DIR")  # one training at a time; --resume
 
     lesson.step(1, "Choose the device and load the base model")
-    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
-    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
-                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+    accelerator, pipe, resolution = training.load_base_model(cfg)  # (through accelerate: one GPU or several)
     device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
-    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype).to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
     training.prediction_type(noise_scheduler)  # (a model the loss cannot train: refused now, not after minutes)
-    sampling.use_multistep_solver(pipe)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
     settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,
                                          width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
 
@@ -247,20 +239,15 @@ def main(argv=None):
     samples, n = None, cfg.TRAIN_BATCH_SIZE
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
-            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]  # (lr: logged too)
-            for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
-                with accelerator.accumulate(embedding):
-                    g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
-                    # The loss through the new word (textual_inversion_loss, above: noise, timesteps, UNet call).
-                    loss = textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, weight_dtype)
-                    training.check_finite(loss, step, checkpoint_root)
-                    accelerator.backward(loss)
-                    optimizer.step()  # accelerate applies it once all micro-batches are summed
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                    losses.append({"loss": loss.detach()})
+            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged too)
+            # One update: GRADIENT_ACCUMULATION micro-batches of the loss through the new word
+            # (textual_inversion_loss, above: noise, timesteps, UNet call), summed, then one AdamW step.
+            losses = training.optimizer_step(
+                accelerator, embedding, optimizer, lr_scheduler, lambda g: textual_inversion_loss(
+                    unet, noise_scheduler, embedding, cache, g, n, device, weight_dtype),
+                cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
-            state.log(**training.mean_losses(losses), lr=lr)
+            state.log(**losses, lr=lr)
             bar.update(1, loss=state.history["loss"][-1])
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
@@ -268,7 +255,7 @@ def main(argv=None):
                 training.save_checkpoint(accelerator, run, step, cfg.CHECKPOINTS_TO_KEEP)
             if stop.requested:  # (checked after the step: a stop always saves one)
                 break
-    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
+    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:  # Ctrl-C: say how to continue, and stop here
         return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the embedding and the loss curve")
@@ -302,15 +289,20 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
     elapsed = time.perf_counter() - started
-    print(f"\nDone in {elapsed:.0f} s. Files written:")
-    for path in written + [progress_dir]:
-        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+    print(f"\nDone in {elapsed:.0f} s.")
+    lesson.print_files(written + [progress_dir])
     print(f"\nUse it: pipe.load_textual_inversion('{embedding_dir}'), then prompt with "
           f"'a beautiful dress made of {cfg.PLACEHOLDER_TOKEN} pattern'")
     lesson.print_reflection(REFLECTION)
-    return SimpleNamespace(embedding_file=written[0] if written else None, samples=samples, history=state.history,
+    return SimpleNamespace(stopped=False, embedding_file=written[0] if written else None, samples=samples, history=state.history,
                            sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings, pipe=pipe,
                            token_ids=token_ids, comparison_file=comparison_file if comparison_file in written else None)
+
+
+
+def main(argv=None) -> int:
+    """The command line: run the lesson; the exit code is 0 when training finished, 130 after Ctrl-C."""
+    return 130 if train(argv).stopped else 0
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import lesson  # (torch, diffusers and accelerate load in main(), once the command line is read)
+from common import lesson  # (torch, diffusers and accelerate load in train(), once the command line is read)
 from common.errors import warn
-from common.files import human_size
 
 # ============================== CONSTANTS: edit these ==============================
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
@@ -109,11 +108,11 @@ def validate(cfg):
 
 
 def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, device, dtype):
-    """One training step's loss (Concept 3): instance loss + PRIOR_LOSS_WEIGHT x prior loss.
+    """One micro-batch's loss (Concept 3): instance loss + PRIOR_LOSS_WEIGHT x prior loss.
 
     ``cache`` holds what step 4 computed once (latent distributions and prompt embeddings); every
-    random draw comes from ``g``. Returns ``(total, instance_loss, prior_loss)``. (A function of its
-    own so that bench/bench_train.py times this very step.)
+    random draw comes from ``g``. Returns ``{"total": ..., "instance": ..., "prior": ...}``: the total
+    trains, the two terms are logged so that you can watch each one.
     """
     import torch
 
@@ -136,7 +135,8 @@ def dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, prior_loss_weight, 
     model_pred = unet(noisy_latents.to(dtype), timesteps, torch.cat(embeds).to(device, dtype)).sample
     target = training.diffusion_target(noise_scheduler, latents, noise, timesteps)  # the noise (SD 1.x)
     # The first n_inst rows are instance images, the rest class images (prior.prior_preservation_loss).
-    return prior.prior_preservation_loss(model_pred, target, n_inst, prior_loss_weight)
+    total, instance_loss, prior_loss = prior.prior_preservation_loss(model_pred, target, n_inst, prior_loss_weight)
+    return {"total": total, "instance": instance_loss, "prior": prior_loss}
 
 
 def add_lora_and_optimizer(cfg, unet, accelerator):
@@ -167,14 +167,13 @@ def add_lora_and_optimizer(cfg, unet, accelerator):
     return unet, optimizer, lr_scheduler, lora_config, trainable
 
 
-def main(argv=None):
+def train(argv=None):
+    """The lesson, step by step. Returns what it made (the tests read it); the command line runs main()."""
     cfg = lesson.configure(globals(), argv, __doc__)
     # The libraries load now, after the command line is read, so that --help answers at once.
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.training_utils import free_memory
 
-    from common import device as devices
     from common import figures, images, lora, model_card, models, prior, sampling, training
 
     validate(cfg)
@@ -188,17 +187,11 @@ def main(argv=None):
     run = training.begin_run(cfg, checkpoint_root, FIXED_ON_RESUME, "LORA_DIR")  # one training at a time; --resume
 
     lesson.step(1, "Choose the device and load the base model")
-    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
-    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
-                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+    accelerator, pipe, resolution = training.load_base_model(cfg)  # (through accelerate: one GPU or several)
     device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
-    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype).to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
     training.prediction_type(noise_scheduler)  # (a model the loss cannot train: refused now, not after minutes)
-    sampling.use_multistep_solver(pipe)
     unet, vae = pipe.unet, pipe.vae
-    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
     settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,
                                          width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
 
@@ -259,22 +252,15 @@ def main(argv=None):
     unet.train()
     with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
-            step, losses, lr = state.step + 1, [], lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
-            for micro in range(cfg.GRADIENT_ACCUMULATION):  # one optimizer step = GRADIENT_ACCUMULATION micro-batches
-                with accelerator.accumulate(unet):
-                    g = training.step_generator(cfg.RANDOM_SEED, step, accelerator.process_index, micro)
-                    # Concept 3's loss on this batch (dreambooth_loss, above: noise, timesteps, one UNet call).
-                    loss, instance_loss, prior_loss = dreambooth_loss(
-                        unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, weight_dtype)
-                    training.check_finite(loss, step, checkpoint_root)
-                    accelerator.backward(loss)
-                    optimizer.step()  # accelerate applies it once all micro-batches are summed
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                    losses.append({"total": loss.detach(), "instance": instance_loss.detach(),
-                                   "prior": prior_loss.detach()})
+            step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
+            # One update: GRADIENT_ACCUMULATION micro-batches of Concept 3's loss (dreambooth_loss, above: noise,
+            # timesteps, one UNet call), their gradients summed, then one AdamW and one LR-schedule step.
+            losses = training.optimizer_step(
+                accelerator, unet, optimizer, lr_scheduler, lambda g: dreambooth_loss(
+                    unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, weight_dtype),
+                cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
-            state.log(**training.mean_losses(losses), lr=lr)
+            state.log(**losses, lr=lr)
             bar.update(1, loss=state.history["total"][-1])
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
@@ -282,7 +268,7 @@ def main(argv=None):
                 training.save_checkpoint(accelerator, run, step, cfg.CHECKPOINTS_TO_KEEP)
             if stop.requested:  # (checked after the step: a stop always saves one)
                 break
-    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:
+    if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:  # Ctrl-C: say how to continue, and stop here
         return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the LoRA and the figures")
@@ -308,14 +294,19 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
     elapsed = time.perf_counter() - started
-    print("\nDone in {:.0f} s. Files written:".format(elapsed))
-    for path in written + [progress_dir]:
-        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+    print(f"\nDone in {elapsed:.0f} s.")
+    lesson.print_files(written + [progress_dir])
     print(f"\nUse it: python exercise1_generate.py   (or in Python: pipe.load_lora_weights('{lora_dir}'))")
     lesson.print_reflection(REFLECTION)
-    return SimpleNamespace(lora_file=written[0] if written else None, samples=samples, history=state.history,
+    return SimpleNamespace(stopped=False, lora_file=written[0] if written else None, samples=samples, history=state.history,
                            sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings,
                            seconds=elapsed)
+
+
+
+def main(argv=None) -> int:
+    """The command line: run the lesson; the exit code is 0 when training finished, 130 after Ctrl-C."""
+    return 130 if train(argv).stopped else 0
 
 
 if __name__ == "__main__":

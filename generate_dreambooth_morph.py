@@ -17,9 +17,8 @@ installed) and outputs/dreambooth_fabric_morph_keyframes.png.
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import lesson  # (torch and diffusers load in main(), once the command line is read)
+from common import lesson  # (torch and diffusers load in the lesson, once the command line is read)
 from common.errors import LessonError
-from common.files import human_size
 
 # ============================== CONSTANTS: edit these ==============================
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder, .safetensors file, or "tiny"
@@ -66,12 +65,8 @@ def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
     from common import personalize
 
-    lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN", "PROMPT")
+    lesson.require_text(cfg, "PROMPT")
     lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2)
-    lesson.require_int(cfg, "BATCH_SIZE")
-    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
-    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
-    lesson.require_seed(cfg, "RANDOM_SEED")
     lesson.require_int(cfg, "GIF_COLORS", minimum=2)
     lesson.require_int(cfg, "GIF_SIZE", minimum=16, maximum=4096, allow_none=True)
     lesson.require_float(cfg, "DURATION_SECONDS", above=True)
@@ -81,25 +76,19 @@ def validate(cfg):
         raise LessonError(f"DURATION_SECONDS x FPS gives {frames:.3g} frames, more than {MAX_FRAMES} (for example "
                           f"{MAX_FRAMES // 30} s at 30 fps). Lower DURATION_SECONDS (--duration-seconds) or FPS "
                           "(--fps).")
-    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
-    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
-    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     if cfg.GIF_COLORS > 256:
         raise LessonError(f"GIF_COLORS must be at most 256 (a GIF's limit), got {cfg.GIF_COLORS}. Set 256 or fewer.")
     if round(cfg.DURATION_SECONDS * cfg.FPS) < cfg.NUM_KEYFRAMES:
         raise LessonError(f"DURATION_SECONDS x FPS gives {round(cfg.DURATION_SECONDS * cfg.FPS)} frames, fewer than "
                           f"NUM_KEYFRAMES ({cfg.NUM_KEYFRAMES}). Make the animation longer or use fewer keyframes.")
-    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
-    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
-    lesson.require_model_id(cfg)
-    personalize.check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
+    personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
 
 
-def main(argv=None):
+def morph(argv=None):
+    """The lesson, step by step. Returns what it made (the tests read it); the command line runs main()."""
     cfg = lesson.configure(globals(), argv, __doc__)
     # The libraries load now, after the command line is read, so that --help answers at once.
-    from common import device as devices
-    from common import animation, figures, models, personalize, sampling
+    from common import animation, figures, personalize, sampling
 
     validate(cfg)
     num_frames = round(cfg.DURATION_SECONDS * cfg.FPS)
@@ -109,11 +98,8 @@ def main(argv=None):
     out_dir = Path(cfg.OUTPUT_DIR)
 
     lesson.step(1, "Choose the device and load the base model")
-    runtime = devices.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION)
-    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
-    pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype, safety_checker=cfg.SAFETY_CHECKER).to(runtime.device)
-    sampling.use_multistep_solver(pipe)  # DPM-Solver++: deterministic, so neighbouring noises give neighbouring frames
-    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+    # (DPM-Solver++ as the scheduler: deterministic, so neighbouring noises give neighbouring frames)
+    pipe, resolution = personalize.load_base_model(cfg)
 
     lesson.step(2, f"Personalise it: load what binds '{cfg.SUBJECT_TOKEN}' to your fabric")
     loaded = personalize.personalize(pipe, cfg)  # LoRA, embedding, and FAST_MODE's LCM-LoRA on top
@@ -155,12 +141,16 @@ def main(argv=None):
     print("  " + sampling.describe_safety(pipe, flags, cfg.SAFETY_CHECKER))
     for line in loaded.describe():
         print(f"  {line}")
-    print("Files written:")
-    for path in written:
-        print(f"  {path}  ({human_size(path.stat().st_size)})")
+    lesson.print_files(written)
     lesson.print_reflection(REFLECTION)
     return SimpleNamespace(frames=frames, latents=latents, keyframes=keyframes, files=written, seconds=seconds,
                            nsfw=flags, loaded=loaded, pipe=pipe, settings=settings, num_frames=num_frames)
+
+
+def main(argv=None) -> int:
+    """The command line: run the lesson; the exit code is 0 when it ran to the end."""
+    morph(argv)
+    return 0
 
 
 if __name__ == "__main__":

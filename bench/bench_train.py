@@ -8,11 +8,11 @@
 For each loop (3b: DreamBooth-LoRA with prior preservation; 3a: Textual Inversion) three variants
 train the same model, round-robin, and each is timed per optimizer step:
 
-- ours:   the scripts' own step. ``dreambooth_loss`` / ``textual_inversion_loss`` and the step-5 setup
-          (``add_lora_and_optimizer`` / ``train_only_new_vectors``) are called from exercise3b/exercise3a,
-          with the scripts' cached latents and prompt embeddings, and their loop around it
-          (``accumulate``, ``step_generator``, ``check_finite``, ``backward``, optimizer and LR
-          scheduler steps, the losses read back for the log);
+- ours:   the scripts' own step: their update, ``training.optimizer_step`` (``accumulate``,
+          ``step_generator``, ``check_finite``, ``backward``, optimizer and LR scheduler steps, the
+          losses read back for the log), around their loss (``dreambooth_loss`` /
+          ``textual_inversion_loss``), after their step-5 setup (``add_lora_and_optimizer`` /
+          ``train_only_new_vectors``), with the scripts' cached latents and prompt embeddings;
 - floor:  one bare UNet forward and backward over the same batch, inputs already on the device, with
           the same LoRA (3b) or the same gradient down to the new token's vector (3a), same precision:
           what any loop must pay;
@@ -154,20 +154,11 @@ def lora_variants(script, pipe, noise_scheduler, data, accelerator, runtime, arg
     unet, optimizer, lr_scheduler, _, trainable = ex3b.add_lora_and_optimizer(script, unet, accelerator)
     unet.train()
 
-    def ours(step):
-        losses = []
-        for micro in range(args.accumulation):
-            with accelerator.accumulate(unet):
-                g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
-                loss, instance_loss, prior_loss = ex3b.dreambooth_loss(
-                    unet, noise_scheduler, cache, g, n, script.PRIOR_LOSS_WEIGHT, device, dtype)
-                training.check_finite(loss, step, "bench")
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                losses.append({"total": loss.detach(), "instance": instance_loss.detach(), "prior": prior_loss.detach()})
-        return training.mean_losses(losses)  # what the script logs each step
+    def ours(step):  # the script's own update (training.optimizer_step), returning what it logs
+        return training.optimizer_step(
+            accelerator, unet, optimizer, lr_scheduler, lambda g: ex3b.dreambooth_loss(
+                unet, noise_scheduler, cache, g, n, script.PRIOR_LOSS_WEIGHT, device, dtype),
+            script.RANDOM_SEED, step, args.accumulation, "bench")
 
     # The floor's inputs, drawn once and left on the device.
     g = training.step_generator(0, 0)
@@ -239,19 +230,11 @@ def textual_inversion_variants(script, pipe, noise_scheduler, data, accelerator,
     embedding, optimizer, lr_scheduler = ex3a.train_only_new_vectors(script, pipe, token_ids, accelerator)
     vectors = accelerator.unwrap_model(embedding).vectors
 
-    def ours(step):
-        losses = []
-        for micro in range(args.accumulation):
-            with accelerator.accumulate(embedding):
-                g = training.step_generator(script.RANDOM_SEED, step, accelerator.process_index, micro)
-                loss = ex3a.textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, dtype)
-                training.check_finite(loss, step, "bench")
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                losses.append({"loss": loss.detach()})
-        return training.mean_losses(losses)  # what the script logs each step
+    def ours(step):  # the script's own update (training.optimizer_step), returning what it logs
+        return training.optimizer_step(
+            accelerator, embedding, optimizer, lr_scheduler, lambda g: ex3a.textual_inversion_loss(
+                unet, noise_scheduler, embedding, cache, g, n, device, dtype),
+            script.RANDOM_SEED, step, args.accumulation, "bench")
 
     g = training.step_generator(0, 0)
     fixed = _noisy_batch(noise_scheduler, training.sample_latents(data.instance[:n], g, vae.config), g, device, dtype)

@@ -282,6 +282,15 @@ def step(number: int | str, text: str) -> None:
     print(f"\n[Step {number}] {text}")
 
 
+def print_files(paths) -> None:
+    """What the run wrote, each file with its size (a folder by its name alone)."""
+    from common.files import human_size
+
+    print("Files written:")
+    for path in map(Path, paths):
+        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+
+
 def print_reflection(questions: list[str]) -> None:
     print("\n" + "-" * 72 + "\nReflection questions\n" + "-" * 72)
     for i, q in enumerate(questions, 1):

@@ -10,8 +10,9 @@ LoRA was missing, and a student then studied pictures that had never seen their 
 - ``load_adapters`` applies the LoRA through :func:`common.lora.load_lora` (diffusers, PEFT and kohya
   layouts; it refuses a file that patches nothing) and the embedding through
   :func:`common.textual_inversion.load_embedding` (ours, the course's, AUTOMATIC1111's).
-- ``personalize`` is step 2 of every generation script: the above, from the script's constants, and
-  FAST_MODE's LCM-LoRA stacked on top.
+- ``check_constants`` is the part of ``validate()`` the generation scripts share, ``load_base_model``
+  their step 1, and ``personalize`` their step 2: the above, from the script's constants, and FAST_MODE's
+  LCM-LoRA stacked on top.
 - ``lora_path=None`` is the base model *on purpose* (``USE_LORA = False`` in the scripts).
 """
 
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import fast_mode, lora, textual_inversion
+from common import device, fast_mode, lesson, lora, models, sampling, textual_inversion
 from common.errors import LessonError, warn
 
 
@@ -88,6 +89,35 @@ def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=
     for line in loaded.describe():
         print(f"  {line}")
     return loaded
+
+
+def check_constants(cfg) -> None:
+    """The constants every generation script shares, checked before any model loads (each script's
+    ``validate()`` checks its own first): the model, the sampling settings, the output folder, and the
+    LoRA and embedding files, which must exist now rather than after a 4 GB download."""
+    lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN")
+    lesson.require_int(cfg, "BATCH_SIZE")
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_float(cfg, "GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_float(cfg, "LORA_SCALE", maximum=lesson.MAX_LORA_SCALE)
+    lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR")
+    lesson.require_model_id(cfg)
+    check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
+
+
+def load_base_model(cfg):
+    """Step 1 of the generation scripts: the device (DEVICE, MIXED_PRECISION), then MODEL_ID on it, with
+    DPM-Solver++ as its scheduler (deterministic, and 25-30 steps do what SD's default needed 50 for).
+    Returns ``(pipe, resolution)``: RESOLUTION, or the model's own (512 for SD v1.5)."""
+    runtime = device.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION)
+    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
+    pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype, safety_checker=cfg.SAFETY_CHECKER).to(runtime.device)
+    sampling.use_multistep_solver(pipe)
+    return pipe, cfg.RESOLUTION or models.native_resolution(pipe)
 
 
 def personalize(pipe, cfg) -> Personalization:

@@ -28,6 +28,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,6 +36,24 @@ from common import files, folder_lock, pickles
 from common.errors import LessonError, brief
 from common.files import save_json
 from common.lesson import dashed
+
+
+# --------------------------------------------------------------------------- step 1
+def load_base_model(cfg):
+    """Step 1 of both training scripts: the device and precision (DEVICE, MIXED_PRECISION) as an accelerate
+    ``Accelerator`` (one GPU, or several under ``accelerate launch``), then MODEL_ID on it, its frozen parts in
+    the training dtype. Returns ``(accelerator, pipe, resolution)``: RESOLUTION or the model's own."""
+    from accelerate import Accelerator
+
+    from common import device, models, sampling
+
+    runtime = device.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
+    accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+    print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
+    pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype(accelerator)).to(accelerator.device)
+    sampling.use_multistep_solver(pipe)  # (for the progress grids)
+    return accelerator, pipe, cfg.RESOLUTION or models.native_resolution(pipe)
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -162,6 +181,29 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
         self.seconds, self._clock = float(state.get("seconds", 0.0)), time.perf_counter()
+
+
+def optimizer_step(accelerator, trained, optimizer, lr_scheduler, loss_fn, seed: int, step: int,
+                   accumulation: int, checkpoint_dir) -> dict[str, float]:
+    """One optimizer update, the same in exercise 3a, 3b and bench/bench_train.py.
+
+    ``loss_fn(g)`` is the lesson's loss on one micro-batch, every random draw taken from ``g``; it returns
+    a dict of losses whose *first* entry is the one that trains (the others are only logged). Its
+    gradients are summed over ``accumulation`` micro-batches (accelerate's ``accumulate``), then AdamW
+    and the learning-rate schedule step once. Returns each loss averaged over the micro-batches, for the log.
+    """
+    losses = []
+    for micro in range(accumulation):
+        with accelerator.accumulate(trained):
+            micro_losses = loss_fn(step_generator(seed, step, accelerator.process_index, micro))
+            loss = next(iter(micro_losses.values()))
+            check_finite(loss, step, checkpoint_dir)
+            accelerator.backward(loss)
+            optimizer.step()  # accelerate applies it once all micro-batches are summed
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            losses.append({name: value.detach() for name, value in micro_losses.items()})
+    return mean_losses(losses)
 
 
 def mean_losses(micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -297,7 +339,11 @@ def _set_aside_earlier_run(run: Run) -> None:
 
 
 def save_checkpoint(accelerator, run: Run, step: int, keep: int) -> Path:
-    """accelerate ``save_state`` into a temporary folder, renamed into place; keep the newest ``keep``."""
+    """accelerate ``save_state`` into a temporary folder, renamed into place; keep the newest ``keep``.
+
+    (Not accelerate's own rotation, ``ProjectConfiguration(total_limit=...)``: it deletes the oldest
+    checkpoint *before* writing the new one and numbers folders by save, not by step, so a crash while
+    saving would leave fewer good checkpoints, and a resumed run's numbers would not say its step.)"""
     root = run.root
     final, partial = root / f"checkpoint-{step:06d}", root / f".checkpoint-{step:06d}.partial"
     if accelerator.is_main_process:
@@ -405,11 +451,12 @@ def continue_command(script: str, argv: list[str] | None) -> str:
     return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
 
 
-def stopped(state: TrainState, root, script: str, argv: list[str] | None) -> int:
-    """Say where the checkpoint is and how to continue; the exit code of a Ctrl-C (130)."""
+def stopped(state: TrainState, root, script: str, argv: list[str] | None):
+    """Say where the checkpoint is and how to continue. Returns what a stopped lesson returns:
+    ``stopped=True``, the step reached and the loss history (its main() then exits with 130, as Ctrl-C)."""
     print(f"\nStopped at step {state.step}; checkpoint saved in '{root}/'. Continue with:\n"
           f"  {continue_command(script, argv)}")
-    return 130
+    return SimpleNamespace(stopped=True, step=state.step, history=state.history)
 
 
 # --------------------------------------------------------------------------- around the loop

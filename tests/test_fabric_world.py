@@ -83,7 +83,7 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
             "--num-world-images", "16", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
             "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
-    card = script.main(args)
+    card = script.build(args)
     assert card["eval_images"] == len(world.held_out_captions())
     assert (tmp_path / "models/pocket-build/unet/state.pt").is_file()
     pipe = StableDiffusionPipeline.from_pretrained("models/pocket-test")
@@ -92,7 +92,7 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     assert len(pipe.tokenizer.tokenize("sks")) == 1
     assert world_metrics.load_classifier("models/pocket-test/world_classifier") is not None
     # run again: every stage resumes from its checkpoint instead of training again
-    again = script.main(args + ["--stage", "unet"])
+    again = script.build(args + ["--stage", "unet"])
     assert again["unet_seconds"] == card["unet_seconds"]
 
 

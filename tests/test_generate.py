@@ -30,7 +30,7 @@ def fabric_lora(workdir, tiny_pipe):
 def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    result = exercise1_generate.main(QUICK)
+    result = exercise1_generate.generate(QUICK)
     out = workdir / "outputs"
     said = capsys.readouterr().out
     assert "56 layers patched" in said and "images/s)" in said and "Safety checker: this model ships none" in said
@@ -59,7 +59,7 @@ def test_exercise1_writes_its_grids_and_variations(fabric_lora, workdir, capsys)
 
 
 def test_exercise1_compares_with_and_without_the_subject_token_it_is_given(fabric_lora, workdir):
-    result = exercise1_generate.main(QUICK + ["--subject-token", "ohwx", "--prompts",
+    result = exercise1_generate.generate(QUICK + ["--subject-token", "ohwx", "--prompts",
                                               "a {} scarf | a dress of {} cloth"])
     assert result.prompts == ["a ohwx scarf", "a dress of ohwx cloth"]
     assert result.plain_prompts == ["a scarf", "a dress of cloth"]  # the same prompts, one word less
@@ -68,17 +68,17 @@ def test_exercise1_compares_with_and_without_the_subject_token_it_is_given(fabri
 
 def test_missing_lora_stops_with_how_to_get_one(workdir):
     with pytest.raises(LessonError, match=r"No LoRA at 'models/fabric_lora'.*exercise3b_train_lora\.py.*USE_LORA"):
-        exercise1_generate.main(QUICK)
+        exercise1_generate.generate(QUICK)
     assert not (workdir / "outputs").exists()  # stopped before generating anything
 
 
 def test_exercise2_parts_run_alone_or_together(fabric_lora, workdir, capsys):
     script, out = exercise2_explore, workdir / "outputs"
-    result = script.main(QUICK + ["--part", "a"])
+    result = script.explore(QUICK + ["--part", "a"])
     assert [p.name for p in result.files] == ["exercise2_guidance_comparison.png"] and result.count == 5
     assert Image.open(out / "exercise2_guidance_comparison.png").width == 5 * 196 + 4
     assert not (out / "exercise2_style_grid.png").exists()
-    result = script.main(QUICK + ["--negative-prompt", "blurry, distorted"])
+    result = script.explore(QUICK + ["--negative-prompt", "blurry, distorted"])
     assert [p.name for p in result.files] == ["exercise2_guidance_comparison.png", "exercise2_style_grid.png",
                                               "exercise2_seed_comparison.png"]
     assert result.count == 5 + 9 + 9
@@ -89,13 +89,17 @@ def test_exercise2_parts_run_alone_or_together(fabric_lora, workdir, capsys):
 
 
 def test_base_model_on_purpose_needs_no_lora(workdir, capsys):
-    result = exercise2_explore.main(QUICK + ["--part", "a", "--no-use-lora"])
+    result = exercise2_explore.explore(QUICK + ["--part", "a", "--no-use-lora"])
     assert result.loaded.lora_layers == 0 and len(lora.lora_layer_names(result.pipe.unet)) == 0
     assert "BASE model, on purpose" in capsys.readouterr().out
+    # The command line's entry point returns an exit code, and the run's files are what a test reads of it.
+    picture = workdir / "outputs/exercise2_guidance_comparison.png"
+    picture.unlink()
+    assert exercise2_explore.main(QUICK + ["--part", "a", "--no-use-lora"]) == 0 and picture.is_file()
 
 
 def test_morph_writes_a_looping_gif_with_every_frame(fabric_lora, workdir, capsys):
-    result = generate_dreambooth_morph.main(
+    result = generate_dreambooth_morph.morph(
         ["--model", "tiny", "--num-inference-steps", "2", "--duration-seconds", "1.5", "--fps", "8",
          "--num-keyframes", "3", "--gif-size", "48"])
     assert result.num_frames == 12 and len(result.frames) == 12
@@ -152,7 +156,7 @@ def fast_weights(tiny_dir, tmp_path):
 def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weights, workdir, capsys):
     from diffusers import AutoencoderTiny, LCMScheduler
 
-    result = exercise1_generate.main(
+    result = exercise1_generate.generate(
         QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5",
                                 "--no-compare-without-token"])
     pipe = result.pipe
@@ -172,7 +176,7 @@ def test_fast_mode_without_its_weights_names_what_to_download(fabric_lora, workd
     # Tests run offline (HF_HUB_OFFLINE=1), as a classroom without internet would.
     with pytest.raises(LessonError, match=r"FAST_MODE needs the LCM-LoRA 'latent-consistency/lcm-lora-sdv1-5' "
                                           r"\(LCM_LORA_ID\).*hf download"):
-        exercise1_generate.main(QUICK + ["--fast-mode"])
+        exercise1_generate.generate(QUICK + ["--fast-mode"])
 
 
 # --------------------------------------------------------------------------- safety checker
@@ -202,9 +206,9 @@ def model_with_checker(workdir, tiny_dir):
 def test_safety_checker_is_on_by_default_and_counts_what_it_blanked(model_with_checker, fabric_lora, capsys):
     script = exercise2_explore
     args = QUICK + ["--part", "a", "--model", model_with_checker]
-    result = script.main(args)
+    result = script.explore(args)
     assert result.nsfw == [True] * 5
     assert "Safety checker: blanked 5 of 5 images" in capsys.readouterr().out
-    result = script.main(args + ["--no-safety-checker"])
+    result = script.explore(args + ["--no-safety-checker"])
     assert result.nsfw == [False] * 5 and result.pipe.safety_checker is None
     assert "Safety checker: off" in capsys.readouterr().out

@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_dir):
                 if "lora_B" in name:
                     p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
         lora.save_lora(unet, "models/fabric_lora", config, {"SUBJECT_TOKEN": "sks", "training_seconds": 754})
-        result = exercise3a_train_textual_inversion.main(
+        result = exercise3a_train_textual_inversion.train(
             FAST + ["--max-train-steps", "4", "--gradient-accumulation", "2", "--checkpoint-every", "2",
                     "--sample-every", "4", "--sample-prompts", "a {} pattern | a fabric pattern"])
         yield project, result
@@ -127,13 +127,13 @@ def test_comparison_figure_made_when_a_lora_exists(trained):
 def test_resume_continues_at_the_right_step_with_two_vectors(workdir, capsys):
     script = exercise3a_train_textual_inversion
     args = FAST + ["--num-vectors", "2", "--no-random-flip", "--sample-prompts", "a {} pattern"]
-    script.main(args + ["--max-train-steps", "2", "--embedding-dir", "models/split"])
-    result = script.main(args + ["--max-train-steps", "3", "--embedding-dir", "models/split", "--resume"])
+    script.train(args + ["--max-train-steps", "2", "--embedding-dir", "models/split"])
+    result = script.train(args + ["--max-train-steps", "3", "--embedding-dir", "models/split", "--resume"])
     said = capsys.readouterr().out
     assert "Resumed from 'models/split/checkpoints-ti/checkpoint-000002' at step 2" in said
     assert "No LoRA at LORA_DIR = 'models/fabric_lora'" in said and "exercise3b_train_lora.py" in said
     assert len(result.history["loss"]) == 3
-    script.main(args + ["--max-train-steps", "3", "--embedding-dir", "models/straight"])
+    script.train(args + ["--max-train-steps", "3", "--embedding-dir", "models/straight"])
     split = safetensors.torch.load_file("models/split/learned_embeds.safetensors")[TOKEN]
     straight = safetensors.torch.load_file("models/straight/learned_embeds.safetensors")[TOKEN]
     assert split.shape == (2, 32) and torch.allclose(split, straight, atol=1e-6)
@@ -173,9 +173,9 @@ def test_bad_initializer_and_existing_placeholder_are_explained(tiny_pipe):
 def test_script_refuses_bad_placeholder_before_loading(workdir):
     script = exercise3a_train_textual_inversion
     with pytest.raises(LessonError, match="PLACEHOLDER_TOKEN must be one lower-case word"):
-        script.main(FAST + ["--placeholder-token", "<African-Fabric>"])
+        script.train(FAST + ["--placeholder-token", "<African-Fabric>"])
     with pytest.raises(LessonError, match="INITIALIZER_TOKEN 'zebra' is not a single token"):
-        script.main(FAST + ["--initializer-token", "zebra"])
+        script.train(FAST + ["--initializer-token", "zebra"])
 
 
 @pytest.mark.parametrize("state, message", [

@@ -22,7 +22,7 @@ FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--
 def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
     from diffusers import StableDiffusionPipeline
 
-    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", "6"])
+    result = exercise3b_train_lora.train(FAST + ["--max-train-steps", "6"])
     lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
     assert result.lora_file.resolve() == lora_file and lora_file.is_file()
     assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
@@ -65,8 +65,8 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
 
 def test_resume_continues_at_the_right_step(workdir, capsys):
     script = exercise3b_train_lora
-    script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
-    result = script.main(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
+    script.train(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
+    result = script.train(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
     said = capsys.readouterr().out
     assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000003' at step 3" in said
     assert len(result.history["total"]) == 5  # 3 from the first run (restored) + 2 new steps
@@ -77,9 +77,9 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
 
     script = exercise3b_train_lora
     args = FAST + ["--sample-every", "100", "--no-random-flip"]
-    script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/straight"])
-    script.main(args + ["--max-train-steps", "2", "--checkpoint-every", "2", "--lora-dir", "models/split"])
-    script.main(args + ["--max-train-steps", "4", "--lora-dir", "models/split", "--resume"])
+    script.train(args + ["--max-train-steps", "4", "--lora-dir", "models/straight"])
+    script.train(args + ["--max-train-steps", "2", "--checkpoint-every", "2", "--lora-dir", "models/split"])
+    script.train(args + ["--max-train-steps", "4", "--lora-dir", "models/split", "--resume"])
     a = load_file("models/straight/pytorch_lora_weights.safetensors")
     b = load_file("models/split/pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
@@ -87,14 +87,14 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
 
 
 def test_no_prior_preservation_trains_on_instances_only(workdir):
-    result = exercise3b_train_lora.main(
+    result = exercise3b_train_lora.train(
         FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
     assert not (workdir / "class_images").exists()
     assert result.history["prior"] == [0.0, 0.0]
 
 
 def test_subject_token_is_trained_and_recorded_in_the_lora_file(workdir):
-    result = exercise3b_train_lora.main(
+    result = exercise3b_train_lora.train(
         FAST + ["--max-train-steps", "1", "--no-prior-preservation", "--sample-every", "100",
                 "--subject-token", "ohwx"])
     settings = lora.read_settings(result.lora_file)
@@ -128,12 +128,12 @@ def test_nan_loss_stops_without_touching_checkpoints(workdir, monkeypatch, fault
     from common.errors import LessonError
 
     script = exercise3b_train_lora
-    script.main(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
+    script.train(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
     good = workdir / "models/fabric_lora/checkpoints/checkpoint-000003/pytorch_lora_weights.safetensors"
     before = good.read_bytes()
     monkeypatch.setenv(fault_hooks.NAN_AT_STEP_ENV, "5")
     with pytest.raises(LessonError, match="loss became nan at step 5"):
-        script.main(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
+        script.train(FAST + ["--max-train-steps", "8", "--sample-every", "100", "--resume"])
     assert good.read_bytes() == before
     assert [p.name for p in training.checkpoint_dirs(good.parents[1])] == ["checkpoint-000003"]
 
@@ -150,7 +150,7 @@ def test_gradient_accumulation_logs_the_mean_of_the_micro_batch_losses(workdir, 
 
     original = prior.prior_preservation_loss
     monkeypatch.setattr(prior, "prior_preservation_loss", recorded)
-    result = script.main(FAST + ["--max-train-steps", "2", "--gradient-accumulation", "2", "--sample-every", "100",
+    result = script.train(FAST + ["--max-train-steps", "2", "--gradient-accumulation", "2", "--sample-every", "100",
                                  "--checkpoint-every", "2"])
     assert len(seen) == 4  # 2 steps x 2 micro-batches
     assert seen[0] != seen[1] and seen[2] != seen[3]  # (so the last one alone would not pass)
@@ -186,7 +186,7 @@ def test_only_noise_or_velocity_predicting_models_are_trained(workdir, tiny_pipe
     config = workdir / "models/sample-sd/scheduler/scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
     with pytest.raises(LessonError, match=refused):
-        exercise3b_train_lora.main(FAST + ["--model", "models/sample-sd", "--max-train-steps", "1"])
+        exercise3b_train_lora.train(FAST + ["--model", "models/sample-sd", "--max-train-steps", "1"])
     assert not (workdir / "class_images").exists()
 
 
@@ -216,7 +216,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workdir):
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
     assert 0 < step < 100000
-    result = exercise3b_train_lora.main(FAST + ["--max-train-steps", str(step + 2),
+    result = exercise3b_train_lora.train(FAST + ["--max-train-steps", str(step + 2),
                                                                   "--sample-every", "100000", "--resume"])
     assert len(result.history["total"]) == step + 2
 

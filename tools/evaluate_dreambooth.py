@@ -61,12 +61,12 @@ def train_all(cfg, work: Path) -> dict:
                           ("LoRA + prior preservation", ["--num-class-images", str(cfg.NUM_CLASS_IMAGES)])]:
         folder = work / ("lora_prior" if "+" in method else "lora_no_prior")
         started = time.perf_counter()
-        exercise3b_train_lora.main(common + extra + ["--class-data-dir", str(work / "class_images"),
+        exercise3b_train_lora.train(common + extra + ["--class-data-dir", str(work / "class_images"),
             "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE),
             "--lora-dir", str(folder), "--sample-every", "1000000"])
         made[method] = (folder, time.perf_counter() - started)
     folder, started = work / "textual_inversion", time.perf_counter()
-    exercise3a_train_textual_inversion.main(common + [
+    exercise3a_train_textual_inversion.train(common + [
         "--max-train-steps", str(cfg.TI_STEPS), "--learning-rate", str(cfg.TI_LEARNING_RATE),
         "--embedding-dir", str(folder), "--sample-every", "1000000", "--lora-dir", str(work / "none")])
     made["Textual Inversion"] = (folder, time.perf_counter() - started)

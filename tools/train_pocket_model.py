@@ -353,7 +353,8 @@ Made with: `{card.get('command', '')}`
 """
 
 
-def main(argv=None):
+def build(argv=None) -> dict:
+    """Every stage asked for, in order; returns the card (what was measured)."""
     cfg = lesson.configure(globals(), argv, __doc__)
     lesson.require_choice(cfg, "STAGE", ["all", "classifier", "vae", "unet", "export", "evaluate"])
     lesson.require_int(cfg, "CLASSIFIER_STEPS", "VAE_STEPS", "UNET_STEPS", "UNET_BATCH_SIZE", "NUM_WORLD_IMAGES",
@@ -393,6 +394,11 @@ def main(argv=None):
         Path(cfg.OUTPUT_DIR, "README.md").write_text(model_card(card), encoding="utf-8")
         save_json(card, Path(cfg.OUTPUT_DIR) / "pocket_card.json")
     return card
+
+
+def main(argv=None) -> int:
+    build(argv)
+    return 0
 
 
 if __name__ == "__main__":
