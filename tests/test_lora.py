@@ -127,24 +127,29 @@ def test_lora_for_another_model_names_both_shapes(tiny_pipe, tmp_path):
 @needs_shared
 def test_course_published_lora_applies_exactly_as_peft(tmp_path):
     """The course's adapter (rank 4, alpha 32, SD v1.5 shapes) on a random SD v1.5-shaped UNet."""
-    from diffusers import StableDiffusionPipeline
-
     folder = SHARED_SEED / "fabric_lora"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 32)
+    pipe, reference = _sd15_pipeline_and_peft_output(folder, tmp_path)
+    pipe.load_lora_weights(str(folder))  # plain diffusers: 0 layers
+    assert len(lora.lora_layer_names(pipe.unet)) == 0
+    assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
+    assert torch.allclose(_unet_output(pipe.unet), reference, atol=1e-5)
+
+
+def _sd15_pipeline_and_peft_output(folder, tmp_path):
+    """A pipeline with a random SD v1.5-shaped UNet (the tiny model's other parts), and that UNet's output with
+    the PEFT adapter in ``folder`` applied by PEFT itself."""
+    from diffusers import StableDiffusionPipeline
+
     unet = sd15_shapes.random_sd15_unet()
     peft_model = PeftModel.from_pretrained(unet, str(folder))
     reference = _unet_output(peft_model)
     unet = peft_model.unload()  # back to the bare UNet, same weights
-
     tiny = tiny_model.build_tiny_pipeline(tmp_path / "tok")
-    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+    return StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
                                    scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.load_lora_weights(str(folder))  # plain diffusers: 0 layers
-    assert len(lora.lora_layer_names(unet)) == 0
-    assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
-    assert torch.allclose(_unet_output(unet), reference, atol=1e-5)
+                                   requires_safety_checker=False), reference
 
 
 def _kohya_file_with_mixed_alphas_and_ranks(pipe, path):
@@ -168,16 +173,24 @@ def _kohya_file_with_mixed_alphas_and_ranks(pipe, path):
     return rule
 
 
+def _merged_pipeline(tiny_dir, rule):
+    """The tiny pipeline with each layer's change from ``rule`` added to its weight: what a LoRA should give."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        for (part, name), delta in rule.items():
+            getattr(pipe, part).get_submodule(name).weight += delta
+    return pipe
+
+
 def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tmp_path):
     """Each layer gets W + alpha / rank * up @ down with its own alpha and rank, UNet and text encoder."""
     from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     rule = _kohya_file_with_mixed_alphas_and_ranks(loaded, tmp_path / "resized.safetensors")
-    expected = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
-    with torch.no_grad():
-        for (part, name), delta in rule.items():
-            getattr(expected, part).get_submodule(name).weight += delta
+    expected = _merged_pipeline(tiny_dir, rule)
     assert lora.find_lora_file(tmp_path / "resized.safetensors")[0] == "kohya"
     assert lora.load_lora(loaded, tmp_path / "resized.safetensors") == 56
 
