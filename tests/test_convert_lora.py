@@ -13,8 +13,8 @@ from peft import LoraConfig, PeftModel
 from common import lesson, lora
 from common.errors import LessonError
 from conftest import SHARED_SEED, needs_shared
-from test_lora import (_kohya_file_with_mixed_alphas_and_ranks, _merged_pipeline, _randomize_lora,
-                       _sd15_pipeline_and_peft_output, _unet_output)
+from test_lora import (_kohya_file_with_mixed_alphas_and_ranks, _legacy_lora_weights, _merged_pipeline,
+                       _randomize_lora, _sd15_pipeline_and_peft_output, _unet_output)
 from tools import convert_lora
 
 LAYOUTS = ("kohya", "diffusers", "peft")
@@ -107,6 +107,20 @@ def test_kohya_alphas_that_differ_per_layer_convert_at_kohyas_strength(tiny_dir,
     with pytest.raises(LessonError, match="text encoder.*--to diffusers or --to kohya"):
         _convert(source, tmp_path / "peft", "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_legacy_bin_folder_converts_at_its_strength(tiny_dir, tmp_path):
+    """diffusers 0.16's pytorch_lora_weights.bin: attention-processor names, no "unet.", alpha = rank."""
+    from diffusers import StableDiffusionPipeline
+
+    trained = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    (tmp_path / "old").mkdir()
+    torch.save(_legacy_lora_weights(trained.unet, 4), tmp_path / "old" / "pytorch_lora_weights.bin")
+    reference = _unet_output(trained.unet)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    for to in LAYOUTS:
+        path = _convert(tmp_path / "old", tmp_path / ("new.safetensors" if to == "kohya" else f"new-{to}"), to)
+        assert torch.allclose(_plain_output(pipe, path, to, to), reference, atol=1e-5), to
 
 
 @needs_shared

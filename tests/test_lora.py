@@ -203,19 +203,25 @@ def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tm
     assert torch.allclose(_unet_output(loaded.unet), _unet_output(expected.unet), atol=1e-4)
 
 
+def _legacy_lora_weights(unet, rank):
+    """Give ``unet`` a LoRA of random weights with alpha = rank (the old format has no alpha: it always meant
+    alpha = rank); return them under diffusers' old attention-processor names ("X.processor.to_q_lora.down.weight")."""
+    lora.add_lora(unet, rank=rank, alpha=rank)
+    _randomize_lora(unet)
+    old = {}
+    for key, value in lora.lora_state_dict(unet).items():
+        module, proj, kind = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_(A|B)\.weight", key).groups()
+        old[f"{module}.processor.{proj.replace('.0', '')}_lora.{'down' if kind == 'A' else 'up'}.weight"] = value
+    return old
+
+
 def test_a_legacy_bin_lora_folder_loads_like_its_safetensors(trained_unet, tiny_dir, tmp_path):
     """diffusers' DreamBooth-LoRA example wrote pytorch_lora_weights.bin (attention-processor names) until 0.19."""
     from diffusers import StableDiffusionPipeline
 
     unet, config = trained_unet
-    config.lora_alpha = config.r  # the old format has no alpha: it always meant alpha = rank
     unet.delete_adapters("default")
-    lora.add_lora(unet, rank=config.r, alpha=config.r)
-    _randomize_lora(unet)
-    old = {}
-    for key, value in lora.lora_state_dict(unet).items():  # "X.to_q.lora_A.weight" -> "X.processor.to_q_lora.down.weight"
-        module, proj, kind = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_(A|B)\.weight", key).groups()
-        old[f"{module}.processor.{proj.replace('.0', '')}_lora.{'down' if kind == 'A' else 'up'}.weight"] = value
+    old = _legacy_lora_weights(unet, config.r)
     # 0.17-0.19 (save_lora_weights) prefixed the UNet's keys with "unet."; 0.16 (save_attn_procs) did not.
     for name, weights in (("v0.19", {f"unet.{k}": v for k, v in old.items()}), ("v0.16", old)):
         (tmp_path / name).mkdir()
