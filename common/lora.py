@@ -16,6 +16,7 @@ loads them. This module only chooses the settings and handles the file layouts s
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -95,14 +96,33 @@ def save_lora(unet, folder, config, settings: dict | None = None) -> Path:
 
 def export_kohya(unet, path, config) -> Path:
     """A single file with kohya-style keys and alphas, for AUTOMATIC1111 and ComfyUI."""
+    weights = {f"unet.{k}": v for k, v in lora_state_dict(unet).items()}
+    return save_kohya(weights, {k.removesuffix(".lora_A.weight"): config.lora_alpha
+                                for k in weights if k.endswith(".lora_A.weight")}, path)
+
+
+def save_kohya(weights: dict[str, torch.Tensor], alphas: dict[str, float], path) -> Path:
+    """Write ``weights`` (PEFT naming, "unet." / "text_encoder." in front) in kohya's layout, atomically: one
+    ``lora_unet_...`` / ``lora_te_...`` layer per module, with its own ``.alpha`` from ``alphas`` (module name
+    -> alpha: kohya applies ``alpha / rank * up @ down``, layer by layer)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(unet).items()})
-    for key in kohya:
-        if key.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ
-            kohya[key] = torch.tensor(float(config.lora_alpha))
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-                "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": "sd_v1"}
+    kohya = {}
+    for module, alpha in alphas.items():  # diffusers' converter, layer by layer: it writes alpha = rank
+        layer = convert_state_dict_to_kohya({f"{module}.lora_{ab}.weight": weights[f"{module}.lora_{ab}.weight"]
+                                             for ab in "AB"})
+        kohya.update({k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in layer.items()})
+    # SD v1.x has one text encoder, which kohya, AUTOMATIC1111 and ComfyUI call "lora_te_text_model_..."
+    # (diffusers writes SDXL's "lora_te1_"; transformers 5 names the CLIP text model's modules without "text_model.")
+    kohya = {re.sub(r"^lora_te_(?!text_model_)", "lora_te_text_model_", re.sub(r"^lora_te1_", "lora_te_", k)): v
+             for k, v in kohya.items()}
+    ranks = {v.shape[0] for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+
+    def one(values):  # kohya's own word for per-layer values
+        return f"{values.pop():g}" if len(values) == 1 else "Dynamic"
+
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": one(ranks),
+                "ss_network_alpha": one({float(a) for a in alphas.values()}), "ss_base_model_version": "sd_v1"}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(kohya, str(tmp), metadata=metadata)
     return Path(path)
@@ -206,7 +226,8 @@ def _file_layout(path: Path) -> str:
     return "kohya" if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors as they are stored (.bin / .pt through the weights-only reader); refuses a damaged one."""
     try:
         return safetensors.torch.load_file(str(path)) if path.suffix == ".safetensors" else \
             pickles.load(path, "Use a .safetensors LoRA from a source you trust, or train your own with "
@@ -256,7 +277,7 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
     if layout == "peft":
         from peft import LoraConfig
 
-        state = {k.removeprefix("base_model.model."): v for k, v in _read_weights(file).items()}
+        state = {k.removeprefix("base_model.model."): v for k, v in read_weights(file).items()}
         require_finite(state, file, "the LoRA", TRAIN_SCRIPT)
         config = LoraConfig.from_pretrained(str(file.parent)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
@@ -266,7 +287,7 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
         # Our .safetensors load from the file, whose header holds rank and alpha (save_lora); a kohya file's
         # alphas are folded in first; a .bin or .pt goes through the weights-only reader, never a full unpickler.
         source = str(file.parent) if layout == "diffusers" and file.suffix == ".safetensors" else None
-        weights = None if source else _read_weights(file)
+        weights = None if source else read_weights(file)
         if layout == "kohya":
             weights = fold_kohya_alphas(weights)
         elif weights is not None and not any(k.startswith(("unet.", "text_encoder.")) for k in weights):

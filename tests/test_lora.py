@@ -127,24 +127,29 @@ def test_lora_for_another_model_names_both_shapes(tiny_pipe, tmp_path):
 @needs_shared
 def test_course_published_lora_applies_exactly_as_peft(tmp_path):
     """The course's adapter (rank 4, alpha 32, SD v1.5 shapes) on a random SD v1.5-shaped UNet."""
-    from diffusers import StableDiffusionPipeline
-
     folder = SHARED_SEED / "fabric_lora"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 32)
+    pipe, reference = _sd15_pipeline_and_peft_output(folder, tmp_path)
+    pipe.load_lora_weights(str(folder))  # plain diffusers: 0 layers
+    assert len(lora.lora_layer_names(pipe.unet)) == 0
+    assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
+    assert torch.allclose(_unet_output(pipe.unet), reference, atol=1e-5)
+
+
+def _sd15_pipeline_and_peft_output(folder, tmp_path):
+    """A pipeline with a random SD v1.5-shaped UNet (the tiny model's other parts), and that UNet's output with
+    the PEFT adapter in ``folder`` applied by PEFT itself."""
+    from diffusers import StableDiffusionPipeline
+
     unet = sd15_shapes.random_sd15_unet()
     peft_model = PeftModel.from_pretrained(unet, str(folder))
     reference = _unet_output(peft_model)
     unet = peft_model.unload()  # back to the bare UNet, same weights
-
     tiny = tiny_model.build_tiny_pipeline(tmp_path / "tok")
-    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+    return StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
                                    scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.load_lora_weights(str(folder))  # plain diffusers: 0 layers
-    assert len(lora.lora_layer_names(unet)) == 0
-    assert lora.load_lora(pipe, folder) == 128  # 16 transformer blocks x 2 attentions x 4 projections
-    assert torch.allclose(_unet_output(unet), reference, atol=1e-5)
+                                   requires_safety_checker=False), reference
 
 
 def _kohya_file_with_mixed_alphas_and_ranks(pipe, path):
@@ -168,16 +173,24 @@ def _kohya_file_with_mixed_alphas_and_ranks(pipe, path):
     return rule
 
 
+def _merged_pipeline(tiny_dir, rule):
+    """The tiny pipeline with each layer's change from ``rule`` added to its weight: what a LoRA should give."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    with torch.no_grad():
+        for (part, name), delta in rule.items():
+            getattr(pipe, part).get_submodule(name).weight += delta
+    return pipe
+
+
 def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tmp_path):
     """Each layer gets W + alpha / rank * up @ down with its own alpha and rank, UNet and text encoder."""
     from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     rule = _kohya_file_with_mixed_alphas_and_ranks(loaded, tmp_path / "resized.safetensors")
-    expected = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
-    with torch.no_grad():
-        for (part, name), delta in rule.items():
-            getattr(expected, part).get_submodule(name).weight += delta
+    expected = _merged_pipeline(tiny_dir, rule)
     assert lora.find_lora_file(tmp_path / "resized.safetensors")[0] == "kohya"
     assert lora.load_lora(loaded, tmp_path / "resized.safetensors") == 56
 
@@ -190,19 +203,25 @@ def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tm
     assert torch.allclose(_unet_output(loaded.unet), _unet_output(expected.unet), atol=1e-4)
 
 
+def _legacy_lora_weights(unet, rank):
+    """Give ``unet`` a LoRA of random weights with alpha = rank (the old format has no alpha: it always meant
+    alpha = rank); return them under diffusers' old attention-processor names ("X.processor.to_q_lora.down.weight")."""
+    lora.add_lora(unet, rank=rank, alpha=rank)
+    _randomize_lora(unet)
+    old = {}
+    for key, value in lora.lora_state_dict(unet).items():
+        module, proj, kind = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_(A|B)\.weight", key).groups()
+        old[f"{module}.processor.{proj.replace('.0', '')}_lora.{'down' if kind == 'A' else 'up'}.weight"] = value
+    return old
+
+
 def test_a_legacy_bin_lora_folder_loads_like_its_safetensors(trained_unet, tiny_dir, tmp_path):
     """diffusers' DreamBooth-LoRA example wrote pytorch_lora_weights.bin (attention-processor names) until 0.19."""
     from diffusers import StableDiffusionPipeline
 
     unet, config = trained_unet
-    config.lora_alpha = config.r  # the old format has no alpha: it always meant alpha = rank
     unet.delete_adapters("default")
-    lora.add_lora(unet, rank=config.r, alpha=config.r)
-    _randomize_lora(unet)
-    old = {}
-    for key, value in lora.lora_state_dict(unet).items():  # "X.to_q.lora_A.weight" -> "X.processor.to_q_lora.down.weight"
-        module, proj, kind = re.match(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_(A|B)\.weight", key).groups()
-        old[f"{module}.processor.{proj.replace('.0', '')}_lora.{'down' if kind == 'A' else 'up'}.weight"] = value
+    old = _legacy_lora_weights(unet, config.r)
     # 0.17-0.19 (save_lora_weights) prefixed the UNet's keys with "unet."; 0.16 (save_attn_procs) did not.
     for name, weights in (("v0.19", {f"unet.{k}": v for k, v in old.items()}), ("v0.16", old)):
         (tmp_path / name).mkdir()
