@@ -6,6 +6,8 @@ module from their folders, as a user loads the Hub's. Their scores mean nothing;
 how the scores are put together: pairs, averages, self-pairs, symmetry, and the refusals.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,26 @@ def test_missing_or_unreachable_weights_are_one_line_refusals(tmp_path, tiny_met
             PaperMetrics.load(dino, clip)
         assert "\n" not in str(caught.value)
 
+
+def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
+    """evaluate_dreambooth --metrics paper end to end: the tiny diffusion model, the tiny metric models."""
+    from tools import evaluate_dreambooth
+
+    dino_dir, clip_dir = map(str, tiny_metric_dirs)
+    results = evaluate_dreambooth.main([
+        "--model", "tiny", "--metrics", "paper", "--dino-model", dino_dir, "--clip-model", clip_dir,
+        "--lora-steps", "1", "--ti-steps", "1", "--num-class-images", "1", "--samples", "2",
+        "--num-inference-steps", "1"])
+    assert list(results) == ["base model", "Textual Inversion", "LoRA, no prior preservation",
+                             "LoRA + prior preservation"]
+    for row in results.values():
+        for key in ("dino", "clip_i", "clip_t", "pres"):
+            assert -1 <= row[key] <= 1, (key, row)
+        assert "subject_fidelity" not in row  # the pocket world's judge was not asked
+    saved = json.loads((workdir / "outputs/evaluation/results.json").read_text())
+    real = saved["real_images"]
+    assert 0 < real["dino"] < 1 - 1e-3 and 0 < real["clip_i"] < 1 - 1e-3  # ten different pictures, no self-pairs
+    assert saved["paper_table_1"]["DreamBooth (Stable Diffusion)"]["dino"] == 0.668
+    table = (workdir / "outputs/evaluation/results.md").read_text()
+    assert "| LoRA + prior preservation |" in table and "| real images (training pictures) |" in table
+    assert "0.668" in table and "0.885" in table  # the paper's figures beside ours
