@@ -83,10 +83,8 @@ def _unavailable(name: str, model_id: str, exc: Exception) -> LessonError:
     if re.search(r"\b404\b|not found|not a valid model identifier", lower):
         return LessonError(f"{name} '{model_id}' was not found on the Hugging Face Hub. Check the spelling; the "
                            f"paper's model is '{_DEFAULTS[name]}'.")
-    return LessonError(f"Could not load {name} '{model_id}' ({brief(exc)}). If it is a local folder, it may be "
-                       f"incomplete or damaged: download it again ('hf download {_DEFAULTS[name]} --local-dir "
-                       f"{local}').")
-
+    return LessonError(f"Could not load {name} '{model_id}' from the Hub ({brief(exc)}). Run again, or download it "
+                       f"('hf download {model_id} --local-dir {local}') and pass the folder: {dashed(name)} {local}.")
 
 
 def load_model(name: str, model_id: str):
