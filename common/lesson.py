@@ -364,7 +364,7 @@ def one_line(message: str) -> str:
 
 
 def run(main) -> None:
-    """Call ``main()``; turn any failure into one readable line and a non-zero exit code."""
+    """Call ``main()``, which returns the exit code; turn any failure into one readable line and exit 1."""
     debug = "--debug" in sys.argv[1:]
     robust_console()
     try:
@@ -388,4 +388,4 @@ def run(main) -> None:
                             f"{variable}: change it, or unset it to use the value in the script.)")
         print(f"\nERROR: {one_line(message)}", file=sys.stderr)
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)  # main() may return its results (for tests)
+    sys.exit(code)  # main()'s exit code: 0, or 130 after a training stopped by Ctrl-C

@@ -103,7 +103,7 @@ def test_evaluate_script_runs_on_tiny(workdir):
     world_metrics.build_classifier().save_pretrained("models/judge")
     from tools import evaluate_dreambooth
 
-    results = evaluate_dreambooth.main([
+    results = evaluate_dreambooth.evaluate([
         "--model", "tiny", "--classifier-dir", "models/judge", "--lora-steps", "2", "--ti-steps", "2",
         "--num-class-images", "2", "--samples", "4", "--num-inference-steps", "2"])
     assert list(results) == ["base model", "Textual Inversion", "LoRA, no prior preservation",

@@ -154,7 +154,7 @@ def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
     from tools import evaluate_dreambooth
 
     dino_dir, clip_dir = map(str, tiny_metric_dirs)
-    results = evaluate_dreambooth.main([
+    results = evaluate_dreambooth.evaluate([
         "--model", "tiny", "--metrics", "paper", "--dino-model", dino_dir, "--clip-model", clip_dir,
         "--lora-steps", "1", "--ti-steps", "1", "--num-class-images", "1", "--samples", "2",
         "--num-inference-steps", "1"])

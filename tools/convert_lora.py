@@ -41,7 +41,8 @@ class Parser(argparse.ArgumentParser):
         raise LessonError(f"command line: {message}. 'python {self.prog} --help' says how to use it.")
 
 
-def main(argv=None):
+def convert(argv=None) -> Path:
+    """Read IN, write OUT in the layout asked for; returns OUT."""
     parser = Parser(prog="tools/convert_lora.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("IN", help="the LoRA: a file, or a folder holding one")
@@ -75,6 +76,11 @@ def main(argv=None):
           f"({sum(m.startswith('unet.') for m in alphas)} in the UNet), rank {'/'.join(map(str, ranks))}, "
           f"alpha {'/'.join(f'{a:g}' for a in sorted(set(alphas.values())))}.")
     return out
+
+
+def main(argv=None) -> int:
+    convert(argv)
+    return 0
 
 
 def check_out(out: Path, to: str, file: Path, force: bool) -> None:

@@ -178,7 +178,8 @@ def chosen_metrics(cfg) -> set:
     return {"world", "paper"} if cfg.METRICS == "both" else {cfg.METRICS}
 
 
-def main(argv=None):
+def evaluate(argv=None) -> dict:
+    """Train the three ways, draw and score; returns the results by method (what results.json holds)."""
     cfg = lesson.configure(globals(), argv, __doc__)
     lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "NUM_INFERENCE_STEPS")
     lesson.require_float(cfg, "LORA_LEARNING_RATE", "TI_LEARNING_RATE", above=True)
@@ -232,6 +233,11 @@ def main(argv=None):
                       title="subject prompt x4 | recoloured x4 | class prompt x4")
     print(f"\nWrote {out / 'results.md'}, {out / 'results.json'} and {out / 'samples.png'}")
     return results
+
+
+def main(argv=None) -> int:
+    evaluate(argv)
+    return 0
 
 
 if __name__ == "__main__":
