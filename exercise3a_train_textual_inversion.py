@@ -161,6 +161,7 @@ def train(argv=None):
     # The libraries load now, after the command line is read, so that --help answers at once.
     from diffusers import DDPMScheduler
     from diffusers.training_utils import free_memory
+    from tqdm.auto import tqdm
 
     from common import comparison, figures, images, model_card, sampling, training
     from common import textual_inversion as ti
@@ -237,7 +238,8 @@ def train(argv=None):
     if state.step == 0:
         save_progress_grid(0)
     samples, n = None, cfg.TRAIN_BATCH_SIZE
-    with training.StopRequest() as stop, training.progress(state.step, cfg.MAX_TRAIN_STEPS, accelerator) as bar:
+    with training.StopRequest() as stop, tqdm(total=cfg.MAX_TRAIN_STEPS, initial=state.step, desc="Training",
+                                              unit="step", disable=not accelerator.is_local_main_process) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
             step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged too)
             # One update: GRADIENT_ACCUMULATION micro-batches of the loss through the new word
@@ -248,7 +250,8 @@ def train(argv=None):
                 cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
             state.log(**losses, lr=lr)
-            bar.update(1, loss=state.history["loss"][-1])
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
+            bar.update()
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
                 samples = save_progress_grid(step)
             if step % cfg.CHECKPOINT_EVERY == 0 or stop.requested or step == cfg.MAX_TRAIN_STEPS:  # a few KB

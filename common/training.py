@@ -471,29 +471,3 @@ def sampling_mode(model, helpers, device):
             yield
     finally:
         model.train()
-
-
-class ProgressBar:
-    """A tqdm bar over optimizer steps that shows the latest loss: ``bar.update(1, loss=0.12)``."""
-
-    def __init__(self, start: int, total: int, desc: str = "Training", enabled: bool = True):
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
-
-    def update(self, n: int = 1, **values: float) -> None:
-        self._bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-@contextmanager
-def progress(start: int, total: int, accelerator):
-    """A ``ProgressBar`` on the main process only, closed at the end of the ``with`` block."""
-    bar = ProgressBar(start, total, enabled=accelerator.is_local_main_process)
-    try:
-        yield bar
-    finally:
-        bar.close()
