@@ -4,8 +4,10 @@
 
 Every UPPER_CASE name the block assigns is an option, whatever its right-hand side (``4 * 200`` works):
 its value is read from the script *when main() runs*, and the comment beside it is its ``--help`` text.
-A command-line value is read as what it looks like (a number, ``true``/``false``, ``none``, else text;
-lists separated by ``|``, numbers by ``,``); the script's ``validate()`` then checks it, by name.
+A command-line value is read as what it looks like (a number, ``none``, else text; lists separated by
+``|``, numbers by ``,``); the script's ``validate()`` then checks it, by name. A True/False constant
+takes ``--fast-mode``, ``--no-fast-mode`` or ``--fast-mode false``; written in quotes in the file
+(``"False"``, which Python reads as true) it is refused.
 The environment variable DREAMBOOTH_MODEL stands in for ``--model``. Every override is remembered
 with where it came from, and the run summary shows it.
 """
@@ -76,6 +78,31 @@ def parse_value(text: str, like):
     return text
 
 
+YES, NO = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class _YesNo(argparse.Action):
+    """A True/False constant: ``--fast-mode``, ``--no-fast-mode``, or ``--fast-mode false`` (yes/no, on/off, 1/0)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{flag[2:]}" for flag in option_strings]
+        super().__init__(option_strings + negated, dest, nargs="?", metavar="true|false", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        word = "true" if value is None else str(value).strip().lower()
+        if word not in YES + NO or (option_string.startswith("--no-") and value is not None):
+            parser.error(f"argument {option_string}: takes true or false, or nothing, got {value!r}")
+        setattr(namespace, self.dest, (word in YES) != option_string.startswith("--no-"))
+
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _format_action_invocation(self, action):
+        if isinstance(action, _YesNo):  # "--fast-mode [true|false], --no-fast-mode"
+            return f"{action.option_strings[0]} [true|false], {', '.join(action.option_strings[1:])}"
+        return super()._format_action_invocation(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
 
@@ -87,7 +114,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         options = [flag for action in self._actions for flag in action.option_strings]
         hints = [f"Did you mean {close[0]} instead of {flag}?" for flag in re.findall(r"--[\w-]+", message)
-                 for close in [difflib.get_close_matches(flag.split("=")[0], options, n=1)] if close]
+                 for close in [difflib.get_close_matches(flag.split("=")[0], options, n=1)]
+                 if close and close[0] != flag.split("=")[0]]  # (a known option given a wrong value needs no hint)
         raise LessonError(f"command line: {message}. {' '.join(hints + [''])}"
                           f"'python {self.prog} --help' lists every option.")
 
@@ -98,12 +126,15 @@ def configure(script_globals: dict, argv: list[str] | None, description: str | N
     names = constants(script)
     parser = _Parser(prog=Path(script).name, description=(description or "").strip().split("\n\n")[0],
                      epilog="Every option is a CONSTANT at the top of the script; the command line overrides it "
-                            "for one run.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                            "for one run.", formatter_class=_HelpFormatter)
     for name, comment in names:
         value = script_globals[name]
         shown = " | ".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
         flags = [dashed(name)] + (["--model"] if name == "MODEL_ID" else [])
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(metavar="VALUE")
+        if isinstance(value, str) and value.strip().lower() in YES[:2] + NO[:2]:
+            raise LessonError(f"{name} = {value!r} is text in quotes; a yes/no setting is written True or False, "
+                              "without quotes.")
+        kind = dict(action=_YesNo) if isinstance(value, bool) else dict(metavar="VALUE")
         parser.add_argument(*flags, dest=name, default=None, help=f"{comment} [{name} = {shown}]".replace("%", "%%"),
                             **kind)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")

@@ -152,6 +152,28 @@ def test_a_value_is_read_as_what_it_looks_like_and_validate_decides(args, name, 
         script.validate(lesson.configure(vars(script), ["--lora-rank", "2.5"]))
 
 
+@pytest.mark.parametrize("args, value", [
+    (["--prior-preservation"], True), (["--no-prior-preservation"], False),
+    (["--prior-preservation", "false"], False), (["--prior-preservation=No"], False),
+    (["--prior-preservation", "1"], True), (["--no-prior-preservation", "--prior-preservation", "on"], True),
+])
+def test_a_yes_no_constant_takes_a_flag_its_negation_or_a_word(args, value):
+    assert lesson.configure(vars(exercise3b_train_lora), args).PRIOR_PRESERVATION is value
+
+
+@pytest.mark.parametrize("args", [["--prior-preservation", "maybe"], ["--no-prior-preservation=true"]])
+def test_a_yes_no_constant_refuses_other_words_in_one_line_without_a_useless_hint(args):
+    with pytest.raises(LessonError, match=r"--(no-)?prior-preservation: takes true or false") as refused:
+        lesson.configure(vars(exercise3b_train_lora), args)
+    assert "Did you mean" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_yes_no_constant_written_in_quotes_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(exercise3b_train_lora, "PRIOR_PRESERVATION", "False")  # truthy text: it would train with it
+    with pytest.raises(LessonError, match=r"PRIOR_PRESERVATION = 'False' is text in quotes.*True or False"):
+        lesson.configure(vars(exercise3b_train_lora), [])
+
+
 def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, capsys):
     script = exercise3b_train_lora
     monkeypatch.setenv("DREAMBOOTH_MODEL", "pocket")
