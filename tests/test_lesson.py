@@ -122,22 +122,23 @@ def test_help_answers_before_any_library_loads(name):
 
 
 def test_a_computed_constant_is_a_constant_too(tmp_path):
-    """A student writes MAX_TRAIN_STEPS = 4 * 200: it keeps its flag, its value, and validation."""
+    """A student writes MAX_TRAIN_STEPS = 4 * 50: it keeps its flag, its value, and validation."""
     source = (ROOT / "exercise3b_train_lora.py").read_text(encoding="utf-8")
-    edited = source.replace("MAX_TRAIN_STEPS = 800 ", "MAX_TRAIN_STEPS = 4 * 200 ", 1)
+    edited = source.replace("MAX_TRAIN_STEPS = 200 ", "MAX_TRAIN_STEPS = 4 * 50 ", 1)
     assert edited != source
     (tmp_path / "exercise3b_train_lora.py").write_text(edited, encoding="utf-8")
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
     shown = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=900)
-    assert "--max-train-steps" in shown.stdout and "[MAX_TRAIN_STEPS = 800]" in shown.stdout, shown.stdout
+    assert "--max-train-steps" in shown.stdout and "[MAX_TRAIN_STEPS = 200]" in " ".join(shown.stdout.split()), \
+        shown.stdout  # (the help may wrap a line anywhere)
     refused = subprocess.run([sys.executable, "exercise3b_train_lora.py", "--lr-scheduler", "sometimes"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert refused.stderr.strip().splitlines()[-1].startswith("ERROR: LR_SCHEDULER must be one of"), refused.stderr
 
 
 @pytest.mark.parametrize("args, name, value", [
-    (["--lora-alpha", "0.5"], "LORA_ALPHA", 0.5),  # the file says 4, but alpha may be any number > 0
+    (["--lora-alpha", "0.5"], "LORA_ALPHA", 0.5),  # the file says 32, but alpha may be any number > 0
     (["--lora-alpha", "16"], "LORA_ALPHA", 16),
     (["--guidance-scale", "7"], "GUIDANCE_SCALE", 7),
     (["--resolution", "none"], "RESOLUTION", None),

@@ -16,7 +16,8 @@ import exercise3b_train_lora
 from conftest import ROOT
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
-        "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
+        "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3",
+        "--gradient-accumulation", "1"]  # (the course's 4 micro-batches a step would only make the tests slower)
 
 
 def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
