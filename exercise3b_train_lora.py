@@ -66,10 +66,12 @@ LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
 OUTPUT_DIR = "outputs"  # where the pictures go
 # ==================================================================================
 
+# {name}: what this run measured, filled in when they are printed (the numbers of your model, not SD v1.5's).
 REFLECTION = [
     "Compare the step-0 grid with the last one: which prompt changed first, and why that one?",
     "Look at the 'a fabric pattern' row. Did it drift towards your fabric? Try --no-prior-preservation.",
-    "The LoRA file is a few MB while the UNet is 3.4 GB. What does that say about what fine-tuning changes?",
+    "The LoRA file is {lora_file_size} ({lora_numbers} numbers); the UNet it adapts is {unet_size} ({unet_numbers} "
+    "numbers). What does that say about what fine-tuning changes?",
     "The instance and prior loss curves barely fall. Why is the diffusion loss a poor progress meter?",
 ]
 # What the LoRA *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
@@ -302,7 +304,13 @@ def train(argv=None):
     print(f"\nDone in {elapsed:.0f} s.")
     lesson.print_files(written + [progress_dir])
     print(f"\nUse it: python exercise1_generate.py   (or in Python: pipe.load_lora_weights('{lora_dir}'))")
-    lesson.print_reflection(REFLECTION)
+    from common.files import human_size
+
+    frozen = [p for p in trained.parameters() if not p.requires_grad]  # the UNet's own weights, not the LoRA's
+    lesson.print_reflection(REFLECTION, lora_file_size=lesson.file_size(lora_dir / lora.WEIGHT_NAME),
+                            lora_numbers=f"{sum(p.numel() for p in trainable):,}",
+                            unet_size=human_size(sum(p.numel() * p.element_size() for p in frozen)),
+                            unet_numbers=f"{sum(p.numel() for p in frozen):,}")
     return SimpleNamespace(stopped=False, lora_file=written[0] if written else None, samples=samples, history=state.history,
                            sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings,
                            seconds=elapsed)

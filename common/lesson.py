@@ -282,18 +282,35 @@ def step(number: int | str, text: str) -> None:
     print(f"\n[Step {number}] {text}")
 
 
-def print_files(paths) -> None:
-    """What the run wrote, each file with its size (a folder by its name alone)."""
+def file_size(path) -> str:
+    """A file's size as the run prints it ("227.4 KB"); "?" when it is not there."""
     from common.files import human_size
 
+    path = Path(path)
+    return human_size(path.stat().st_size) if path.is_file() else "?"
+
+
+def print_files(paths) -> None:
+    """What the run wrote, each file with its size (a folder by its name alone)."""
     print("Files written:")
     for path in map(Path, paths):
-        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+        print(f"  {path}" + (f"  ({file_size(path)})" if path.is_file() else ""))
 
 
-def print_reflection(questions: list[str]) -> None:
+class _AsWritten(dict):
+    def __missing__(self, name):  # a placeholder the run did not measure stays as written
+        return "{" + name + "}"
+
+
+def print_reflection(questions: list[str], **measured) -> None:
+    """The script's REFLECTION questions, numbered. A question's ``{name}`` is filled with what this run
+    measured (``measured``: the LoRA file's size, the UNet's...), so that it quotes this model, not SD v1.5."""
     print("\n" + "-" * 72 + "\nReflection questions\n" + "-" * 72)
     for i, q in enumerate(questions, 1):
+        try:
+            q = q.format_map(_AsWritten(measured))
+        except (ValueError, IndexError, AttributeError):  # a question a student wrote with other braces: as written
+            pass
         print(f"  {i}. {q}")
     print()
 

@@ -167,6 +167,14 @@ def test_the_summary_says_where_each_overridden_value_came_from(monkeypatch, cap
     assert cfg.MODEL_ID == "tiny" and cfg.SOURCES["MODEL_ID"] == "--model"  # the flag beats the variable
 
 
+def test_reflection_questions_are_filled_with_what_the_run_measured(capsys):
+    lesson.print_reflection(["The LoRA file is {lora_file_size}.", "Not measured: {other}.", "A student's {} {"],
+                            lora_file_size="227.4 KB")
+    said = capsys.readouterr().out
+    assert "1. The LoRA file is 227.4 KB." in said and "2. Not measured: {other}." in said
+    assert "3. A student's {} {" in said  # braces that are not a placeholder: printed as written, no crash
+
+
 def test_an_error_line_carries_no_terminal_escape_codes():
     coloured = "\x1b[31mOSError\x1b[0m: could not\n  read \x1b[1;33m'file'\x1b[0m \x1b]8;;http://x\x07link\x1b]8;;\x07"
     assert lesson.one_line(coloured) == "OSError: could not read 'file' link"
