@@ -28,12 +28,17 @@ MODEL_ENV_VAR = configurator.MODEL_ENV_VAR
 def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None) -> Config:
     """The script's CONSTANTS as they are now, with ``argv`` overrides applied (``common.configurator``).
 
-    ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` is accepted
-    everywhere. In a script with SUBJECT_TOKEN, ``{}`` in its prompts becomes that token (``fill_token``).
-    The scripts import the libraries only after this returns, so that ``--help`` answers at once.
+    ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` and
+    ``--threads N`` are accepted everywhere; PyTorch's CPU threads are set here (``device.use_threads``:
+    ``--threads N``, else one per free core). In a script with SUBJECT_TOKEN, ``{}`` in its prompts becomes
+    that token (``fill_token``). The scripts import the libraries only after this returns, so that
+    ``--help`` answers at once.
     """
     robust_console()
     cfg = configurator.configure(script_globals, argv, description, os.environ)
+    from common import device  # (imports torch: after the command line is read)
+
+    device.use_threads(cfg.threads)
     if hasattr(cfg, "SUBJECT_TOKEN"):
         fill_token(cfg, "SUBJECT_TOKEN")
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks

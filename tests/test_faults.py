@@ -308,6 +308,10 @@ CASES = _constant_cases() + [
          r"Did you mean --max-train-steps .*--help' lists every option", before_model=True),
     Case("1-unknown-flag", E1, QUICK + ["--steps", "5"], r"unrecognized arguments: --steps",
          r"--help' lists every option", before_model=True),
+    Case("3a-threads-zero", A, TRAIN[A] + ["--threads", "0"], r"--threads must be a whole number >= 1 \(the CPU "
+         r"threads PyTorch computes with\), got '0'", r"Leave it out to use one per free core", before_model=True),
+    Case("morph-threads-text", MORPH, GENERATE[MORPH] + ["--threads", "all"], r"--threads must be a whole number "
+         r">= 1 .*got 'all'", r"Leave it out", before_model=True),
     Case("morph-DEVICE", MORPH, QUICK + ["--device", "tpu"], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
          r"'cpu', got 'tpu'", r"DEVICE must be"),
     # ---------------------------------------------------------------- training_images/
