@@ -103,9 +103,9 @@ def generator(seed: int) -> torch.Generator:
 # --------------------------------------------------------------------------- CPU threads
 # PyTorch splits each big operation over its threads and waits for the slowest one. A thread that shares its
 # core with another busy program runs at half speed or less, and the whole operation waits for it: on this
-# project's 2-core CPU, with one core kept busy by another program, PyTorch's default of 2 threads drew class
-# images several times slower than 1 thread (bench/bench_threads.py measures it). So on a CPU the scripts use
-# one thread per core that is free now, and --threads N chooses for them.
+# project's 2-core CPU, with other programs keeping the cores busy, PyTorch's default of 2 threads drew the
+# pocket model's class images 4.5 to 19 times slower than 1 thread (bench/bench_threads.py, bench/README.md).
+# So the scripts use one thread per core that is free now, and --threads N chooses for them.
 @dataclass
 class ThreadChoice:
     count: int | None = None  # None: not chosen (PyTorch's own default)
