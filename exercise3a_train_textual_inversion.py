@@ -60,9 +60,11 @@ CLASS_WORDS = "african fabric"  # the base model's words for the fabric in the c
 OUTPUT_DIR = "outputs"  # where the pictures go
 # ==================================================================================
 
+# {name}: what this run measured, filled in when they are printed (the numbers of your model, not SD v1.5's).
 REFLECTION = [
     "The 'a fabric pattern' row is identical at every step. Why can Textual Inversion not cause language drift?",
-    "The embedding is one vector of 768 numbers (3 KB); the LoRA is ~1000x bigger. What can each one hold?",
+    "The embedding is {embedding} ({embedding_file_size}); exercise 3b's rank-4 LoRA on this UNet is {lora_numbers} "
+    "numbers, {ratio}x more. What can each one hold?",
     "Compare the TI and LoRA rows of outputs/exercise3_ti_vs_lora.png: which keeps the fabric's details better?",
     "Try --num-vectors 4 or --learnable-property object. How do the samples change?",
 ]
@@ -296,7 +298,14 @@ def train(argv=None):
     lesson.print_files(written + [progress_dir])
     print(f"\nUse it: pipe.load_textual_inversion('{embedding_dir}'), then prompt with "
           f"'a beautiful dress made of {cfg.PLACEHOLDER_TOKEN} pattern'")
-    lesson.print_reflection(REFLECTION)
+    from common.lora import TARGET_MODULES
+
+    count, width = embedding.vectors.shape
+    lora_numbers = sum(4 * (m.in_features + m.out_features) for name, m in pipe.unet.named_modules()
+                       if name.endswith(TARGET_MODULES) and hasattr(m, "in_features"))  # rank 4: 4 x (in + out)
+    lesson.print_reflection(REFLECTION, embedding_file_size=lesson.file_size(embedding_file),
+                            embedding=f"{'one vector' if count == 1 else f'{count} vectors'} of {width} numbers",
+                            lora_numbers=f"{lora_numbers:,}", ratio=f"{lora_numbers / (count * width):,.0f}")
     return SimpleNamespace(stopped=False, embedding_file=written[0] if written else None, samples=samples, history=state.history,
                            sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings, pipe=pipe,
                            token_ids=token_ids, comparison_file=comparison_file if comparison_file in written else None)

@@ -29,11 +29,16 @@ INSTANCE_PROMPT = "a {} african fabric pattern"  # {} = SUBJECT_TOKEN, + the cla
 CLASS_PROMPT = "a fabric pattern"  # the same class, without the token
 RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
 LORA_RANK = 4  # rank r of the LoRA matrices: bigger = more capacity, bigger file
-LORA_ALPHA = 4  # LoRA scale is alpha / rank
-LEARNING_RATE = 1e-4  # AdamW learning rate
-MAX_TRAIN_STEPS = 800  # optimizer updates
-TRAIN_BATCH_SIZE = 1  # instance images per step (plus as many class images)
-GRADIENT_ACCUMULATION = 1  # micro-batches summed into one update (raise it when you lower the batch)
+LORA_ALPHA = 32  # the LoRA's change is scaled by alpha / rank: 32 / 4 = 8, as in the course
+LEARNING_RATE = 1e-4  # AdamW learning rate (the course's, for SD v1.5)
+# A step here is one optimizer update: the gradients of GRADIENT_ACCUMULATION micro-batches (each
+# TRAIN_BATCH_SIZE instance images plus as many class images) are averaged, then AdamW changes the LoRA
+# once. The course's script counted every micro-batch as a step, so its "800 steps" at accumulation 4 were
+# 200 updates. 200 updates x 4 micro-batches x 1 image = the course's run: 800 instance images (and 800
+# class images) seen, 200 updates. SAMPLE_EVERY and CHECKPOINT_EVERY below count updates too.
+MAX_TRAIN_STEPS = 200  # optimizer updates (x GRADIENT_ACCUMULATION 4 = the course's 800 micro-batch steps)
+TRAIN_BATCH_SIZE = 1  # instance images per micro-batch (plus as many class images)
+GRADIENT_ACCUMULATION = 4  # micro-batches averaged into one update (the course's 4; raise it when you lower the batch)
 LR_SCHEDULER = "constant"  # constant, constant_with_warmup, linear or cosine
 LR_WARMUP_STEPS = 0  # steps of learning-rate warm-up
 PRIOR_PRESERVATION = True  # train on class images too, so "a fabric pattern" keeps its meaning
@@ -45,7 +50,7 @@ GRADIENT_CHECKPOINTING = False  # trade ~30% speed for much less GPU memory
 USE_8BIT_ADAM = False  # bitsandbytes' 8-bit AdamW (NVIDIA only, optional install)
 MIXED_PRECISION = "auto"  # auto, no, fp16 or bf16 (LoRA weights always train in fp32)
 DEVICE = "auto"  # auto, cuda, mps or cpu
-SAMPLE_EVERY = 100  # steps between progress grids
+SAMPLE_EVERY = 25  # updates between progress grids (the course's every 100 micro-batch steps)
 SAMPLE_PROMPTS = ("a {} african fabric pattern",
                   "a beautiful dress made of {} african fabric pattern, fashion photography",
                   "a fabric pattern")  # {} = SUBJECT_TOKEN; the last one shows language drift (or its absence)
@@ -53,7 +58,7 @@ NUM_SAMPLE_SEEDS = 2  # images per sample prompt
 NUM_INFERENCE_STEPS = 25  # denoising steps for samples and class images
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples and class images
 SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
-CHECKPOINT_EVERY = 200  # steps between checkpoints (for --resume)
+CHECKPOINT_EVERY = 50  # updates between checkpoints, for --resume (the course's every 200 micro-batch steps)
 CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
 RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints (new LEARNING_RATE etc. apply)
 RANDOM_SEED = 42  # same seed, same run
@@ -61,10 +66,12 @@ LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
 OUTPUT_DIR = "outputs"  # where the pictures go
 # ==================================================================================
 
+# {name}: what this run measured, filled in when they are printed (the numbers of your model, not SD v1.5's).
 REFLECTION = [
     "Compare the step-0 grid with the last one: which prompt changed first, and why that one?",
     "Look at the 'a fabric pattern' row. Did it drift towards your fabric? Try --no-prior-preservation.",
-    "The LoRA file is a few MB while the UNet is 3.4 GB. What does that say about what fine-tuning changes?",
+    "The LoRA file is {lora_file_size} ({lora_numbers} numbers); the UNet it adapts is {unet_size} ({unet_numbers} "
+    "numbers). What does that say about what fine-tuning changes?",
     "The instance and prior loss curves barely fall. Why is the diffusion loss a poor progress meter?",
 ]
 # What the LoRA *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
@@ -300,7 +307,13 @@ def train(argv=None):
     print(f"\nDone in {elapsed:.0f} s.")
     lesson.print_files(written + [progress_dir])
     print(f"\nUse it: python exercise1_generate.py   (or in Python: pipe.load_lora_weights('{lora_dir}'))")
-    lesson.print_reflection(REFLECTION)
+    from common.files import human_size
+
+    frozen = [p for p in trained.parameters() if not p.requires_grad]  # the UNet's own weights, not the LoRA's
+    lesson.print_reflection(REFLECTION, lora_file_size=lesson.file_size(lora_dir / lora.WEIGHT_NAME),
+                            lora_numbers=f"{sum(p.numel() for p in trainable):,}",
+                            unet_size=human_size(sum(p.numel() * p.element_size() for p in frozen)),
+                            unet_numbers=f"{sum(p.numel() for p in frozen):,}")
     return SimpleNamespace(stopped=False, lora_file=written[0] if written else None, samples=samples, history=state.history,
                            sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings,
                            seconds=elapsed)

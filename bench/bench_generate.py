@@ -75,21 +75,16 @@ def parse_args(argv=None):
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not args.parts or any(x not in PARTS for x in args.parts):
         parser.error(f"--parts takes some of {', '.join(PARTS)}, got {','.join(args.parts)!r}")
-    for name in ("repeats", "images", "frames", "class_images", "fast_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "batch", "fast_default_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be 0 or more")
+    harness.require_counts(parser, args, "repeats", "images", "frames", "class_images", "fast_images", "steps",
+                           "batch", "fast_default_steps")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     # Each script's constants as its main() reads them (the {} of its prompts filled with SUBJECT_TOKEN).
-    ex1, morph, ex3b = (lesson.configure(vars(script), []) for script in (
+    # (--threads: the benchmark keeps PyTorch's thread count as it started, OMP_NUM_THREADS or its default)
+    ex1, morph, ex3b = (lesson.configure(vars(script), ["--threads", str(torch.get_num_threads())]) for script in (
         exercise1_generate, generate_dreambooth_morph, exercise3b_train_lora))
     runtime = devices.pick_runtime(args.device, args.precision)
     device = runtime.device

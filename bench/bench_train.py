@@ -71,18 +71,16 @@ def parse_args(argv=None):
     args.loops = [x.strip() for x in args.loops.split(",") if x.strip()]
     if not args.loops or any(x not in LOOPS for x in args.loops):
         parser.error(f"--loops takes 3b, 3a or 3b,3a, got {','.join(args.loops)!r}")
-    for name in ("steps", "batch", "accumulation"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be 0 or more")
+    harness.require_counts(parser, args, "steps", "batch", "accumulation")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     # Each script's constants as its main() reads them ({} filled in), with this benchmark's checkpointing.
-    checkpointing = ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+    # (--threads: the benchmark keeps PyTorch's thread count as it started, OMP_NUM_THREADS or its default)
+    checkpointing = ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+                     "--threads", str(torch.get_num_threads())]
     script_b = lesson.configure(vars(ex3b), checkpointing)
     script_a = lesson.configure(vars(ex3a), checkpointing)
     runtime = devices.pick_runtime(args.device, args.precision, training=True)

@@ -62,6 +62,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "top operators to <results-dir>/<name>.<variant>.profile.txt")
 
 
+def require_counts(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """Each named option (None: not given) is at least 1, and --warmup at least 0; else the parser's error."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "warmup", 0) < 0:
+        parser.error("--warmup must be 0 or more")
+
+
 def default_name(kind: str, args, runtime, resolution: int, *extra: str) -> str:
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[runtime.dtype]
     return "-".join([kind, args.arch, runtime.device.type, f"{resolution}px", precision, *extra])

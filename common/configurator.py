@@ -9,7 +9,8 @@ A command-line value is read as what it looks like (a number, ``none``, else tex
 takes ``--fast-mode``, ``--no-fast-mode`` or ``--fast-mode false``; written in quotes in the file
 (``"False"``, which Python reads as true) it is refused.
 The environment variable DREAMBOOTH_MODEL stands in for ``--model``. Every override is remembered
-with where it came from, and the run summary shows it.
+with where it came from, and the run summary shows it. Two options are not constants and every script
+takes them: ``--debug`` (full tracebacks) and ``--threads N`` (PyTorch's CPU threads, ``cfg.threads``).
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ class _Parser(argparse.ArgumentParser):
                           f"'python {self.prog} --help' lists every option.")
 
 
+def threads(text: str | None) -> int | None:
+    """--threads N as a whole number >= 1 (None when not given)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LessonError(f"--threads must be a whole number >= 1 (the CPU threads PyTorch computes with), got "
+                          f"{text!r}. Leave it out to use one per free core.")
+    return value
+
+
 def configure(script_globals: dict, argv: list[str] | None, description: str | None, environ) -> Config:
     """Read the script's constants as they are now, apply ``argv`` (and DREAMBOOTH_MODEL), return a Config."""
     script = script_globals.get("__file__", sys.argv[0])
@@ -138,10 +153,12 @@ def configure(script_globals: dict, argv: list[str] | None, description: str | N
         parser.add_argument(*flags, dest=name, default=None, help=f"{comment} [{name} = {shown}]".replace("%", "%%"),
                             **kind)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    parser.add_argument("--threads", metavar="N", help="CPU threads for PyTorch [default: one per core that "
+                                                       "other programs leave free]")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
-    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug, SOURCES={})
+    cfg = Config(SCRIPT=Path(script).name, DEBUG=args.debug, SOURCES={}, threads=threads(args.threads))
     for name, _ in names:
         value, given = script_globals[name], getattr(args, name)
         if given is not None:

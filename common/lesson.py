@@ -28,12 +28,17 @@ MODEL_ENV_VAR = configurator.MODEL_ENV_VAR
 def configure(script_globals: dict, argv: list[str] | None = None, description: str | None = None) -> Config:
     """The script's CONSTANTS as they are now, with ``argv`` overrides applied (``common.configurator``).
 
-    ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` is accepted
-    everywhere. In a script with SUBJECT_TOKEN, ``{}`` in its prompts becomes that token (``fill_token``).
-    The scripts import the libraries only after this returns, so that ``--help`` answers at once.
+    ``--model`` is an alias of ``--model-id``; DREAMBOOTH_MODEL stands in for it. ``--debug`` and
+    ``--threads N`` are accepted everywhere; PyTorch's CPU threads are set here (``device.use_threads``:
+    ``--threads N``, else one per free core). In a script with SUBJECT_TOKEN, ``{}`` in its prompts becomes
+    that token (``fill_token``). The scripts import the libraries only after this returns, so that
+    ``--help`` answers at once.
     """
     robust_console()
     cfg = configurator.configure(script_globals, argv, description, os.environ)
+    from common import device  # (imports torch: after the command line is read)
+
+    device.use_threads(cfg.threads)
     if hasattr(cfg, "SUBJECT_TOKEN"):
         fill_token(cfg, "SUBJECT_TOKEN")
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
@@ -282,18 +287,35 @@ def step(number: int | str, text: str) -> None:
     print(f"\n[Step {number}] {text}")
 
 
-def print_files(paths) -> None:
-    """What the run wrote, each file with its size (a folder by its name alone)."""
+def file_size(path) -> str:
+    """A file's size as the run prints it ("227.4 KB"); "?" when it is not there."""
     from common.files import human_size
 
+    path = Path(path)
+    return human_size(path.stat().st_size) if path.is_file() else "?"
+
+
+def print_files(paths) -> None:
+    """What the run wrote, each file with its size (a folder by its name alone)."""
     print("Files written:")
     for path in map(Path, paths):
-        print(f"  {path}" + (f"  ({human_size(path.stat().st_size)})" if path.is_file() else ""))
+        print(f"  {path}" + (f"  ({file_size(path)})" if path.is_file() else ""))
 
 
-def print_reflection(questions: list[str]) -> None:
+class _AsWritten(dict):
+    def __missing__(self, name):  # a placeholder the run did not measure stays as written
+        return "{" + name + "}"
+
+
+def print_reflection(questions: list[str], **measured) -> None:
+    """The script's REFLECTION questions, numbered. A question's ``{name}`` is filled with what this run
+    measured (``measured``: the LoRA file's size, the UNet's...), so that it quotes this model, not SD v1.5."""
     print("\n" + "-" * 72 + "\nReflection questions\n" + "-" * 72)
     for i, q in enumerate(questions, 1):
+        try:
+            q = q.format_map(_AsWritten(measured))
+        except (ValueError, IndexError, AttributeError):  # a question a student wrote with other braces: as written
+            pass
         print(f"  {i}. {q}")
     print()
 

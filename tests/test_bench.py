@@ -3,7 +3,7 @@
 import json
 import math
 
-from bench import bench_generate, bench_train
+from bench import bench_generate, bench_threads, bench_train
 
 
 def _record(path):
@@ -52,3 +52,17 @@ def test_bench_generate_runs_each_part_once(workdir, tmp_path):
     assert fast["default"]["steps"] == 2 and fast["fast_mode"]["steps"] == 4  # exercise 1's FAST_STEPS
     assert _positive(results["morph"]["morph_450_frames_s_extrapolated"])
     assert not list(workdir.glob("class_images*")) and not (workdir / "outputs").exists()  # wrote only results
+
+
+def test_bench_threads_times_each_thread_count_idle_and_busy(workdir, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    results = bench_threads.main(["--model", "tiny", "--images", "1", "--steps", "1", "--rounds", "1",
+                                  "--warmup", "0", "--results-dir", str(tmp_path / "results")])
+    record = _record(tmp_path / "results" / "threads-tiny-cpu.json")
+    assert record["benchmark"] == "threads" and set(record["results"]) == {"idle", "busy"}
+    for condition in results.values():
+        assert len(condition["variants"]) == 3 and all(_positive(v["median_s"]) for v in condition["variants"].values())
+        assert _positive(condition["default/1 thread"]) and condition["rule_threads"][0] >= 1
+    assert torch.get_num_threads() == before  # the benchmark gives PyTorch its thread count back

@@ -59,8 +59,8 @@ WRITABLE = ("outputs", "models", "class_images")
 
 QUICK = ["--model", "tiny", "--num-inference-steps", "1"]
 TRAIN = {  # a few steps, a checkpoint after each, no progress grids but the first and the last
-    B: QUICK + ["--max-train-steps", "2", "--num-class-images", "2", "--checkpoint-every", "1", "--sample-every",
-                "100", "--num-sample-seeds", "1"],
+    B: QUICK + ["--max-train-steps", "2", "--gradient-accumulation", "1", "--num-class-images", "2",
+                "--checkpoint-every", "1", "--sample-every", "100", "--num-sample-seeds", "1"],
     A: QUICK + ["--max-train-steps", "2", "--gradient-accumulation", "1", "--checkpoint-every", "1",
                 "--sample-every", "100", "--num-sample-seeds", "1"],
 }
@@ -308,6 +308,10 @@ CASES = _constant_cases() + [
          r"Did you mean --max-train-steps .*--help' lists every option", before_model=True),
     Case("1-unknown-flag", E1, QUICK + ["--steps", "5"], r"unrecognized arguments: --steps",
          r"--help' lists every option", before_model=True),
+    Case("3a-threads-zero", A, TRAIN[A] + ["--threads", "0"], r"--threads must be a whole number >= 1 \(the CPU "
+         r"threads PyTorch computes with\), got '0'", r"Leave it out to use one per free core", before_model=True),
+    Case("morph-threads-text", MORPH, GENERATE[MORPH] + ["--threads", "all"], r"--threads must be a whole number "
+         r">= 1 .*got 'all'", r"Leave it out", before_model=True),
     Case("morph-DEVICE", MORPH, QUICK + ["--device", "tpu"], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
          r"'cpu', got 'tpu'", r"DEVICE must be"),
     # ---------------------------------------------------------------- training_images/
@@ -1128,7 +1132,7 @@ CHECKPOINT_CASES = [
     Case("3b-resume-changed-prompt-and-alpha", B, RESUME[B] + ["--lora-alpha", "8", "--instance-prompt",
                                                                "a sks kente pattern"],
          r"trained with other settings, which cannot change mid-run: INSTANCE_PROMPT 'a sks african fabric "
-         r"pattern' -> 'a sks kente pattern', LORA_ALPHA 4\.0 -> 8\.0\.",
+         r"pattern' -> 'a sks kente pattern', LORA_ALPHA 32\.0 -> 8\.0\.",
          r"Change them back to resume it, or run without --resume to start afresh", before_model=True),
     Case("3b-resume-changed-resolution", B, RESUME[B] + ["--resolution", "32"], r"cannot change mid-run: RESOLUTION "
          r"None -> 32\.", r"Change them back", before_model=True),

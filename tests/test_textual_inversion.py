@@ -1,5 +1,6 @@
 """Exercise 3a and common/textual_inversion.py on the tiny model: one new word, and nothing else changes."""
 
+import re
 import shutil
 
 import numpy as np
@@ -133,6 +134,16 @@ def test_resume_continues_at_the_right_step_with_two_vectors(workdir, capsys):
     assert "Resumed from 'models/split/checkpoints-ti/checkpoint-000002' at step 2" in said
     assert "No LoRA at LORA_DIR = 'models/fabric_lora'" in said and "exercise3b_train_lora.py" in said
     assert len(result.history["loss"]) == 3
+    # Its reflection quotes this run's numbers: two 32-wide vectors, the file as "Files written" showed it, and
+    # what a rank-4 LoRA on this UNet would hold (counted here by adding one).
+    size = re.findall(r"models/split/learned_embeds\.safetensors  \((.+?)\)", said)[-1]
+    unet = _fresh_pipe().unet
+    lora.add_lora(unet, rank=4, alpha=4)
+    lora_numbers = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
+    reflection = said.split("Reflection questions")[-1]
+    assert (f"The embedding is 2 vectors of 32 numbers ({size}); exercise 3b's rank-4 LoRA on this UNet is "
+            f"{lora_numbers:,} numbers, {lora_numbers / 64:,.0f}x more.") in reflection
+    assert "768" not in reflection and "{" not in reflection
     script.train(args + ["--max-train-steps", "3", "--embedding-dir", "models/straight"])
     split = safetensors.torch.load_file("models/split/learned_embeds.safetensors")[TOKEN]
     straight = safetensors.torch.load_file("models/straight/learned_embeds.safetensors")[TOKEN]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,13 +17,15 @@ import exercise3b_train_lora
 from conftest import ROOT
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
-        "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3"]
+        "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3",
+        "--gradient-accumulation", "1"]  # (the course's 4 micro-batches a step would only make the tests slower)
 
 
-def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
+def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir, capsys):
     from diffusers import StableDiffusionPipeline
 
     result = exercise3b_train_lora.train(FAST + ["--max-train-steps", "6"])
+    said = capsys.readouterr().out
     lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
     assert result.lora_file.resolve() == lora_file and lora_file.is_file()
     assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
@@ -34,6 +37,15 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir):
     assert [p.name for p in training.checkpoint_dirs(workdir / "models/fabric_lora/checkpoints")] == [
         "checkpoint-000003", "checkpoint-000006"]
     assert len(result.history["total"]) == 6
+
+    # The reflection questions quote this run's numbers: the LoRA file as "Files written" showed it, the UNet.
+    size = re.search(r"pytorch_lora_weights\.safetensors  \((.+?)\)", said).group(1)
+    trainable, total = (int(n.replace(",", "")) for n in re.search(
+        r"([\d,]+) trainable parameters \(([\d,]+) in the UNet\)", said).groups())
+    reflection = said.split("Reflection questions")[1]
+    assert f"The LoRA file is {size} ({trainable:,} numbers); the UNet it adapts is " in reflection
+    assert f" ({total - trainable:,} numbers). What does that say" in reflection
+    assert "3.4 GB" not in reflection and "{" not in reflection
 
     # A fresh pipeline, plain diffusers calls only.
     pipe = StableDiffusionPipeline.from_pretrained("models/tiny-sd")
