@@ -58,6 +58,7 @@ EMBEDDING_DIR = "models/fabric_textual_inversion"  # where the learned embedding
 LORA_DIR = "models/fabric_lora"  # a LoRA from exercise 3b to compare with (skipped if absent)
 CLASS_WORDS = "african fabric"  # the base model's words for the fabric in the comparison (LoRA: "sks" + these)
 OUTPUT_DIR = "outputs"  # where the pictures go
+LOG_WITH = "tensorboard"  # watch training live: "tensorboard" (if installed), "wandb" or None (off)
 # ==================================================================================
 
 # {name}: what this run measured, filled in when they are printed (the numbers of your model, not SD v1.5's).
@@ -75,7 +76,7 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "PLACEHOLDER_TOKEN", "INITIALIZER_T
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    from common import images
+    from common import images, training
     from common import textual_inversion as ti
 
     lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "CLASS_WORDS")
@@ -92,6 +93,7 @@ def validate(cfg):
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    training.check_log_with(cfg)
     token = cfg.PLACEHOLDER_TOKEN
     if len(token.split()) != 1 or token != token.lower():
         raise LessonError(f"PLACEHOLDER_TOKEN must be one lower-case word without spaces (CLIP lower-cases every "
@@ -231,12 +233,14 @@ def train(argv=None):
         with training.sampling_mode(unet, [vae], device):
             samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False)
         if accelerator.is_main_process:
-            figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
-                              labels=sample_prompts, title=f"Textual Inversion, step {step}")
+            grid = figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
+                                     labels=sample_prompts, title=f"Textual Inversion, step {step}")
+            training.log_image(accelerator, "progress_grid", grid, step)  # (and live, LOG_WITH)
         return samples
 
     lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps of {cfg.GRADIENT_ACCUMULATION} x {cfg.TRAIN_BATCH_SIZE} "
                    "image(s) (Ctrl-C saves a checkpoint and stops)")
+    training.start_live_log(accelerator, cfg, state.step)  # LOG_WITH: loss, lr and grids, live in OUTPUT_DIR/runs/
     if state.step == 0:
         save_progress_grid(0)
     samples, n = None, cfg.TRAIN_BATCH_SIZE
@@ -252,6 +256,7 @@ def train(argv=None):
                 cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
             state.log(**losses, lr=lr)
+            accelerator.log({**losses, "lr": lr}, step=step)  # the same, live (LOG_WITH)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
             bar.update()
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
@@ -261,6 +266,7 @@ def train(argv=None):
             if stop.requested:  # (checked after the step: a stop always saves one)
                 break
     if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:  # Ctrl-C: say how to continue, and stop here
+        accelerator.end_training()  # (closes the live log)
         return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the embedding and the loss curve")
@@ -292,6 +298,7 @@ def train(argv=None):
         except LessonError as exc:
             warn(f"no comparison figure: {exc}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # (closes the live log; last, as it ends the processes' group under accelerate launch)
 
     elapsed = time.perf_counter() - started
     print(f"\nDone in {elapsed:.0f} s.")

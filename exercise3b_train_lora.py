@@ -64,6 +64,7 @@ RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints (n
 RANDOM_SEED = 42  # same seed, same run
 LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
 OUTPUT_DIR = "outputs"  # where the pictures go
+LOG_WITH = "tensorboard"  # watch training live: "tensorboard" (if installed), "wandb" or None (off)
 # ==================================================================================
 
 # {name}: what this run measured, filled in when they are printed (the numbers of your model, not SD v1.5's).
@@ -81,7 +82,7 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "INSTANCE_PROMPT", "CLASS_PROMPT", 
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    from common import images
+    from common import images, training
 
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
@@ -99,6 +100,7 @@ def validate(cfg):
     lesson.require_float(cfg, "PRIOR_LOSS_WEIGHT", maximum=1000)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
         lesson.require_int(cfg, "NUM_CLASS_IMAGES")  # prior preservation needs class images
     if cfg.SUBJECT_TOKEN not in cfg.INSTANCE_PROMPT.split():
@@ -236,7 +238,7 @@ def train(argv=None):
     print(f"  {len(lora.lora_layer_names(unet))} LoRA layers, {sum(p.numel() for p in trainable):,} trainable "
           f"parameters ({sum(p.numel() for p in unet.parameters()):,} in the UNet)")
     state = training.TrainState()
-    run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE")}
+    run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE", "LOG_WITH")}
     training.register_adapter_checkpointing(
         accelerator, save_adapter=lambda m, d: lora.save_lora(m, d, lora_config, run_settings),
         load_adapter=lora.load_lora_checkpoint, state=state, run=run)
@@ -248,12 +250,14 @@ def train(argv=None):
             samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False,
                                            embeddings=sample_embeds)
         if accelerator.is_main_process:
-            figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
-                              labels=sample_prompts, title=f"LoRA training, step {step}")
+            grid = figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,
+                                     labels=sample_prompts, title=f"LoRA training, step {step}")
+            training.log_image(accelerator, "progress_grid", grid, step)  # (and live, LOG_WITH)
         strip.append((step, samples[0]))
         return samples
 
     lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps (Ctrl-C saves a checkpoint and stops)")
+    training.start_live_log(accelerator, cfg, state.step)  # LOG_WITH: loss, lr and grids, live in OUTPUT_DIR/runs/
     if state.step == 0:
         save_progress_grid(0)
     samples, n_inst = None, cfg.TRAIN_BATCH_SIZE
@@ -270,6 +274,7 @@ def train(argv=None):
                 cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
             state.log(**losses, lr=lr)
+            accelerator.log({**losses, "lr": lr}, step=step)  # the same, live (LOG_WITH)
             bar.set_postfix(loss=f"{losses['total']:.4f}", refresh=False)
             bar.update()
             if step % cfg.SAMPLE_EVERY == 0 or step == cfg.MAX_TRAIN_STEPS:
@@ -279,6 +284,7 @@ def train(argv=None):
             if stop.requested:  # (checked after the step: a stop always saves one)
                 break
     if stop.requested and state.step < cfg.MAX_TRAIN_STEPS:  # Ctrl-C: say how to continue, and stop here
+        accelerator.end_training()  # (closes the live log)
         return training.stopped(state, checkpoint_root, cfg.SCRIPT, argv)
 
     lesson.step(7, "Save the LoRA and the figures")
@@ -302,6 +308,7 @@ def train(argv=None):
         written += [kohya, model_card.write_lora_card(lora_dir, run_settings, kohya,
                                                       preview=out_dir / "exercise3b_progression.png")]
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # (closes the live log; last, as it ends the processes' group under accelerate launch)
 
     elapsed = time.perf_counter() - started
     print(f"\nDone in {elapsed:.0f} s.")

@@ -13,7 +13,9 @@ lives here is what makes it cheap and safe:
   continues only a run with the same fixed settings, and a lock keeps a second training out;
 - nothing read back can run code: no pickled objects are saved, and pickles are read weights-only;
 - Ctrl-C (or SIGTERM/SIGHUP) finishes the current step, saves, and prints the command that resumes;
-- a NaN or infinite loss, or weights, stop the run before they can overwrite a good checkpoint.
+- a NaN or infinite loss, or weights, stop the run before they can overwrite a good checkpoint;
+- LOG_WITH: accelerate's trackers (TensorBoard, or W&B) show the loss, learning rate and progress grids
+  live, each run in a folder of its own under OUTPUT_DIR/runs/.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 from common import files, folder_lock, pickles
-from common.errors import LessonError, brief
+from common.errors import LessonError, brief, warn
 from common.files import save_json
 from common.lesson import dashed
 
@@ -41,15 +43,19 @@ from common.lesson import dashed
 # --------------------------------------------------------------------------- step 1
 def load_base_model(cfg):
     """Step 1 of both training scripts: the device and precision (DEVICE, MIXED_PRECISION) as an accelerate
-    ``Accelerator`` (one GPU, or several under ``accelerate launch``), then MODEL_ID on it, its frozen parts in
-    the training dtype. Returns ``(accelerator, pipe, resolution)``: RESOLUTION or the model's own."""
+    ``Accelerator`` (one GPU, or several under ``accelerate launch``; its trackers log to LOG_WITH, in
+    OUTPUT_DIR/runs/), then MODEL_ID on it, its frozen parts in the training dtype. Returns
+    ``(accelerator, pipe, resolution)``: RESOLUTION or the model's own."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     from common import device, models, sampling
 
     runtime = device.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
-                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION)
+                              gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, log_with=cfg.LOG_WITH,
+                              project_config=ProjectConfiguration(project_dir=cfg.OUTPUT_DIR,
+                                                                  logging_dir=str(Path(cfg.OUTPUT_DIR) / RUNS_DIR)))
     print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
     pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype(accelerator)).to(accelerator.device)
     sampling.use_multistep_solver(pipe)  # (for the progress grids)
@@ -401,6 +407,82 @@ def apply_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------- the live log (LOG_WITH)
+RUNS_DIR = "runs"  # in OUTPUT_DIR: one folder per run, which TensorBoard shows side by side
+LOG_WITH_CHOICES = ("tensorboard", "wandb", None)
+WANDB_PROJECT = "dreambooth-fabric"  # (W&B groups runs by project; TensorBoard by folder)
+
+
+def check_log_with(cfg) -> None:
+    """LOG_WITH, checked before any model loads: "tensorboard" (the default; when tensorboard is not
+    installed, a warning and no live log), "wandb" (which must be installed) or None (off)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    from common import lesson
+
+    lesson.require_choice(cfg, "LOG_WITH", LOG_WITH_CHOICES)
+    if cfg.LOG_WITH == "wandb" and not is_wandb_available():
+        raise LessonError("LOG_WITH = 'wandb' needs Weights & Biases: 'pip install wandb' (then 'wandb login'), or "
+                          f"set LOG_WITH = 'tensorboard' or None (--log-with none) in {cfg.SCRIPT}.")
+    if cfg.LOG_WITH == "tensorboard" and not is_tensorboard_available():
+        warn("LOG_WITH = 'tensorboard', but tensorboard is not installed, so this run is not logged live (the "
+             "progress grids and loss curves are saved as always): 'pip install tensorboard', or set LOG_WITH = None.")
+        cfg.LOG_WITH = None
+
+
+def _tracker_value(value):
+    """A constant as trackers store settings: numbers, booleans and text as they are, lists as text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return " | ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def start_live_log(accelerator, cfg, step: int) -> None:
+    """Start LOG_WITH's tracker (accelerate's ``init_trackers``) with the run's settings; the loop then logs
+    the loss and learning rate (``accelerator.log``) and every progress grid (``log_image``) into it.
+
+    Each run gets a folder of its own, ``OUTPUT_DIR/runs/<script>-<date>-<time>``. A resumed run too
+    (``...-from-step-N``): its steps continue from ``step``, so its curves carry on where the earlier run's
+    stopped, beside them. Nothing is started when LOG_WITH is None or no step is left to train.
+    """
+    if not accelerator.log_with or step >= cfg.MAX_TRAIN_STEPS:
+        return
+    runs = Path(accelerator.logging_dir)
+    name = f"{Path(cfg.SCRIPT).stem.split('_')[0]}-{time.strftime('%Y%m%d-%H%M%S')}" + (
+        f"-from-step-{step}" if step else "")
+    run_name, n = name, 1
+    while (runs / run_name).exists():  # (two runs in the same second)
+        n += 1
+        run_name = f"{name}-{n}"
+    if accelerator.is_main_process:
+        runs.mkdir(parents=True, exist_ok=True)
+    tensorboard = cfg.LOG_WITH == "tensorboard"
+    accelerator.init_trackers(run_name if tensorboard else WANDB_PROJECT,
+                              config={k: _tracker_value(v) for k, v in cfg.as_dict().items()},
+                              init_kwargs={"wandb": {"name": run_name, "dir": str(runs)}})
+    where = (f"'{runs / run_name}/'; watch it: tensorboard --logdir {runs}" if tensorboard
+             else f"W&B run '{run_name}' in project '{WANDB_PROJECT}'")
+    print(f"  Live log (LOG_WITH = {cfg.LOG_WITH!r}): {where}")
+
+
+def log_image(accelerator, tag: str, path, step: int) -> None:
+    """The picture saved at ``path`` (a progress grid) into the live log at ``step``, through the tracker's
+    own ``log_images``, and onto the disk at once (as ``accelerator.log`` flushes the numbers)."""
+    if not accelerator.trackers:
+        return
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # (SummaryWriter.add_images takes a batch of arrays)
+            tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+            tracker.writer.flush()
+        else:
+            tracker.log_images({tag: [image]}, step=step)
 
 
 # --------------------------------------------------------------------------- stopping

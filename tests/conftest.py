@@ -1,5 +1,6 @@
 """Shared test fixtures: a project folder in a temporary directory with the tiny model built once."""
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -15,6 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 from common import tiny_model  # noqa: E402
 
 needs_shared = pytest.mark.skipif(not SHARED_SEED.is_dir(), reason="../shared/seed (course files) not present")
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard (requirements-test.txt) is not installed")
+
+
+def read_tensorboard_run(folder):
+    """A run folder's event files (LOG_WITH = "tensorboard"), read by TensorBoard's own reader, every value kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
 
 
 @pytest.fixture(scope="session")
