@@ -163,7 +163,6 @@ def train(argv=None):
     """The lesson, step by step. Returns what it made (the tests read it); the command line runs main()."""
     cfg = lesson.configure(globals(), argv, __doc__)
     # The libraries load now, after the command line is read, so that --help answers at once.
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import free_memory
     from tqdm.auto import tqdm
 
@@ -181,10 +180,9 @@ def train(argv=None):
     run = training.begin_run(cfg, checkpoint_root, FIXED_ON_RESUME, "EMBEDDING_DIR")  # one training at a time; --resume
 
     lesson.step(1, "Choose the device and load the base model")
-    accelerator, pipe, resolution = training.load_base_model(cfg)  # (through accelerate: one GPU or several)
+    # Through accelerate (one GPU, or several); noise_scheduler is the forward process the loss trains against.
+    accelerator, pipe, noise_scheduler, resolution = training.load_base_model(cfg)
     device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process we train against
-    training.prediction_type(noise_scheduler)  # (a model the loss cannot train: refused now, not after minutes)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,
                                          width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)

@@ -44,10 +44,13 @@ from common.lesson import dashed
 def load_base_model(cfg):
     """Step 1 of both training scripts: the device and precision (DEVICE, MIXED_PRECISION) as an accelerate
     ``Accelerator`` (one GPU, or several under ``accelerate launch``; its trackers log to LOG_WITH, in
-    OUTPUT_DIR/runs/), then MODEL_ID on it, its frozen parts in the training dtype. Returns
-    ``(accelerator, pipe, resolution)``: RESOLUTION or the model's own."""
+    OUTPUT_DIR/runs/), then MODEL_ID on it, its frozen parts in the training dtype, and the noise scheduler
+    the loss trains against: DDPM, the forward process (a model whose prediction type the loss cannot train is
+    refused now, not after minutes). Returns ``(accelerator, pipe, noise_scheduler, resolution)``: RESOLUTION
+    or the model's own."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
 
     from common import device, models, sampling
 
@@ -58,8 +61,10 @@ def load_base_model(cfg):
                                                                   logging_dir=str(Path(cfg.OUTPUT_DIR) / RUNS_DIR)))
     print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
     pipe = models.load_pipeline(cfg.MODEL_ID, dtype=weight_dtype(accelerator)).to(accelerator.device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # (before the sampler replaces it)
+    prediction_type(noise_scheduler)
     sampling.use_multistep_solver(pipe)  # (for the progress grids)
-    return accelerator, pipe, cfg.RESOLUTION or models.native_resolution(pipe)
+    return accelerator, pipe, noise_scheduler, cfg.RESOLUTION or models.native_resolution(pipe)
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
