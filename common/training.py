@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import files, folder_lock, pickles
+from common import files, folder_lock, lesson, pickles
 from common.errors import LessonError, brief, warn
 from common.files import save_json
 from common.lesson import dashed
@@ -425,8 +425,6 @@ def check_log_with(cfg) -> None:
     installed, a warning and no live log), "wandb" (which must be installed) or None (off)."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
-    from common import lesson
-
     lesson.require_choice(cfg, "LOG_WITH", LOG_WITH_CHOICES)
     if cfg.LOG_WITH == "wandb" and not is_wandb_available():
         raise LessonError("LOG_WITH = 'wandb' needs Weights & Biases: 'pip install wandb' (then 'wandb login'), or "
@@ -466,7 +464,7 @@ def start_live_log(accelerator, cfg, step: int) -> None:
     tensorboard = cfg.LOG_WITH == "tensorboard"
     accelerator.init_trackers(run_name if tensorboard else WANDB_PROJECT,
                               config={k: _tracker_value(v) for k, v in cfg.as_dict().items()},
-                              init_kwargs={"wandb": {"name": run_name, "dir": str(runs)}})
+                              init_kwargs={"wandb": {"name": run_name, "dir": str(runs.resolve())}})  # (its wandb/)
     where = (f"'{runs / run_name}/'; watch it: tensorboard --logdir {runs}" if tensorboard
              else f"W&B run '{run_name}' in project '{WANDB_PROJECT}'")
     print(f"  Live log (LOG_WITH = {cfg.LOG_WITH!r}): {where}")

@@ -714,11 +714,15 @@ def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, 
     second = student.run(script, ARGS[script], project)
     assert second.rc == 0, str(second)
     end = snapshot(project)
-    # A fresh run moves the earlier run's checkpoints aside whole (checkpoints/previous-run-N/), never deletes them.
+    # A fresh run moves the earlier run's checkpoints aside whole (checkpoints/previous-run-N/), never deletes them,
+    # and a training logs into a run folder of its own (outputs/runs/<script>-<date>-<time>/, LOG_WITH).
     aside = {p for p in end.keys() - middle.keys() if re.search(r"/checkpoints(-ti)?/previous-run-\d+/", p)}
-    assert end.keys() - aside == middle.keys(), "the second run left other files than the first"
+    live = {p for p in end.keys() - middle.keys() if p.startswith("outputs/runs/")}
+    assert end.keys() - aside - live == middle.keys(), "the second run left other files than the first"
     assert all(end[p] == middle[re.sub(r"previous-run-\d+/", "", p)] for p in aside)
     assert bool(aside) == (script in TRAIN)
+    assert len({p.split("/")[2] for p in live}) == (script in TRAIN)
+    assert all(end[p] == d for p, d in middle.items() if p.startswith("outputs/runs/")), "the first run's log changed"
     own = {p for p in middle if start.get(p) != middle[p]}
     assert own, "the first run wrote nothing"
     others = {p: d for p, d in middle.items() if p not in own}
@@ -1198,12 +1202,17 @@ def test_a_second_training_in_one_folder_is_refused_and_a_killed_one_leaves_no_s
     lock = project / CKPT[B] / "training.lock"
     first = student.start(B, TRAIN[B] + FOREVER, project)
     first.wait_for("Training:", stream="err")
-    before = snapshot(project)
+    live = max((project / "outputs/runs").glob("exercise3b-*")).relative_to(project).as_posix() + "/"  # (the newest)
+
+    def files():  # all but the first run's live log, which grows with each of its steps
+        return {p: d for p, d in snapshot(project).items() if not p.startswith(live)}
+
+    before = files()
     second = student.run(B, TRAIN[B], project, cold=True)  # (cold: the warm runner starts one run at a time)
     assert_one_line_error(second, rf"Another training is using '{CKPT[B]}/' right now: {B} \(PID {first.pid}, since",
                           r"Wait for it to finish or stop it \(Ctrl-C in its window\), or train into another folder")
     assert "[Step 1]" not in second.out
-    assert_nothing_lost(before, snapshot(project))
+    assert_nothing_lost(before, files())
     first.send_signal(signal.SIGKILL)
     assert first.wait().rc == -signal.SIGKILL
     assert json.loads(lock.read_text())["pid"] == first.pid  # a killed run leaves its lock behind ...

@@ -14,7 +14,7 @@ import torch
 
 from common import lora, prior, sampling, training
 import exercise3b_train_lora
-from conftest import ROOT
+from conftest import ROOT, read_tensorboard_run
 
 FAST = ["--model", "tiny", "--num-class-images", "4", "--sample-every", "3", "--checkpoint-every", "3",
         "--num-inference-steps", "4", "--num-sample-seeds", "1", "--learning-rate", "5e-3",
@@ -228,6 +228,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workdir):
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
     assert 0 < step < 100000
+    [live_log] = (workdir / "outputs/runs").iterdir()  # LOG_WITH: every step up to the stop, closed whole
+    assert [e.step for e in read_tensorboard_run(live_log).Scalars("total")] == list(range(1, step + 1))
     result = exercise3b_train_lora.train(FAST + ["--max-train-steps", str(step + 2),
                                                                   "--sample-every", "100000", "--resume"])
     assert len(result.history["total"]) == step + 2
