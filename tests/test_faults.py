@@ -1201,19 +1201,22 @@ def test_sigterm_and_sighup_save_and_print_the_command_that_continues(script, si
 def test_a_second_training_in_one_folder_is_refused_and_a_killed_one_leaves_no_stuck_lock(student, project):
     lock = project / CKPT[B] / "training.lock"
     first = student.start(B, TRAIN[B] + FOREVER, project)
-    first.wait_for("Training:", stream="err")
-    live = max((project / "outputs/runs").glob("exercise3b-*")).relative_to(project).as_posix() + "/"  # (the newest)
+    try:
+        first.wait_for("Training:", stream="err")
+        live = max((project / "outputs/runs").glob("exercise3b-*")).relative_to(project).as_posix() + "/"  # newest
 
-    def files():  # all but the first run's live log, which grows with each of its steps
-        return {p: d for p, d in snapshot(project).items() if not p.startswith(live)}
+        def files():  # all but the first run's live log, which grows with each of its steps
+            return {p: d for p, d in snapshot(project).items() if not p.startswith(live)}
 
-    before = files()
-    second = student.run(B, TRAIN[B], project, cold=True)  # (cold: the warm runner starts one run at a time)
-    assert_one_line_error(second, rf"Another training is using '{CKPT[B]}/' right now: {B} \(PID {first.pid}, since",
-                          r"Wait for it to finish or stop it \(Ctrl-C in its window\), or train into another folder")
-    assert "[Step 1]" not in second.out
-    assert_nothing_lost(before, files())
-    first.send_signal(signal.SIGKILL)
+        before = files()
+        second = student.run(B, TRAIN[B], project, cold=True)  # (cold: the warm runner starts one run at a time)
+        assert_one_line_error(second, rf"Another training is using '{CKPT[B]}/' right now: {B} \(PID {first.pid}, "
+                              r"since", r"Wait for it to finish or stop it \(Ctrl-C in its window\), or train into "
+                              r"another folder")
+        assert "[Step 1]" not in second.out
+        assert_nothing_lost(before, files())
+    finally:  # the endless run never outlives the test, whatever failed above (it would block the runner)
+        first.send_signal(signal.SIGKILL)
     assert first.wait().rc == -signal.SIGKILL
     assert json.loads(lock.read_text())["pid"] == first.pid  # a killed run leaves its lock behind ...
     third = student.run(B, TRAIN[B], project)  # ... which does not stop the next one
