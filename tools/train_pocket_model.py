@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from common import device as devices  # noqa: E402
 from common import lesson, models, sampling, tiny_model, training  # noqa: E402
@@ -162,15 +163,15 @@ def set_lr(optimizer, lr):
 
 def train_loop(name, cfg, total, stage, optimizer, lr, step_fn):
     """The shared loop: learning-rate schedule, periodic checkpoints, a progress line."""
-    bar = training.ProgressBar(stage.step, total, name)
     started, before = time.perf_counter(), stage.seconds
-    for step in range(stage.step, total):
-        set_lr(optimizer, lr_at(step, total, lr))
-        loss = step_fn(step)
-        bar.update(1, loss=loss)
-        if (step + 1) % cfg.CHECKPOINT_EVERY == 0 or step + 1 == total:
-            stage.save(step + 1, before + time.perf_counter() - started)
-    bar.close()
+    with tqdm(total=total, initial=stage.step, desc=name, unit="step") as bar:
+        for step in range(stage.step, total):
+            set_lr(optimizer, lr_at(step, total, lr))
+            loss = step_fn(step)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update()
+            if (step + 1) % cfg.CHECKPOINT_EVERY == 0 or step + 1 == total:
+                stage.save(step + 1, before + time.perf_counter() - started)
     return stage.seconds
 
 
