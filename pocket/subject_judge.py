@@ -30,8 +30,8 @@ textiles drawn by ``pocket/textiles.py`` with other seeds are *not* positives: t
 Not used: the world classifier's features. ``tools/train_pocket_model.py`` trained its "subject" class
 on crops of these same ten pictures, so its features have seen the subject; and as a detector it took
 grey noise and shuffled pixels for the subject (issue 12). What this judge does not do: tell your
-fabric from a sibling drawn in the same style and palette with another seed; it passes about half of
-those (a different cloth from the same loom: see the README).
+fabric from a sibling drawn in the same style and palette with another seed; it passes about four in
+ten of those (a different cloth from the same loom: see the README).
 """
 
 from __future__ import annotations
