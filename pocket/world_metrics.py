@@ -1,17 +1,23 @@
-"""Measuring DreamBooth against ground truth in the pocket world.
+"""Measuring DreamBooth against ground truth in the pocket world: kinds and colours.
 
 The DreamBooth paper scores subject fidelity with DINO/CLIP-I, prompt fidelity with CLIP-T, and
-language drift with PRES/DIV. In the pocket world we know the truth, so a small classifier does
-their job: it recognises each world pattern kind, and "the subject" (the African textiles of
-``training_images/``). Colour adherence is read straight from the pixels.
+language drift with PRES/DIV. In the pocket world we know the truth, so a small classifier recognises
+each world pattern kind, and colour adherence is read straight from the pixels. Subject fidelity is
+``pocket.subject_judge``'s job (similarity to the nearest training picture, in features never trained
+on the subject).
 
 | metric            | what it measures                                                      | plays the role of |
 |-------------------|-----------------------------------------------------------------------|-------------------|
 | kind accuracy     | base model: share of samples of the requested kind                    |                   |
 | colour adherence  | share of pixels in the two requested colours                          |                   |
-| subject fidelity  | share of "sks" samples the classifier recognises as the subject       | DINO / CLIP-I     |
+| subject fidelity  | ``subject_judge``: share of "sks" samples passing, mean similarity     | DINO / CLIP-I     |
 | prompt fidelity   | colour adherence of "a sks african fabric pattern in {c1} and {c2}"   | CLIP-T            |
-| language drift    | share of class-prompt samples recognised as the subject; kind variety | PRES / DIV        |
+| language drift    | class-prompt samples ``subject_judge`` passes; kind variety           | PRES / DIV        |
+
+The classifier's ninth class, "subject", was trained on crops of the ten training pictures; it is not a
+subject detector (issue 12: it takes grey noise, shuffled pixels and procedural clouds for the subject,
+being a detector of pictures that are out of the world). ``subject_share`` remains for the pocket
+model's training report only.
 
 The classifier is a ``transformers`` ResNet saved beside the pocket model
 (``models/pocket-sd/world_classifier/``), loadable with ``ResNetForImageClassification.from_pretrained``.
@@ -92,5 +98,5 @@ def mean_colour_adherence(images, colour_pairs) -> float:
 
 
 def subject_share(classifier, images) -> float:
-    """Share of pictures recognised as the subject (subject fidelity for "sks" prompts, drift for the class prompt)."""
+    """Share of pictures the classifier puts in its "subject" class: out of the world, not your fabric (see above)."""
     return float(np.mean(classify(classifier, images) == SUBJECT))

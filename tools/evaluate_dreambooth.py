@@ -13,12 +13,16 @@ property-change prompts), and the class prompt "a fabric pattern". ``METRICS`` s
 and the paper's metrics for any other model (SD v1.5, a folder, a checkpoint file), where the world's
 judge would mean nothing. ``both`` gives both.
 
-``world``: the pocket world's classifier and colour reading (``pocket/world_metrics.py``):
+``world``: the pocket world's judges: the subject judge (``pocket/subject_judge.py``: similarity to the
+nearest training picture in features never trained on it, with a pass threshold calibrated on held-out
+crops of the training pictures), the world classifier and colour reading (``pocket/world_metrics.py``):
 
-- subject fidelity: share of "a sks african fabric pattern" samples recognised as the subject;
+- subject fidelity: share of "a sks african fabric pattern" samples the subject judge passes, and their
+  mean similarity (1 = a training picture itself); beside them, the same for held-out crops of the
+  training pictures (new photos of your fabric: what a perfect result would score);
 - prompt fidelity: colour adherence of "a sks african fabric pattern in {c1} and {c2}";
-- drift: share of class-prompt ("a fabric pattern") samples recognised as the subject, and how varied
-  their pattern kinds stay (1 = all eight kinds equally).
+- drift: share of class-prompt ("a fabric pattern") samples the subject judge passes, and how varied
+  their pattern kinds stay in the world classifier's eyes (1 = all eight kinds equally).
 
 ``paper``: the DreamBooth paper's metrics (``tools/paper_metrics.py``; Ruiz et al. 2023, section 4.1),
 with DINO ViT-S/16 (``DINO_MODEL``) and CLIP ViT-B/32 (``CLIP_MODEL``) from the Hub (downloaded once,
@@ -53,7 +57,7 @@ import exercise3a_train_textual_inversion  # noqa: E402  (the course's scripts, 
 import exercise3b_train_lora  # noqa: E402
 from common import device as devices  # noqa: E402
 from common import figures, images, lesson, models, personalize, sampling  # noqa: E402
-from pocket import fabric_world, world_metrics  # noqa: E402
+from pocket import fabric_world, subject_judge, world_metrics  # noqa: E402
 from common.errors import LessonError  # noqa: E402
 from common.files import save_json  # noqa: E402
 from tools import paper_metrics  # noqa: E402
@@ -84,6 +88,7 @@ SUBJECT_WORDS = "sks african"  # what the LoRA's instance prompt calls the subje
 CLIP_T_WORDS = "african"  # the same without the identifier: CLIP-T scores every method's pictures against these words
 REAL_IMAGE_SIZE = 512  # the real pictures, centre-cropped as exercise 3b crops them (the metric models resize them)
 PLACEHOLDER = "<african-fabric>"  # exercise 3a's token
+HELD_OUT_SEED = 1  # the subject judge's held-out crops scored beside the methods (not its calibration seed)
 
 
 def train_all(cfg, work: Path) -> dict:
@@ -106,9 +111,10 @@ def train_all(cfg, work: Path) -> dict:
     return made
 
 
-def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=None) -> tuple[dict, list]:
+def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=None, fabric=None) -> tuple[dict, list]:
     """Draw the three prompt kinds with one method's personalisation and score them: with the world's
-    ``classifier``, and/or with the paper's metrics (``judge``, against the ``real`` pictures)."""
+    ``classifier`` and ``fabric`` (the subject judge), and/or with the paper's metrics (``judge``, against the
+    ``real`` pictures)."""
     pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype).to(runtime.device)
     sampling.use_multistep_solver(pipe)
     words = SUBJECT_WORDS
@@ -130,11 +136,11 @@ def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=
     subject, recoloured, classed = (pictures[i * cfg.SAMPLES:(i + 1) * cfg.SAMPLES] for i in range(3))
     row = {}
     if classifier is not None:
-        class_labels = world_metrics.classify(classifier, classed)
-        row.update(subject_fidelity=world_metrics.subject_share(classifier, subject),
+        passed, drifted = fabric.summary(subject), fabric.summary(classed)
+        row.update(subject_fidelity=passed["pass_rate"], subject_similarity=passed["similarity"],
                    prompt_fidelity=world_metrics.mean_colour_adherence(recoloured, colours),
-                   drift_subject_share=float((class_labels == world_metrics.SUBJECT).mean()),
-                   class_kind_diversity=world_metrics.kind_diversity(class_labels))
+                   drift_subject_share=drifted["pass_rate"], drift_similarity=drifted["similarity"],
+                   class_kind_diversity=world_metrics.kind_diversity(world_metrics.classify(classifier, classed)))
     if judge is not None:
         row.update(dino=judge.dino(subject + recoloured, real), clip_i=judge.clip_i(subject + recoloured, real),
                    clip_t=judge.clip_t(subject + recoloured, subject_prompts(CLIP_T_WORDS)),
@@ -142,13 +148,23 @@ def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=
     return row, subject[:4] + recoloured[:4] + classed[:4]
 
 
-def world_table(results: dict) -> str:
-    lines = ["| method | subject fidelity ↑ | prompt fidelity ↑ | drift: class prompt seen as subject ↓ | class kind diversity ↑ |",
-             "|---|---|---|---|---|"]
+def world_table(results: dict, held_out: dict) -> str:
+    lines = ["| method | subject fidelity: passes ↑ | subject similarity ↑ | prompt fidelity ↑ | "
+             "drift: class prompt passing as subject ↓ | class kind diversity ↑ |", "|---|---|---|---|---|---|"]
     for method, r in results.items():
-        lines.append(f"| {method} | {r['subject_fidelity']:.0%} | {r['prompt_fidelity']:.0%} | "
-                     f"{r['drift_subject_share']:.0%} | {r['class_kind_diversity']:.2f} |")
-    return "\n".join(lines)
+        lines.append(f"| {method} | {r['subject_fidelity']:.0%} | {r['subject_similarity']:.2f} | "
+                     f"{r['prompt_fidelity']:.0%} | {r['drift_subject_share']:.0%} ({r['drift_similarity']:.2f}) | "
+                     f"{r['class_kind_diversity']:.2f} |")
+    lines.append(f"| *held-out crops of the training pictures* | {held_out['pass_rate']:.0%} | "
+                 f"{held_out['similarity']:.2f} | | | |")
+    return "\n".join(lines) + WORLD_NOTE
+
+
+WORLD_NOTE = ("\n\nSubject fidelity: the subject judge (pocket/subject_judge.py) passes a picture when it is as close "
+              "to one of the training pictures as held-out crops of them are (its threshold passes "
+              f"{subject_judge.PASS_QUANTILE:.0%} of its calibration crops); similarity 1 = a training picture itself. "
+              "The last row is new crops of your own pictures: what a perfect result scores. Drift: class-prompt "
+              "pictures the judge passes (their mean similarity in brackets).")
 
 
 PAPER_NOTE = ("\n\nDINO and CLIP-I: generated vs the training pictures, every pair; CLIP-T: each picture vs its "
@@ -193,7 +209,11 @@ def evaluate(argv=None) -> dict:
     shown += ["DINO_MODEL", "CLIP_MODEL"] if "paper" in metrics else []
     lesson.print_summary(cfg, "DreamBooth, measured", shown)
     # Every judge and the real pictures are loaded before training, so that a missing one stops the run at once.
-    classifier = world_metrics.load_classifier(cfg.CLASSIFIER_DIR).float() if "world" in metrics else None
+    classifier = fabric = held_out = None
+    if "world" in metrics:
+        classifier = world_metrics.load_classifier(cfg.CLASSIFIER_DIR).float()
+        fabric = subject_judge.load(exercise3b_train_lora.TRAINING_IMAGES_DIR)
+        held_out = fabric.summary(fabric.held_out(cfg.SAMPLES, HELD_OUT_SEED))
     judge = real = None
     if "paper" in metrics:
         judge = paper_metrics.PaperMetrics.load(cfg.DINO_MODEL, cfg.CLIP_MODEL)
@@ -213,20 +233,22 @@ def evaluate(argv=None) -> dict:
     for method, adapter in [("base model", None), ("Textual Inversion", made["Textual Inversion"][0]),
                             ("LoRA, no prior preservation", made["LoRA, no prior preservation"][0]),
                             ("LoRA + prior preservation", made["LoRA + prior preservation"][0])]:
-        results[method], shown = score(cfg, method, adapter, runtime, classifier, judge, real)
+        results[method], shown = score(cfg, method, adapter, runtime, classifier, judge, real, fabric)
         if method in made:
             results[method]["train_seconds"] = made[method][1]
         rows.extend(shown)
 
     lesson.step(3, "Write the table")
     out = Path(cfg.OUTPUT_DIR)
-    tables = ([f"## The pocket world's judge\n\n{world_table(results)}"] if classifier is not None else []) + \
+    tables = ([f"## The pocket world's judge\n\n{world_table(results, held_out)}"] if fabric is not None else []) + \
         ([f"## The DreamBooth paper's metrics\n\n{paper_table(results, real_scores)}"] if judge is not None else [])
     text = "\n\n".join(tables)
     print("\n" + text)
     saved = {"settings": cfg.as_dict(), "results": results, "seconds": time.perf_counter() - started}
     if judge is not None:
         saved.update(real_images=real_scores, paper_table_1=paper_metrics.PAPER_TABLE_1)
+    if held_out is not None:
+        saved.update(held_out_subject_crops=held_out, subject_threshold=fabric.threshold)
     save_json(saved, out / "results.json")
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     figures.save_grid(rows, out / "samples.png", cols=12, row_labels=list(results),
