@@ -311,10 +311,10 @@ def train(argv=None):
     lesson.print_reflection(REFLECTION, embedding_file_size=lesson.file_size(embedding_file),
                             embedding=f"{'one vector' if count == 1 else f'{count} vectors'} of {width} numbers",
                             lora_numbers=f"{lora_numbers:,}", ratio=f"{lora_numbers / (count * width):,.0f}")
-    return SimpleNamespace(stopped=False, embedding_file=written[0] if written else None, samples=samples, history=state.history,
-                           sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings, pipe=pipe,
+    return SimpleNamespace(stopped=False, embedding_file=written[0] if written else None, samples=samples,
+                           history=state.history, sample_prompts=sample_prompts, sample_seeds=sample_seeds,
+                           settings=settings, pipe=pipe,
                            token_ids=token_ids, comparison_file=comparison_file if comparison_file in written else None)
-
 
 
 def main(argv=None) -> int:

@@ -184,6 +184,7 @@ def train(argv=None):
     from tqdm.auto import tqdm
 
     from common import figures, images, lora, model_card, models, prior, sampling, training
+    from common.files import human_size
 
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3b - DreamBooth-LoRA with prior preservation", [
@@ -312,17 +313,15 @@ def train(argv=None):
     print(f"\nDone in {elapsed:.0f} s.")
     lesson.print_files(written + [progress_dir])
     print(f"\nUse it: python exercise1_generate.py   (or in Python: pipe.load_lora_weights('{lora_dir}'))")
-    from common.files import human_size
-
     frozen = [p for p in trained.parameters() if not p.requires_grad]  # the UNet's own weights, not the LoRA's
     lesson.print_reflection(REFLECTION, lora_file_size=lesson.file_size(lora_dir / lora.WEIGHT_NAME),
                             lora_numbers=f"{sum(p.numel() for p in trainable):,}",
                             unet_size=human_size(sum(p.numel() * p.element_size() for p in frozen)),
                             unet_numbers=f"{sum(p.numel() for p in frozen):,}")
-    return SimpleNamespace(stopped=False, lora_file=written[0] if written else None, samples=samples, history=state.history,
-                           sample_prompts=sample_prompts, sample_seeds=sample_seeds, settings=settings,
+    return SimpleNamespace(stopped=False, lora_file=written[0] if written else None, samples=samples,
+                           history=state.history, sample_prompts=sample_prompts, sample_seeds=sample_seeds,
+                           settings=settings,
                            seconds=elapsed)
-
 
 
 def main(argv=None) -> int:
