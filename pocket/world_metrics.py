@@ -14,13 +14,14 @@ on the subject).
 | prompt fidelity   | colour adherence of "a sks african fabric pattern in {c1} and {c2}"   | CLIP-T            |
 | language drift    | class-prompt samples ``subject_judge`` passes; kind variety           | PRES / DIV        |
 
-The classifier's ninth class, "subject", was trained on crops of the ten training pictures; it is not a
-subject detector (issue 12: it takes grey noise, shuffled pixels and procedural clouds for the subject,
-being a detector of pictures that are out of the world). ``subject_share`` remains for the pocket
-model's training report only.
+An object classifier says which of exercise 1's contexts a picture shows (a dress, a room, a handbag, a vase,
+a basket, or the plain pattern): prompt fidelity for "a beautiful dress made of sks african fabric pattern".
+Neither classifier ever saw the subject: the kind classifier learned the world's pictures, the object
+classifier the world's objects, some filled with random off-world patches so that a fill it never saw does
+not change its mind.
 
-The classifier is a ``transformers`` ResNet saved beside the pocket model
-(``models/pocket-sd/world_classifier/``), loadable with ``ResNetForImageClassification.from_pretrained``.
+The classifiers are ``transformers`` ResNets saved beside the pocket model (``models/pocket-sd/world_classifier/``,
+``models/pocket-sd/object_classifier/``), loadable with ``ResNetForImageClassification.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -33,26 +34,27 @@ import torch
 from pocket import fabric_world
 from common.errors import LessonError
 
-LABELS = fabric_world.KINDS + ("subject",)
-SUBJECT = len(LABELS) - 1
+LABELS = fabric_world.KINDS
 CLASSIFIER_DIR = Path("models/pocket-sd/world_classifier")
+OBJECT_CLASSIFIER_DIR = Path("models/pocket-sd/object_classifier")
 
 
-def build_classifier():
-    """A small ResNet (about 0.7M parameters) for 64x64 pictures: 8 world kinds + the subject."""
+def build_classifier(labels=LABELS):
+    """A small ResNet (about 0.7M parameters) for 64x64 pictures: the world's kinds, or ``fabric_world.OBJECTS``."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 128], depths=[1, 1, 1, 1],
-                          layer_type="basic", num_labels=len(LABELS),
-                          id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+                          layer_type="basic", num_labels=len(labels),
+                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     return ResNetForImageClassification(config)
 
 
 def load_classifier(folder=CLASSIFIER_DIR):
+    """The kind classifier (or, with ``folder=OBJECT_CLASSIFIER_DIR``, the object classifier)."""
     from transformers import ResNetForImageClassification
 
     if not (Path(folder) / "config.json").is_file():
-        raise LessonError(f"The world classifier is not in '{folder}/'. It ships with the pocket model "
+        raise LessonError(f"The classifier is not in '{folder}/'. It ships with the pocket model "
                           "('git checkout -- models/pocket-sd'), or train it: python tools/train_pocket_model.py --stage classifier")
     return ResNetForImageClassification.from_pretrained(str(folder)).eval()
 
@@ -80,12 +82,11 @@ def classify(classifier, images, batch_size: int = 256) -> np.ndarray:
 
 def kind_diversity(labels: np.ndarray) -> float:
     """How evenly samples spread over the world kinds: normalised entropy, 1 = all kinds equally, 0 = one kind."""
-    kinds = labels[labels != SUBJECT]
-    if len(kinds) == 0:
+    if len(labels) == 0:
         return 0.0
-    p = np.bincount(kinds, minlength=len(fabric_world.KINDS)) / len(kinds)
+    p = np.bincount(labels, minlength=len(LABELS)) / len(labels)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / np.log(len(fabric_world.KINDS)))
+    return float(-(p * np.log(p)).sum() / np.log(len(LABELS)))
 
 
 def kind_accuracy(classifier, images, kinds: list[str]) -> float:
@@ -93,10 +94,11 @@ def kind_accuracy(classifier, images, kinds: list[str]) -> float:
     return float(np.mean([LABELS[i] == k for i, k in zip(labels, kinds)]))
 
 
+def object_accuracy(object_classifier, images, objects: list[str]) -> float:
+    """Share of pictures the object classifier puts in the asked context ("dress", "vase", ..., "plain")."""
+    labels = classify(object_classifier, images)
+    return float(np.mean([fabric_world.OBJECTS[i] == o for i, o in zip(labels, objects)]))
+
+
 def mean_colour_adherence(images, colour_pairs) -> float:
     return float(np.mean([fabric_world.colour_adherence(np.asarray(im), a, b) for im, (a, b) in zip(images, colour_pairs)]))
-
-
-def subject_share(classifier, images) -> float:
-    """Share of pictures the classifier puts in its "subject" class: out of the world, not your fabric (see above)."""
-    return float(np.mean(classify(classifier, images) == SUBJECT))

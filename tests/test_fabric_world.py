@@ -43,11 +43,45 @@ def test_captions_and_dropout():
     assert "a red and blue striped fabric pattern" in captions
     assert "a striped fabric pattern in red and blue" in captions
     assert not any("sks" in c for c in captions)  # the subject token stays rare
+    african = [world.caption("woven", "red", "blue", rng) for _ in range(2000)]
+    assert "a african fabric pattern" in african and "a red and blue african woven fabric pattern" in african
+    assert not any("african" in c for c in captions)  # only the African building blocks are called african
+
+
+def test_contexts_are_worded_as_exercise_1():
+    """Every context of the world is one of exercise 1's prompts with the pattern's words for "{} african fabric
+    pattern", so "a beautiful dress made of sks african fabric pattern" lands on something the model knows."""
+    import exercise1_generate
+
+    for obj, template in world.CONTEXTS.items():
+        assert any(p.replace("{} african fabric pattern", "{}") == template for p in exercise1_generate.PROMPTS), obj
+    rng = np.random.default_rng(1)
+    captions = [world.scene_caption("ringed", "red", "blue", "dress", rng) for _ in range(500)]
+    assert "a beautiful dress made of red and blue african ringed fabric pattern, fashion photography" in captions
+    assert "a beautiful dress made of african fabric pattern, fashion photography" in captions
+    assert not any("sks" in c for c in captions)
+
+
+@pytest.mark.parametrize("obj", world.OBJECTS)
+def test_objects_are_patterned_silhouettes_on_a_plain_ground(obj):
+    fill, trim = world.object_masks(obj, np.random.default_rng([3, 7]))  # (the masks draw_scene uses for seed 3)
+    assert not (fill & trim).any()
+    picture = world.draw_scene("striped", "red", "blue", obj, seed=3)
+    fabric = world.draw("striped", "red", "blue", seed=3)
+    assert (np.abs(picture.astype(int) - fabric)[fill].max() <= 12)  # the fill is the pattern (plus weave noise)
+    if obj == "plain":
+        assert fill.all()
+        return
+    assert 0.15 < fill.mean() < 0.8  # an object, not the whole frame
+    ground = ~(fill | trim)
+    assert obj == "room" or np.abs(picture[ground].astype(int) - world.STUDIO_GREY).max() < 25  # the studio ground
+    others = [world.object_masks(o, np.random.default_rng(3))[0] for o in world.OBJECTS if o != obj]
+    assert all((fill != other).mean() > 0.08 for other in others)  # each silhouette is its own
 
 
 def test_held_out_combinations():
     held = world.held_out_captions()
-    assert 60 < len(held) < 130  # about one in eight of 8 kinds x 90 ordered colour pairs
+    assert 80 < len(held) < 180  # about one in eight of 11 kinds x 90 ordered colour pairs
     assert {k for k, _, _ in held} == set(world.KINDS)
     assert all(world.is_held_out(*h) for h in held)
     assert world.is_held_out(*held[0]) and world.is_held_out(held[0][0], held[0][2], held[0][1])
@@ -67,8 +101,10 @@ def test_classifier_shapes_and_diversity():
     clf = world_metrics.build_classifier().eval()
     labels = world_metrics.classify(clf, [world.sample(i)[0] for i in range(4)])
     assert labels.shape == (4,) and labels.max() < len(world_metrics.LABELS)
-    assert world_metrics.kind_diversity(np.arange(8)) == pytest.approx(1.0)
+    assert world_metrics.kind_diversity(np.arange(len(world.KINDS))) == pytest.approx(1.0)
     assert world_metrics.kind_diversity(np.zeros(8, int)) == 0.0
+    objects = world_metrics.build_classifier(world.OBJECTS).eval()
+    assert objects.config.num_labels == len(world.OBJECTS) == 6
 
 
 def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
@@ -82,6 +118,7 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     from tools import train_pocket_model as script
     args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
             "--num-world-images", "16", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
+            "--vae-textiles", "4",
             "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
     card = script.build(args)
     assert card["eval_images"] == len(world.held_out_captions())
@@ -90,7 +127,15 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     with safetensors.safe_open("models/pocket-test/unet/diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # shipped in fp16
     assert len(pipe.tokenizer.tokenize("sks")) == 1
-    assert world_metrics.load_classifier("models/pocket-test/world_classifier") is not None
+    assert world_metrics.load_classifier("models/pocket-test/world_classifier").config.num_labels == len(world.KINDS)
+    assert world_metrics.load_classifier("models/pocket-test/object_classifier").config.num_labels == len(world.OBJECTS)
+    assert card["eval_context_images"] > 0 and 0 <= card["object_accuracy"] <= 1
+    assert card["crop_fraction"] == world.CROP_FRACTION and {"dress", "vase", "african"} <= set(card["known_words"])
+    assert "sks" not in card["known_words"] and card["vae_psnr_held_out_textiles_db"] > 0
+    # "sks" was never in a caption: its embedding was rescaled to a learned word's length, so the encoder hears it
+    table = pipe.text_encoder.get_input_embeddings().weight.float()
+    sks, fabric = (table[pipe.tokenizer.convert_tokens_to_ids(t)].norm() for t in ("sks</w>", "fabric</w>"))
+    assert sks > 0.5 * fabric
     # run again: every stage resumes from its checkpoint instead of training again
     again = script.build(args + ["--stage", "unet"])
     assert again["unet_seconds"] == card["unet_seconds"]

@@ -28,24 +28,27 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from common import device as devices  # noqa: E402
-from common import lesson, models, sampling, tiny_model, training  # noqa: E402
+from common import figures, lesson, models, sampling, tiny_model, training  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
 from common.files import atomic_dir, atomic_path, save_json  # noqa: E402
-from common.images import center_crop_resize, list_image_files, open_image  # noqa: E402
+from common.images import center_crop_resize  # noqa: E402
 
 # ============================== CONSTANTS ==============================
 STAGE = "all"  # all, classifier, vae, unet, export or evaluate
 OUTPUT_DIR = "models/pocket-sd"  # the finished model
 WORK_DIR = "models/pocket-build"  # per-stage checkpoints
-TRAINING_IMAGES_DIR = "training_images"  # the DreamBooth subject, for the classifier's "subject" class
-CLASSIFIER_STEPS = 1500  # batches of 128
-VAE_STEPS = 1800  # batches of 24 (18 world pictures, 6 off-world collages)
+CLASSIFIER_STEPS = 1000  # batches of 96 plain world pictures and 48 objects
+VAE_STEPS = 2400  # batches of 24 (12 world pictures, 8 textile crops, 4 off-world collages)
+VAE_TEXTILES = 400  # textiles drawn once for the autoencoder (other seeds than the shipped ten)
+VAE_LATENT_CHANNELS = 4  # numbers per latent pixel (SD v1.5: 4)
+VAE_CHANNELS = "16,32,64"  # the autoencoder's widths, one per level (two levels halve 64 px to 16)
 VAE_LEARNING_RATE = 3e-3  # AdamW, with warm-up and cosine decay (3e-3 halved the error of 1e-3 at 900 steps)
 UNET_STEPS = 8500  # batches of UNET_BATCH_SIZE
 UNET_BATCH_SIZE = 32  # world pictures per UNet step (more, smaller steps learned faster than 64)
 UNET_LEARNING_RATE = 1e-3  # AdamW, with warm-up and cosine decay
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges ~3x faster than plain MSE
 NUM_WORLD_IMAGES = 40000  # world pictures encoded once for the UNet stage
+OBJECT_SHARE = 0.4  # of them, objects (exercise 1's contexts); the rest plain patterns
 EVAL_IMAGES_PER_CAPTION = 2  # samples per held-out caption in the evaluate stage
 EVAL_INFERENCE_STEPS = 25  # DPM-Solver++ steps for those samples
 CHECKPOINT_EVERY = 250  # steps between stage checkpoints
@@ -56,31 +59,39 @@ DEVICE = "auto"  # auto, cuda, mps or cpu
 # Attention only at 8x8 and 4x4, with 4 heads: on a CPU, self-attention over the 256 positions of the
 # 16x16 level cost half the step time for little gain on periodic patterns (0.70 vs 1.24 s a step).
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+    sample_size=16, layers_per_block=1, block_out_channels=(64, 128, 128),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
 )
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, block_out_channels=(16, 32, 64),
+    in_channels=3, out_channels=3, sample_size=64,
     layers_per_block=1, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
 )
+# The tiny model's words, plus the world's own words that the course's prompts do not use.
+VOCABULARY = tiny_model.VOCABULARY + " ringed marked"
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77, projection_dim=64)
 
 
 # --------------------------------------------------------------------------- data
 def world_batch(seed: int, step: int, n: int, with_held_out: bool = False):
-    """n world pictures for one step (deterministic), as (uint8 array, truths)."""
+    """n plain world pictures for one step (deterministic), as (uint8 array, truths)."""
+    pictures, truths, _ = scene_batch(seed, step, n, with_held_out, object_share=0.0)
+    return pictures, [t[:3] for t in truths]
+
+
+def scene_batch(seed: int, step: int, n: int, with_held_out: bool = False, object_share: float = 0.4):
+    """n world pictures, plain or objects, for one step (deterministic): (uint8 array, truths, objects)."""
     rng = np.random.default_rng([seed, step])
     pictures, truths = [], []
     while len(pictures) < n:
-        image, kind, c1, c2 = fabric_world.sample(int(rng.integers(2**62)))
+        image, kind, c1, c2, obj = fabric_world.sample_scene(int(rng.integers(2**62)), object_share)
         if with_held_out or not fabric_world.is_held_out(kind, c1, c2):
             pictures.append(image)
-            truths.append((kind, c1, c2))
-    return np.stack(pictures), truths
+            truths.append((kind, c1, c2, obj))
+    return np.stack(pictures), truths, [t[3] for t in truths]
 
 
 def to_pixels(array: np.ndarray) -> torch.Tensor:
@@ -100,23 +111,34 @@ def collage(rng: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
-def subject_pictures(folder) -> list:
-    return [open_image(p) for p in list_image_files(folder)]
+def textile_bank(n: int, seed: int, size: int = 256) -> list:
+    """Textiles of the subject's three traditions drawn by ``pocket/textiles.py`` with seeds the shipped pictures
+    do not use and shuffled palettes: for the autoencoder only (SD v1.5's autoencoder has seen many fabrics too).
+    The UNet never sees them: the world draws only the building blocks."""
+    from pocket import textiles
+
+    rng = np.random.default_rng([seed, 5])
+    bank = []
+    for i in range(n):
+        palette = list(textiles.PALETTES)[rng.integers(len(textiles.PALETTES))]
+        style = {"kente": "kente", "wax": "wax", "mud": "mudcloth"}[palette.split("_")[0]]
+        picture = np.asarray(textiles.draw_textile(style, palette, 100_000 + seed * 10_000 + i, size), np.float32)
+        picture = picture[..., rng.permutation(3)] if rng.random() < 0.5 else picture  # other dyes
+        bank.append(picture.astype(np.uint8))
+    return bank
 
 
-def augment_subject(pictures, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Random crops (half to all of the picture), flips, quarter turns and slight colour shifts of the subject."""
+def textile_crops(bank, rng: np.random.Generator, n: int, zoom=(0.25, 1.0)) -> np.ndarray:
+    """Random square crops of ``zoom`` of a bank picture's side, resized to 64 px as the training scripts do."""
     from PIL import Image
 
     out = []
     for _ in range(n):
-        im = pictures[rng.integers(len(pictures))]
-        side = int(min(im.size) * rng.uniform(0.5, 1.0))
-        x, y = rng.integers(0, im.width - side + 1), rng.integers(0, im.height - side + 1)
-        crop = center_crop_resize(im.crop((x, y, x + side, y + side)), 64)
-        a = np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
-        a = np.rot90(a, rng.integers(4)).astype(np.float32) * rng.uniform(0.85, 1.15, 3) + rng.normal(0, 8, 3)
-        out.append(np.clip(a, 0, 255).astype(np.uint8))
+        picture = bank[rng.integers(len(bank))]
+        side = int(len(picture) * rng.uniform(*zoom))
+        x, y = rng.integers(0, len(picture) - side + 1, 2)
+        crop = Image.fromarray(picture[y:y + side, x:x + side])
+        out.append(np.rot90(np.asarray(center_crop_resize(crop, 64)), rng.integers(4)))
     return np.stack(out)
 
 
@@ -153,7 +175,8 @@ class Stage:
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+    return float(peak * 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup))))  # (a plain float: the
+    # optimizer state is saved in the checkpoint, which loads with weights_only and refuses numpy scalars)
 
 
 def set_lr(optimizer, lr):
@@ -176,51 +199,75 @@ def train_loop(name, cfg, total, stage, optimizer, lr, step_fn):
 
 
 # --------------------------------------------------------------------------- stages
+def fill_with_collage(pictures: np.ndarray, objects: list[str], rng: np.random.Generator, share: float) -> np.ndarray:
+    """Replace ``share`` of the objects' fills with off-world collages: the object classifier must judge the
+    silhouette, whatever fabric a DreamBooth model puts in it."""
+    out = pictures.copy()
+    plain_colours = [fabric_world.STUDIO_GREY, fabric_world.LEATHER, fabric_world.FLOOR, (55, 55, 60)]
+    for i, obj in enumerate(objects):
+        if obj != "plain" and rng.random() < share:
+            near = [np.abs(out[i].astype(int) - c).sum(-1) < 40 for c in plain_colours]
+            fill = ~np.logical_or.reduce(near)  # the object's fabric: neither the ground nor its trim
+            out[i] = np.where(fill[..., None], collage(rng, 1)[0], out[i])
+    return out
+
+
 def train_classifier(cfg, device):
+    """The kind classifier (plain world pictures) and the object classifier (exercise 1's contexts), trained
+    together on the world only: neither ever sees the subject."""
     classifier = world_metrics.build_classifier().to(device)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=1e-4)
-    stage = Stage("classifier", cfg.WORK_DIR, model=classifier, optimizer=optimizer)
-    subject = subject_pictures(cfg.TRAINING_IMAGES_DIR)
+    objects = world_metrics.build_classifier(fabric_world.OBJECTS).to(device)
+    params = list(classifier.parameters()) + list(objects.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    stage = Stage("classifier", cfg.WORK_DIR, model=classifier, objects=objects, optimizer=optimizer)
+    share = 1 - 1 / len(fabric_world.OBJECTS)  # every context equally often
 
     def step_fn(step):
         rng = np.random.default_rng([cfg.RANDOM_SEED, 1, step])
-        world, truths = world_batch(cfg.RANDOM_SEED + 1, step, 112, with_held_out=True)
-        pictures = np.concatenate([world, augment_subject(subject, rng, 16)])
-        labels = torch.tensor([fabric_world.KINDS.index(k) for k, _, _ in truths] + [world_metrics.SUBJECT] * 16)
-        loss = F.cross_entropy(classifier(pixel_values=soften(to_pixels(pictures), rng).to(device)).logits,
-                               labels.to(device))
+        world, truths = world_batch(cfg.RANDOM_SEED + 1, step, 96, with_held_out=True)
+        scenes, _, names = scene_batch(cfg.RANDOM_SEED + 4, step, 48, with_held_out=True, object_share=share)
+        scenes = fill_with_collage(scenes, names, rng, 0.3)
+        kind_labels = torch.tensor([fabric_world.KINDS.index(k) for k, _, _ in truths])
+        object_labels = torch.tensor([fabric_world.OBJECTS.index(o) for o in names])
+        loss = F.cross_entropy(classifier(pixel_values=soften(to_pixels(world), rng).to(device)).logits,
+                               kind_labels.to(device)) + \
+            F.cross_entropy(objects(pixel_values=soften(to_pixels(scenes), rng).to(device)).logits,
+                            object_labels.to(device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         return loss.item()
 
     seconds = train_loop("classifier", cfg, cfg.CLASSIFIER_STEPS, stage, optimizer, 1e-3, step_fn)
-    classifier.eval()
+    classifier.eval(), objects.eval()
     world, truths = world_batch(cfg.RANDOM_SEED + 99, 0, 512, with_held_out=True)
     accuracy = world_metrics.kind_accuracy(classifier.cpu(), list(world), [k for k, _, _ in truths])
-    rng = np.random.default_rng(12345)
-    subject_recall = world_metrics.subject_share(classifier, list(augment_subject(subject, rng, 128)))
-    print(f"  classifier: {accuracy:.1%} kind accuracy on fresh world samples, {subject_recall:.1%} subject recall")
-    return {"classifier_kind_accuracy": accuracy, "classifier_subject_recall": subject_recall,
+    scenes, _, names = scene_batch(cfg.RANDOM_SEED + 98, 0, 512, with_held_out=True, object_share=share)
+    object_accuracy = world_metrics.object_accuracy(objects.cpu(), list(scenes), names)
+    print(f"  classifiers: {accuracy:.1%} kind accuracy, {object_accuracy:.1%} object accuracy on fresh world samples")
+    return {"classifier_kind_accuracy": accuracy, "classifier_object_accuracy": object_accuracy,
             "classifier_seconds": seconds}
 
 
-def build_vae():
+def build_vae(cfg):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(**VAE_CONFIG)
+    widths = tuple(int(w) for w in cfg.VAE_CHANNELS.split(","))
+    return AutoencoderKL(**VAE_CONFIG, latent_channels=cfg.VAE_LATENT_CHANNELS, block_out_channels=widths)
 
 
 def train_vae(cfg, device):
-    vae = build_vae().to(device)
+    vae = build_vae(cfg).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.VAE_LEARNING_RATE)
     stage = Stage("vae", cfg.WORK_DIR, model=vae, optimizer=optimizer)
 
+    bank = textile_bank(cfg.VAE_TEXTILES, cfg.RANDOM_SEED)
+
     def step_fn(step):
         rng = np.random.default_rng([cfg.RANDOM_SEED, 2, step])
-        world, _ = world_batch(cfg.RANDOM_SEED + 2, step, 18, with_held_out=True)
-        pixels = to_pixels(np.concatenate([world, collage(rng, 6)])).to(device)
+        world = scene_batch(cfg.RANDOM_SEED + 2, step, 12, with_held_out=True)[0]
+        pixels = to_pixels(np.concatenate([world, textile_crops(bank, rng, 8), collage(rng, 4)])).to(device)
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
@@ -230,12 +277,33 @@ def train_vae(cfg, device):
         return loss.item()
 
     seconds = train_loop("vae", cfg, cfg.VAE_STEPS, stage, optimizer, cfg.VAE_LEARNING_RATE, step_fn)
-    return vae.eval(), {"vae_seconds": seconds}
+    vae.eval()
+    return vae, {"vae_seconds": seconds, **vae_fidelity(vae.cpu())}
+
+
+@torch.no_grad()
+def vae_fidelity(vae) -> dict:
+    """PSNR of the autoencoder on held-out subject-style textiles (seeds no stage trained on), seen as the pocket
+    course sees the subject (crops of CROP_FRACTION of the side), and on held-out world pictures."""
+    bank = textile_bank(40, seed=77, size=512)
+    crops = textile_crops(bank, np.random.default_rng(77), 160, zoom=(fabric_world.CROP_FRACTION,) * 2)
+    world, _, _ = scene_batch(77, 0, 160, with_held_out=True)
+
+    def psnr(pictures):
+        x = to_pixels(pictures)
+        recon = torch.cat([vae.decode(vae.encode(x[i:i + 40]).latent_dist.mode()).sample for i in range(0, len(x), 40)])
+        mse = ((recon.clamp(-1, 1) - x) ** 2).mean(dim=(1, 2, 3)) / 4  # (pixels in [-1, 1]: a range of 2)
+        return float((10 * torch.log10(1 / mse)).mean())
+
+    result = {"vae_psnr_held_out_textiles_db": psnr(crops), "vae_psnr_held_out_world_db": psnr(world)}
+    print(f"  autoencoder: {result['vae_psnr_held_out_textiles_db']:.1f} dB on held-out textiles at the course's crop, "
+          f"{result['vae_psnr_held_out_world_db']:.1f} dB on world pictures")
+    return result
 
 
 def scale_vae(vae, latents_params: torch.Tensor):
     """Set the latent scaling factor so latents have unit variance, as SD's 0.18215 does."""
-    std = latents_params[:, :4].std().item()
+    std = latents_params[:, :latents_params.shape[1] // 2].std().item()  # (the means; the rest are log-variances)
     vae.register_to_config(scaling_factor=1.0 / std)
     return 1.0 / std
 
@@ -246,7 +314,8 @@ def train_unet(cfg, device, vae, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.RANDOM_SEED)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    unet = UNet2DConditionModel(**UNET_CONFIG, in_channels=cfg.VAE_LATENT_CHANNELS,
+                                out_channels=cfg.VAE_LATENT_CHANNELS).to(device)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG)).to(device)
@@ -261,7 +330,7 @@ def train_unet(cfg, device, vae, tokenizer):
         data = torch.load(cache, weights_only=True)
     else:
         print(f"  encoding {cfg.NUM_WORLD_IMAGES} world pictures once...")
-        pictures, truths = world_batch(cfg.RANDOM_SEED + 3, 0, cfg.NUM_WORLD_IMAGES)
+        pictures, truths, _ = scene_batch(cfg.RANDOM_SEED + 3, 0, cfg.NUM_WORLD_IMAGES, object_share=cfg.OBJECT_SHARE)
         with torch.no_grad():
             params_ = torch.cat([training.cache_latent_distributions(vae, to_pixels(pictures[i:i + 1000]), False, 250)
                                  for i in range(0, len(pictures), 1000)])
@@ -275,7 +344,7 @@ def train_unet(cfg, device, vae, tokenizer):
         rng = np.random.default_rng([cfg.RANDOM_SEED, 3, step])
         pick = torch.randint(len(data["params"]), (cfg.UNET_BATCH_SIZE,), generator=g)
         latents = training.sample_latents(data["params"][pick], g, vae.config).to(device)
-        captions = [fabric_world.caption(*data["truths"][i], rng) for i in pick.tolist()]
+        captions = [fabric_world.scene_caption(*data["truths"][i], rng) for i in pick.tolist()]
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(device)
@@ -296,48 +365,118 @@ def train_unet(cfg, device, vae, tokenizer):
     return unet.eval(), text_encoder.eval(), {"unet_seconds": seconds}
 
 
-def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_state, card: dict):
+def training_captions(n: int = 20000, seed: int = 12345) -> list[str]:
+    """A large sample of the captions the UNet stage trains on: what the text encoder learned."""
+    rng = np.random.default_rng(seed)
+    captions = []
+    for i in range(n):
+        _, kind, c1, c2 = fabric_world.sample(int(rng.integers(2**62)))
+        obj = fabric_world.OBJECTS[rng.integers(len(fabric_world.OBJECTS))] if rng.random() < 0.4 else "plain"
+        captions.append(fabric_world.scene_caption(kind, c1, c2, obj, rng))
+    return captions
+
+
+def known_words(captions) -> list[str]:
+    return sorted({w for c in captions for w in c.replace(",", " ").split()})
+
+
+@torch.no_grad()
+def wake_rare_tokens(text_encoder, tokenizer, captions) -> int:
+    """Give every token the world never used ("sks" among them) an embedding as long as a learned word's.
+
+    In CLIP, a rare word such as "sks" still reaches the UNet as a distinct signal, which DreamBooth then
+    binds to the subject. A token never seen in training keeps its tiny initial embedding (norm ~0.15 against
+    ~0.5), so the text encoder nearly ignores it. Rescaling keeps its random direction: a word the model has no
+    meaning for, but can tell apart."""
+    seen = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for i in range(0, len(captions), 1000):
+        seen[tokenizer(captions[i:i + 1000], padding="max_length", max_length=77, return_tensors="pt").input_ids.unique()] = True
+    table = text_encoder.get_input_embeddings().weight
+    target = table[seen].norm(dim=1).median()
+    table[~seen] *= (target / table[~seen].norm(dim=1, keepdim=True)).to(table.dtype)
+    return int((~seen).sum())
+
+
+def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_states, card: dict):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    tokenizer = tiny_model.build_tokenizer(tokenizer_dir)
+    tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
+    captions = training_captions()
+    card["rare_tokens_woken"] = wake_rare_tokens(text_encoder, tokenizer, captions)
+    card["known_words"] = known_words(captions)
+    card["crop_fraction"] = fabric_world.CROP_FRACTION
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**tiny_model.SD15_SCHEDULER_CONFIG, skip_prk_steps=True),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(cfg.OUTPUT_DIR) as tmp:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        tiny_model.build_tokenizer(tmp / "tokenizer")  # vocab.json/merges.txt too, for transformers 4
-        classifier = world_metrics.build_classifier()
-        classifier.load_state_dict(classifier_state)
-        classifier.to(torch.float16).save_pretrained(tmp / "world_classifier", safe_serialization=True)
+        tiny_model.build_tokenizer(tmp / "tokenizer", VOCABULARY)  # vocab.json/merges.txt too, for transformers 4
+        for folder, labels in (("world_classifier", world_metrics.LABELS), ("object_classifier", fabric_world.OBJECTS)):
+            classifier = world_metrics.build_classifier(labels)
+            classifier.load_state_dict(classifier_states[folder])
+            classifier.to(torch.float16).save_pretrained(tmp / folder, safe_serialization=True)
         (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
         save_json(card, tmp / "pocket_card.json")
     print(f"  wrote {cfg.OUTPUT_DIR}/ ({sum(p.stat().st_size for p in Path(cfg.OUTPUT_DIR).rglob('*') if p.is_file()) / 2**20:.1f} MB)")
 
 
+@torch.no_grad()
+def token_signal(pipe) -> dict:
+    """How differently the text encoder answers with and without "sks", against a world word added or swapped
+    (1 - cosine of the whole 77-token output the UNet attends to; mean over pairs)."""
+    def distance(pairs):
+        out = []
+        for a, b in pairs:
+            ids = pipe.tokenizer([a, b], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            h = pipe.text_encoder(ids)[0].float().flatten(1)
+            out.append(1 - F.cosine_similarity(h[:1], h[1:]).item())
+        return float(np.mean(out))
+
+    kinds, colours = fabric_world.KINDS, fabric_world.COLOUR_NAMES
+    return {"text_distance_sks": distance([(f"a sks {pattern}", f"a {pattern}") for pattern in
+                                           ("african fabric pattern", "fabric pattern", "striped fabric pattern")]),
+            "text_distance_added_word": distance([(f"a {c} fabric pattern", "a fabric pattern") for c in colours[:5]]),
+            "text_distance_swapped_word": distance([(f"a {a} fabric pattern", f"a {b} fabric pattern")
+                                                    for a, b in zip(kinds, kinds[1:])])}
+
+
 def evaluate(cfg, folder) -> dict:
-    """Kind accuracy and colour adherence of the base model on captions it never saw in training."""
+    """On captions it never saw in training: kind accuracy and colour adherence of plain patterns, object accuracy
+    of exercise 1's contexts; and how distinctly the text encoder carries "sks"."""
     pipe = models.load_pipeline(str(folder))
     sampling.use_multistep_solver(pipe)
     classifier = world_metrics.load_classifier(Path(folder) / "world_classifier").float()
+    objects = world_metrics.load_classifier(Path(folder) / "object_classifier").float()
     held_out = fabric_world.held_out_captions()
     prompts, truths = [], []
     for kind, c1, c2 in held_out:
         for _ in range(cfg.EVAL_IMAGES_PER_CAPTION):
             prompts.append(f"a {c1} and {c2} {kind} fabric pattern")
             truths.append((kind, c1, c2))
+    contexts, asked = [], []
+    for i, obj in enumerate(fabric_world.OBJECTS):
+        for kind, c1, c2 in held_out[i::len(fabric_world.OBJECTS)][:16]:
+            contexts.append(fabric_world.CONTEXTS[obj].format(fabric_world.pattern_words(kind, c1, c2)))
+            asked.append(obj)
     settings = sampling.SamplingSettings(cfg.EVAL_INFERENCE_STEPS, guidance_scale=7.5, batch_size=32)
-    images, seconds = sampling.generate(pipe, prompts, list(range(len(prompts))), settings, desc="Evaluating")
+    images, seconds = sampling.generate(pipe, prompts + contexts, list(range(len(prompts) + len(contexts))), settings,
+                                        desc="Evaluating")
+    images, scenes = images[:len(prompts)], images[len(prompts):]
     result = {"eval_captions": len(held_out), "eval_images": len(images),
               "kind_accuracy": world_metrics.kind_accuracy(classifier, images, [k for k, _, _ in truths]),
               "colour_adherence": world_metrics.mean_colour_adherence(images, [(a, b) for _, a, b in truths]),
-              "eval_images_per_second": len(images) / seconds}
+              "eval_context_images": len(scenes), "object_accuracy": world_metrics.object_accuracy(objects, scenes, asked),
+              "eval_images_per_second": (len(images) + len(scenes)) / seconds, **token_signal(pipe)}
     print(f"  held-out captions: {result['kind_accuracy']:.1%} kind accuracy, "
-          f"{result['colour_adherence']:.1%} colour adherence ({len(images)} images)")
+          f"{result['colour_adherence']:.1%} colour adherence ({len(images)} images), "
+          f"{result['object_accuracy']:.1%} object accuracy ({len(scenes)} contexts)")
+    figures.save_grid(images[:24] + scenes[::max(1, len(scenes) // 36)][:36], Path(cfg.WORK_DIR) / "evaluate.png", cols=12)
     return result
 
 
 def model_card(card: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card.items())
+    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card.items()
+                     if not isinstance(v, list))
     return f"""# pocket-sd
 
 A small Stable-Diffusion-shaped model trained from scratch on the procedural fabric world of
@@ -370,28 +509,35 @@ def build(argv=None) -> dict:
                     torch=torch.__version__)
     todo = ["classifier", "vae", "unet", "export", "evaluate"] if cfg.STAGE == "all" else [cfg.STAGE]
     tokenizer_dir = work / "tokenizer"
-    tokenizer = tiny_model.build_tokenizer(tokenizer_dir)
+    tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
+
+    def remember(info: dict) -> None:
+        """Add a stage's figures to the card on disk, re-read first: stages may run at once in two processes
+        (the classifier and the autoencoder do not depend on each other)."""
+        on_disk = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        card.update({**on_disk, **card, **info})
+        card["train_minutes"] = sum(v for k, v in card.items() if k.endswith("_seconds")) / 60
+        save_json(card, card_path)
+
     if "classifier" in todo:
         lesson.step(1, "World classifier")
-        card.update(train_classifier(cfg, device))
+        remember(train_classifier(cfg, device))
     if {"vae", "unet", "export"} & set(todo):
         lesson.step(2, "Autoencoder")
         vae, info = train_vae(cfg, device)
-        card.update(info)
+        remember(info)
     if {"unet", "export"} & set(todo):
         lesson.step(3, "UNet and text encoder")
         unet, text_encoder, info = train_unet(cfg, device, vae, tokenizer)
-        card.update(info)
-    card["train_minutes"] = sum(v for k, v in card.items() if k.endswith("_seconds") and k != "eval_seconds") / 60
-    save_json(card, card_path)
+        remember(info)
     if "export" in todo:
         lesson.step(4, f"Export to {cfg.OUTPUT_DIR}/")
-        classifier_state = torch.load(work / "classifier" / "state.pt", weights_only=True)["model"]
-        export(cfg, vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer_dir, classifier_state, card)
+        state = torch.load(work / "classifier" / "state.pt", weights_only=True)
+        export(cfg, vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer_dir,
+               {"world_classifier": state["model"], "object_classifier": state["objects"]}, card)
     if "evaluate" in todo:
         lesson.step(5, "Evaluate on held-out captions")
-        card.update(evaluate(cfg, cfg.OUTPUT_DIR))
-        save_json(card, card_path)
+        remember(evaluate(cfg, cfg.OUTPUT_DIR))
         Path(cfg.OUTPUT_DIR, "README.md").write_text(model_card(card), encoding="utf-8")
         save_json(card, Path(cfg.OUTPUT_DIR) / "pocket_card.json")
     return card
