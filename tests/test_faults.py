@@ -788,7 +788,7 @@ INPUT_CASES = [
          _OWN_CLASS_FOLDER, setup=_symlink_to_training_images, before_model=True),
     Case("3a-output-dir-is-training-images", A, TRAIN[A] + ["--output-dir", "./training_images/"],
          r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
-         r"script writes there would be mixed with your pictures", rf"pass --output-dir", before_model=True),
+         r"script writes there would be mixed with your pictures", r"pass --output-dir", before_model=True),
     Case("3b-lora-dir-is-training-images", B, TRAIN[B] + ["--lora-dir", "training_images"],
          r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR",
          r"Set LORA_DIR to a folder of its own",
