@@ -83,6 +83,7 @@ def generate(argv=None):
     lesson.print_summary(cfg, "Exercise 1 - your fabric in nine contexts", [
         "MODEL_ID", "LORA_PATH", "USE_LORA", "LORA_SCALE", "EMBEDDING_PATH", "NUM_INFERENCE_STEPS",
         "GUIDANCE_SCALE", "RANDOM_SEED", "COMPARE_WITHOUT_TOKEN", "FAST_MODE", "SAFETY_CHECKER"])
+    personalize.note_unknown_words(cfg, cfg.PROMPTS)  # (the pocket model knows only its world's words)
     out_dir = Path(cfg.OUTPUT_DIR)
 
     lesson.step(1, "Choose the device and load the base model")

@@ -100,6 +100,9 @@ def explore(argv=None):
         "MODEL_ID", "PART", "LORA_PATH", "USE_LORA", "LORA_SCALE", "PROMPT", "NEGATIVE_PROMPT", "GUIDANCE_SCALES",
         "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "RANDOM_SEED", "FAST_MODE", "SAFETY_CHECKER"])
     parts = "abc" if cfg.PART == "all" else cfg.PART
+    style_prompts = [cfg.STYLE_PROMPT.replace("{style}", s) for s in cfg.STYLES]
+    chosen = ([cfg.PROMPT] if set(parts) & {"a", "c"} else []) + (style_prompts if "b" in parts else [])
+    personalize.note_unknown_words(cfg, chosen)  # (the pocket model knows only its world's words)
     out_dir = Path(cfg.OUTPUT_DIR)
 
     lesson.step(1, "Choose the device and load the base model")
@@ -110,11 +113,9 @@ def explore(argv=None):
     steps, guidance = loaded.steps, loaded.guidance
     settings = sampling.SamplingSettings(steps, guidance, cfg.NEGATIVE_PROMPT, resolution, resolution,
                                          cfg.BATCH_SIZE)
-    style_prompts = [cfg.STYLE_PROMPT.replace("{style}", s) for s in cfg.STYLES]
     personalize.warn_if_unused([cfg.PROMPT] + style_prompts, loaded, cfg.SUBJECT_TOKEN)
     # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
-    embeddings = sampling.encode_prompts(pipe, ([cfg.PROMPT] if set(parts) & {"a", "c"} else [])
-                                         + (style_prompts if "b" in parts else []), cfg.NEGATIVE_PROMPT)
+    embeddings = sampling.encode_prompts(pipe, chosen, cfg.NEGATIVE_PROMPT)
     flags, count, seconds, written = [], 0, 0.0, []
 
     def run(prompts, seeds, desc, **changes):

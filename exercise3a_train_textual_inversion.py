@@ -32,6 +32,9 @@ NUM_VECTORS = 1  # vectors per concept: more can hold more detail, and overfit s
 # <african-fabric>"), which bind the word to a thing and make "a dress made of <african-fabric>" harder.
 LEARNABLE_PROPERTY = "style"  # style or object: which caption templates to train with
 RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
+# The pocket model draws 64 px pictures, in which a 512 px photo's weave is finer than a pixel: it trains on
+# crops, as if zoomed in (its card says how large). SD v1.5 trains on the whole picture.
+CROP_FRACTION = None  # share of a picture's side one training crop shows (1 = all of it); None = the model's own
 LEARNING_RATE = 5e-4  # AdamW learning rate for the embedding
 MAX_TRAIN_STEPS = 3000  # optimizer updates
 TRAIN_BATCH_SIZE = 1  # images per micro-batch
@@ -70,8 +73,8 @@ REFLECTION = [
     "Try --num-vectors 4 or --learnable-property object. How do the samples change?",
 ]
 # What the word *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
-FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS",
-                   "LEARNABLE_PROPERTY")
+FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "CROP_FRACTION", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN",
+                   "NUM_VECTORS", "LEARNABLE_PROPERTY")
 
 
 def validate(cfg):
@@ -91,6 +94,7 @@ def validate(cfg):
     lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
     lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_float(cfg, "CROP_FRACTION", above=True, maximum=1, allow_none=True)
     lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
     training.check_log_with(cfg)
@@ -166,13 +170,14 @@ def train(argv=None):
     from diffusers.training_utils import free_memory
     from tqdm.auto import tqdm
 
-    from common import comparison, figures, images, model_card, sampling, training
+    from common import comparison, figures, images, model_card, models, sampling, training
     from common import textual_inversion as ti
 
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3a - Textual Inversion", [
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
-        "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED"])
+        "CROP_FRACTION", "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+        "RANDOM_SEED"])
     started = time.perf_counter()
     out_dir, embedding_dir = Path(cfg.OUTPUT_DIR), Path(cfg.EMBEDDING_DIR)
     # (not "checkpoints": 3b's LoRA may share EMBEDDING_DIR, and each script keeps to its own checkpoints)
@@ -188,8 +193,11 @@ def train(argv=None):
                                          width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
 
     lesson.step(2, f"Load the training images from '{cfg.TRAINING_IMAGES_DIR}/' at {resolution}x{resolution}")
-    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution)
-    print(f"  {len(instance_images)} training images")
+    # SD v1.5 sees each whole picture; the pocket model sees crops of them, as if zoomed in (CROP_FRACTION).
+    crop_fraction = cfg.CROP_FRACTION or models.native_crop_fraction(cfg.MODEL_ID)
+    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution, crop_fraction=crop_fraction,
+                                                   seed=cfg.RANDOM_SEED)
+    print("  " + images.describe_instances(instance_images, crop_fraction, "training images"))
 
     lesson.step(3, f"Add {cfg.NUM_VECTORS} new token(s) for {cfg.PLACEHOLDER_TOKEN!r}, starting as "
                    f"{cfg.INITIALIZER_TOKEN!r}")
@@ -220,7 +228,8 @@ def train(argv=None):
     state = training.TrainState()
     run_settings = {k: getattr(cfg, k) for k in (  # kept in the file's header: how it was made (a few hundred bytes)
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
-        "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "RANDOM_SEED")}
+        "CROP_FRACTION", "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
+        "RANDOM_SEED")}
     training.register_adapter_checkpointing(
         accelerator, load_adapter=ti.load_checkpoint,
         save_adapter=lambda m, d: ti.save_embedding(m.vectors, cfg.PLACEHOLDER_TOKEN, Path(d) / ti.WEIGHT_NAME,

@@ -28,6 +28,9 @@ SUBJECT_TOKEN = "sks"  # the rare word that will mean *your* fabric; it fills th
 INSTANCE_PROMPT = "a {} african fabric pattern"  # {} = SUBJECT_TOKEN, + the class it belongs to
 CLASS_PROMPT = "a fabric pattern"  # the same class, without the token
 RESOLUTION = None  # training size in pixels (multiple of 8); None = the model's own (512 for SD v1.5)
+# The pocket model draws 64 px pictures, in which a 512 px photo's weave is finer than a pixel: it trains on
+# crops, as if zoomed in (its card says how large). SD v1.5 trains on the whole picture.
+CROP_FRACTION = None  # share of a picture's side one training crop shows (1 = all of it); None = the model's own
 LORA_RANK = 4  # rank r of the LoRA matrices: bigger = more capacity, bigger file
 LORA_ALPHA = 32  # the LoRA's change is scaled by alpha / rank: 32 / 4 = 8, as in the course
 LEARNING_RATE = 1e-4  # AdamW learning rate (the course's, for SD v1.5)
@@ -76,8 +79,8 @@ REFLECTION = [
     "The instance and prior loss curves barely fall. Why is the diffusion loss a poor progress meter?",
 ]
 # What the LoRA *is*: --resume continues a run only with these unchanged (LEARNING_RATE, MAX_TRAIN_STEPS... may change).
-FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN", "LORA_RANK",
-                   "LORA_ALPHA", "USE_8BIT_ADAM")
+FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "CROP_FRACTION", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN",
+                   "LORA_RANK", "LORA_ALPHA", "USE_8BIT_ADAM")
 
 
 def validate(cfg):
@@ -99,6 +102,7 @@ def validate(cfg):
     lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_float(cfg, "PRIOR_LOSS_WEIGHT", maximum=1000)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
+    lesson.require_float(cfg, "CROP_FRACTION", above=True, maximum=1, allow_none=True)
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
     training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
@@ -188,9 +192,9 @@ def train(argv=None):
 
     validate(cfg)
     lesson.print_summary(cfg, "Exercise 3b - DreamBooth-LoRA with prior preservation", [
-        "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "RESOLUTION", "LORA_RANK", "LORA_ALPHA", "LEARNING_RATE",
-        "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "PRIOR_PRESERVATION", "NUM_CLASS_IMAGES",
-        "PRIOR_LOSS_WEIGHT", "RANDOM_SEED"])
+        "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "RESOLUTION", "CROP_FRACTION", "LORA_RANK", "LORA_ALPHA",
+        "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "PRIOR_PRESERVATION",
+        "NUM_CLASS_IMAGES", "PRIOR_LOSS_WEIGHT", "RANDOM_SEED"])
     started = time.perf_counter()
     out_dir, lora_dir = Path(cfg.OUTPUT_DIR), Path(cfg.LORA_DIR)
     progress_dir, checkpoint_root = out_dir / "training_progress_lora", lora_dir / "checkpoints"
@@ -205,8 +209,11 @@ def train(argv=None):
                                          width=resolution, batch_size=cfg.SAMPLE_BATCH_SIZE)
 
     lesson.step(2, f"Load the instance images from '{cfg.TRAINING_IMAGES_DIR}/' at {resolution}x{resolution}")
-    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution)
-    print(f"  {len(instance_images)} instance images")
+    # SD v1.5 sees each whole picture; the pocket model sees crops of them, as if zoomed in (CROP_FRACTION).
+    crop_fraction = cfg.CROP_FRACTION or models.native_crop_fraction(cfg.MODEL_ID)
+    instance_images = images.load_instance_images(cfg.TRAINING_IMAGES_DIR, resolution, crop_fraction=crop_fraction,
+                                                   seed=cfg.RANDOM_SEED)
+    print("  " + images.describe_instances(instance_images, crop_fraction, "instance images"))
 
     class_images = []
     if cfg.PRIOR_PRESERVATION:

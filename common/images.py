@@ -2,12 +2,14 @@
 
 Real photos arrive in every shape: any case of .jpg/.jpeg/.png/.webp/.bmp, rotated by an EXIF tag,
 RGBA, palette, grayscale, CMYK or 16-bit, animated, huge, tiny or broken. ``load_instance_images``
-turns each usable one into an RGB square at the training resolution (centre crop, then resize),
-warns when it has to upscale, and names every file it skips.
+turns each usable one into an RGB square at the training resolution (centre crop, then resize; or,
+with ``crop_fraction`` below 1, several random crops), warns when it has to upscale, and names every
+file it skips.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -87,8 +89,37 @@ def check_instance_folder(folder, constant: str = "TRAINING_IMAGES_DIR") -> list
     return files
 
 
-def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAGES_DIR") -> list[Image.Image]:
-    """Every usable image in ``folder`` as an RGB ``resolution``-square; skipped files are named."""
+def crops_per_picture(crop_fraction: float) -> int:
+    """How many training crops each picture gives at ``crop_fraction``: enough to cover it about once
+    (1 / crop_fraction**2; 0.5 -> 4, 0.4 -> 6), and 1 for the whole picture."""
+    return max(1, round(1 / crop_fraction ** 2))
+
+
+def random_crops(image: Image.Image, resolution: int, crop_fraction: float, rng: np.random.Generator
+                 ) -> list[Image.Image]:
+    """``crops_per_picture(crop_fraction)`` squares of ``crop_fraction`` x the picture's shorter side, at
+    random positions drawn from ``rng``, each resized to ``resolution`` as ``center_crop_resize`` does."""
+    width, height = image.size
+    side = max(1, round(crop_fraction * min(width, height)))
+    crops = []
+    for _ in range(crops_per_picture(crop_fraction)):
+        left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+        crops.append(center_crop_resize(image.crop((left, top, left + side, top + side)), resolution))
+    return crops
+
+
+def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAGES_DIR",
+                         crop_fraction: float = 1.0, seed: int = 0) -> list[Image.Image]:
+    """Every usable image in ``folder`` as RGB ``resolution``-squares; skipped files are named.
+
+    ``crop_fraction`` = 1: each picture once, its largest centred square (what SD v1.5 trains on: the whole
+    photo). Below 1: each picture gives ``crops_per_picture(crop_fraction)`` squares of ``crop_fraction`` x
+    its shorter side, at random positions (seeded by ``seed`` and the file's place in the folder: same seed,
+    same crops). That is for the pocket model, which draws 64 px pictures: a whole 512 px photo shrunk to
+    64 px loses its weave (finer than a pixel), so the pocket model sees the photo through a magnifying glass,
+    a piece at a time. The training scripts encode the crops once (their latent cache), so more crops cost
+    nothing per training step.
+    """
     folder = Path(folder)
     files = check_instance_folder(folder, constant)
     others = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
@@ -96,10 +127,11 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
     if others:
         warn(f"ignoring {len(others)} file(s) that are not {SUFFIX_LIST}: {', '.join(others[:5])}"
              + (" ..." if len(others) > 5 else ""))
+    whole = crop_fraction >= 1
     images, upscaled = [], []
-    for path in files:
-        try:
-            image = open_image(path, longest_needed=resolution)
+    for index, path in enumerate(files):
+        try:  # (a crop needs more of the picture's pixels: JPEG decoding may shrink it only that far)
+            image = open_image(path, longest_needed=math.ceil(resolution / min(crop_fraction, 1.0)))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             warn(f"skipping '{path.name}': {_why_unreadable(path, exc)}. Replace or remove it.")
             continue
@@ -107,20 +139,34 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
         if side < 32:
             warn(f"skipping '{path.name}': {image.size[0]}x{image.size[1]} is too small to learn from")
             continue
-        if side < resolution:
-            upscaled.append((path.name, side))
-        images.append(center_crop_resize(image, resolution))
+        seen = side if whole else max(1, round(crop_fraction * side))  # the square that becomes one image
+        if seen < resolution:
+            upscaled.append((path.name, seen))
+        if whole:
+            images.append(center_crop_resize(image, resolution))
+        else:
+            images += random_crops(image, resolution, crop_fraction, np.random.default_rng([seed, index]))
     if upscaled:
         worst = min(s for _, s in upscaled)
-        warn(f"{len(upscaled)} image(s) are smaller than {resolution}x{resolution} and were upscaled up to "
+        what = "image(s) are" if whole else f"image(s) give crops ({crop_fraction:.0%} of the side) that are"
+        warn(f"{len(upscaled)} {what} smaller than {resolution}x{resolution} and were upscaled up to "
              f"{resolution / worst:.0f}x ({', '.join(n for n, _ in upscaled[:4])}{' ...' if len(upscaled) > 4 else ''}). "
              "Upscaled pictures are blurry and the model learns the blur: use photos of at least "
-             f"{resolution}px if you can.")
+             f"{math.ceil(resolution / min(crop_fraction, 1.0))}px if you can.")
     if not images:
         raise LessonError(f"No usable training images in '{folder}/' ({len(files)} picture file(s) found, all "
                           "unreadable or smaller than 32 px; each is named above). Add 5-20 .jpg/.png pictures of "
                           "your subject and run again.")
     return images
+
+
+def describe_instances(images: list[Image.Image], crop_fraction: float, what: str = "instance images") -> str:
+    """What ``load_instance_images`` gave, in a line: "10 instance images", or, with crops,
+    "10 instance images -> 60 crops of 40% of each picture's side"."""
+    if crop_fraction >= 1:
+        return f"{len(images)} {what}"
+    return (f"{len(images) // crops_per_picture(crop_fraction)} {what} -> {len(images)} crops of "
+            f"{crop_fraction:.0%} of each picture's side")
 
 
 def _why_unreadable(path: Path, exc: Exception) -> str:

@@ -130,9 +130,12 @@ def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None 
 
 
 def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False,
-                  maximum: float | None = None) -> None:
-    """Each named constant is a number >= minimum (> minimum when ``above``; <= maximum when given)."""
+                  maximum: float | None = None, allow_none: bool = False) -> None:
+    """Each named constant is a number >= minimum (> minimum when ``above``; <= maximum when given; or None
+    when allowed)."""
     for name in names:
+        if allow_none and getattr(cfg, name) is None:
+            continue
         value = _as_number(cfg, name, float)
         if value < minimum or (above and value == minimum):
             _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")

@@ -16,6 +16,7 @@ Whatever the source, the result is a plain ``diffusers.StableDiffusionPipeline``
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,50 @@ def _explain_load_failure(model_id: str, source: ModelSource, exc: Exception) ->
 def native_resolution(pipe) -> int:
     """The image size the UNet was built for (512 for SD v1.5, 64 for tiny)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+# What the pocket model's card (models/pocket-sd/pocket_card.json, written by tools/train_pocket_model.py) says
+# about how to use it. Every other model has no card: SD v1.5 sees whole photos and knows every English word.
+POCKET_CARD = "pocket_card.json"
+
+
+def _pocket_card(model_id: str) -> dict:
+    """The pocket model's card as a dict; {} for any other model, or when the card is not there."""
+    if resolve(model_id).kind != "pocket":
+        return {}
+    path = POCKET_DIR / POCKET_CARD
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LessonError(f"The pocket model's card '{path}' cannot be read ({exc}). Restore it with "
+                          f"'git checkout -- {POCKET_DIR.as_posix()}'.") from exc
+    return card if isinstance(card, dict) else {}
+
+
+def native_crop_fraction(model_id: str) -> float:
+    """The share of each training picture's side one training crop shows, for this model (CROP_FRACTION = None).
+
+    1.0 (the whole picture) for SD v1.5 and every other model. The pocket model draws 64 px pictures, in which
+    the weave of a 512 px photo is finer than a pixel: it trains on crops, as through a magnifying glass, and
+    its card says how large (``crop_fraction``; 1.0 when the card does not say).
+    """
+    value = _pocket_card(model_id).get("crop_fraction", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise LessonError(f"The pocket model's card '{POCKET_DIR / POCKET_CARD}' gives crop_fraction {value!r}, not "
+                          "a number between 0 and 1. Set CROP_FRACTION yourself, or restore the card with "
+                          f"'git checkout -- {POCKET_DIR.as_posix()}'.")
+    return float(value)
+
+
+def known_words(model_id: str) -> set[str] | None:
+    """Every word the model's text encoder was trained on, lower case: the pocket model's card lists them
+    (``known_words``: the words of its world's captions). None when unknown: any other model, or no list."""
+    words = _pocket_card(model_id).get("known_words")
+    if not isinstance(words, (list, tuple)):
+        return None
+    return {str(w).lower() for w in words}
 
 
 def describe_source(model_id: str) -> str:

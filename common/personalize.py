@@ -13,6 +13,8 @@ LoRA was missing, and a student then studied pictures that had never seen their 
 - ``check_constants`` is the part of ``validate()`` the generation scripts share, ``load_base_model``
   their step 1, and ``personalize`` their step 2: the above, from the script's constants, and FAST_MODE's
   LCM-LoRA stacked on top.
+- ``note_unknown_words`` says, after the run summary, which prompt words the model never learned (the
+  pocket model's card lists the words it knows; ``unknown_words`` compares them).
 - ``lora_path=None`` is the base model *on purpose* (``USE_LORA = False`` in the scripts).
 """
 
@@ -147,3 +149,39 @@ def warn_if_unused(prompts: list[str], loaded: Personalization, subject_token: s
     for word in words:
         if not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", p) for p in prompts):
             warn(f"no prompt contains {word!r}: the pictures will barely show what it learned.")
+
+
+def unknown_words(prompts, known: set[str], ignore: str = "") -> list[tuple[str, list[str]]]:
+    """(prompt, its words the model never learned) for each prompt that has any, in order.
+
+    Words are compared in lower case without punctuation ("Watercolor," is "watercolor"); the words of
+    ``ignore`` (SUBJECT_TOKEN: the word the LoRA teaches) never count as unknown."""
+    def words(text):
+        return re.findall(r"[^\W_]+", text.lower())
+
+    skip = set(words(ignore)) | {w.lower() for w in known}
+    found = []
+    for prompt in prompts:
+        new = [w for w in dict.fromkeys(words(prompt)) if w not in skip]
+        if new:
+            found.append((prompt, new))
+    return found
+
+
+def note_unknown_words(cfg, prompts, shown: int = 4) -> None:
+    """After the run summary: which prompts hold words the model never learned (the pocket model's card lists the
+    words it knows; for any other model nothing is printed). At most ``shown`` prompts are listed."""
+    known = models.known_words(cfg.MODEL_ID)
+    if known is None:
+        return
+    found = unknown_words(prompts, known, cfg.SUBJECT_TOKEN)
+    if not found:
+        return
+    print(f"Note: the pocket model never learned some words of {len(found)} of the {len(prompts)} prompts (its "
+          "world's captions do not have them); it draws those prompts as a plain pattern:")
+    for prompt, new in found[:shown]:
+        text = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f'  "{text}": {", ".join(new)}')
+    if len(found) > shown:
+        print(f"  ... and {len(found) - shown} more")
+    print()

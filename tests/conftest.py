@@ -43,6 +43,17 @@ def workdir(tmp_path, monkeypatch, tiny_dir) -> Path:
     return tmp_path
 
 
+def fake_pocket(project, card: dict) -> Path:
+    """The tiny model standing in for the pocket model in ``project`` (a ``workdir``): its models/tiny-sd
+    copied to models/pocket-sd, with ``card`` as its pocket_card.json (crop_fraction, known_words...)."""
+    import json
+
+    pocket = Path(project) / "models" / "pocket-sd"
+    shutil.copytree(Path(project) / "models" / "tiny-sd", pocket)
+    (pocket / "pocket_card.json").write_text(json.dumps(card), encoding="utf-8")
+    return pocket
+
+
 @pytest.fixture
 def fault_hooks(monkeypatch):
     """tests/fault_hooks.py installed for this test only (in this process); set its environment variables

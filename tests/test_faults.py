@@ -269,6 +269,7 @@ BAD_CONSTANTS = {
     "LORA_RANK": ("-4", r"must be a whole number >= 1, got -4"),
     "NUM_VECTORS": ("0", r"must be a whole number >= 1, got 0"),
     "RESOLUTION": ("500", r"must be a multiple of 8 .*got 500"),
+    "CROP_FRACTION": ("1.5", r"must be a number > 0 and <= 1, got 1.5"),
     "GUIDANCE_SCALE": ("-1", r"must be a number >= 0, got -1"),
     "FAST_GUIDANCE_SCALE": ("-0.5", r"must be a number >= 0, got -0.5"),
     "TRAIN_BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),
@@ -787,7 +788,7 @@ INPUT_CASES = [
          _OWN_CLASS_FOLDER, setup=_symlink_to_training_images, before_model=True),
     Case("3a-output-dir-is-training-images", A, TRAIN[A] + ["--output-dir", "./training_images/"],
          r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
-         r"script writes there would be mixed with your pictures", rf"pass --output-dir", before_model=True),
+         r"script writes there would be mixed with your pictures", r"pass --output-dir", before_model=True),
     Case("3b-lora-dir-is-training-images", B, TRAIN[B] + ["--lora-dir", "training_images"],
          r"LORA_DIR 'training_images' is the same folder as TRAINING_IMAGES_DIR",
          r"Set LORA_DIR to a folder of its own",

@@ -111,3 +111,75 @@ def test_course_photos_load_with_upscale_warning(capsys):
     out = images.load_instance_images(SHARED_SEED / "training_images_64px", 512)
     assert len(out) == 10
     assert "8x" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- CROP_FRACTION: the pocket model's crops
+def _coordinate_pictures(folder, sizes=((256, 256), (256, 192))):
+    """Pictures whose red and green channels are the pixel's x and y, and whose blue is noise: a crop tells
+    where it was cut from, and only the right region matches it."""
+    rng = np.random.default_rng(0)
+    for i, (width, height) in enumerate(sizes):
+        y, x = np.mgrid[0:height, 0:width]
+        pixels = np.stack([x, y, rng.integers(0, 256, (height, width))], axis=-1).astype(np.uint8)
+        _save(Image.fromarray(pixels), folder / f"picture_{i}.png")
+    return [Image.open(folder / f"picture_{i}.png").convert("RGB") for i in range(len(sizes))]
+
+
+def test_crop_fraction_1_gives_the_centre_crop_as_before(tmp_path):
+    originals = _coordinate_pictures(tmp_path)
+    for out in (images.load_instance_images(tmp_path, 64),
+                images.load_instance_images(tmp_path, 64, crop_fraction=1.0, seed=7)):
+        assert len(out) == 2
+        for got, original in zip(out, originals):
+            assert np.array_equal(np.asarray(got), np.asarray(images.center_crop_resize(original, 64)))
+
+
+def test_crop_fraction_half_gives_4_crops_of_half_the_side_each_a_region_of_its_picture(tmp_path, capsys):
+    originals = _coordinate_pictures(tmp_path)
+    out = images.load_instance_images(tmp_path, 64, crop_fraction=0.5, seed=3)
+    assert len(out) == 8 and images.crops_per_picture(0.5) == 4
+    assert all(im.mode == "RGB" and im.size == (64, 64) for im in out)
+    assert "upscaled" not in capsys.readouterr().out  # (crops of 128 and 96 px, made 64 px)
+    for n, crop in enumerate(out):
+        original = originals[n // 4]
+        side = round(0.5 * min(original.size))
+        pixels = np.asarray(crop, dtype=np.float64)
+        # Red is x and green is y: the crop's mean of each, less its own half-width, says about where it was
+        # cut from; of the places within a pixel or two of that, the right one matches (the blue noise too).
+        x, y = (round(pixels[8:-8, 8:-8, c].mean() - side / 2) for c in (0, 1))
+
+        def difference(left, top):
+            region = images.center_crop_resize(original.crop((left, top, left + side, top + side)), 64)
+            return np.abs(pixels - np.asarray(region, dtype=np.float64)).mean()
+
+        best, left, top = min((difference(x + dx, y + dy), x + dx, y + dy)
+                              for dx in range(-2, 3) for dy in range(-2, 3))
+        assert 0 <= left <= original.size[0] - side and 0 <= top <= original.size[1] - side
+        assert best < 0.5, (n, left, top, best)
+    positions = {tuple(np.asarray(c)[32, 32, :2]) for c in out[:4]}
+    assert len(positions) > 1  # the crops of one picture are at different places
+
+
+def test_crops_are_the_same_for_the_same_seed_and_differ_for_another(tmp_path):
+    _coordinate_pictures(tmp_path)
+    def load(seed):
+        return [np.asarray(im) for im in images.load_instance_images(tmp_path, 64, crop_fraction=0.4, seed=seed)]
+    a, b, c = load(1), load(1), load(2)
+    assert len(a) == 2 * 6 == 2 * images.crops_per_picture(0.4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_upscale_warning_counts_the_crops_side(tmp_path, capsys):
+    _save(Image.new("RGB", (256, 256), "red"), tmp_path / "fabric.png")
+    images.load_instance_images(tmp_path, 64, crop_fraction=0.5)  # 128 px crops: no upscaling
+    assert "upscaled" not in capsys.readouterr().out
+    images.load_instance_images(tmp_path, 64, crop_fraction=0.125)  # 32 px crops made 64 px: 2x
+    said = capsys.readouterr().out
+    assert "upscaled" in said and "2x" in said and "fabric.png" in said and "512px" in said
+
+
+def test_describe_instances():
+    pictures = [Image.new("RGB", (8, 8))] * 60
+    assert images.describe_instances(pictures[:10], 1.0) == "10 instance images"
+    assert images.describe_instances(pictures, 0.4) == "10 instance images -> 60 crops of 40% of each picture's side"

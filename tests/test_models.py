@@ -118,3 +118,32 @@ def test_training_refuses_a_numbered_gpu_and_says_how_to_choose_one():
                                           r"CUDA_VISIBLE_DEVICES=1"):
         device.pick_runtime("cuda:1", training=True, verbose=False)
     assert device.pick_runtime("cpu", training=True, verbose=False).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- the pocket model's card
+def _card(folder, monkeypatch, card=None):
+    """``card`` as the pocket model's pocket_card.json, in a temporary folder standing in for models/pocket-sd."""
+    import json
+
+    monkeypatch.setattr(models, "POCKET_DIR", folder)
+    folder.mkdir(exist_ok=True)
+    if card is not None:
+        (folder / models.POCKET_CARD).write_text(json.dumps(card), encoding="utf-8")
+
+
+def test_native_crop_fraction_and_known_words_come_from_the_pocket_card(tmp_path, monkeypatch):
+    _card(tmp_path / "pocket-sd", monkeypatch, {"crop_fraction": 0.4, "known_words": ["Dress", "fabric", "a"]})
+    assert models.native_crop_fraction("pocket") == 0.4
+    assert models.known_words("pocket") == {"dress", "fabric", "a"}
+    for other in ("tiny", "stable-diffusion-v1-5/stable-diffusion-v1-5"):  # no card: the whole picture, every word
+        assert models.native_crop_fraction(other) == 1.0 and models.known_words(other) is None
+
+
+def test_a_card_without_them_means_the_whole_picture_and_no_word_list(tmp_path, monkeypatch):
+    _card(tmp_path / "no-card", monkeypatch)
+    assert models.native_crop_fraction("pocket") == 1.0 and models.known_words("pocket") is None
+    _card(tmp_path / "old-card", monkeypatch, {"kind_accuracy": 0.99})
+    assert models.native_crop_fraction("pocket") == 1.0 and models.known_words("pocket") is None
+    _card(tmp_path / "bad-card", monkeypatch, {"crop_fraction": 3})
+    with pytest.raises(LessonError, match="crop_fraction 3"):
+        models.native_crop_fraction("pocket")

@@ -120,3 +120,56 @@ def test_personalize_takes_the_scripts_constants_and_fast_mode_changes_steps(tin
     cfg.USE_LORA = False
     base = personalize.personalize(tiny_pipe, cfg)  # the base model on purpose: nothing loaded
     assert base.lora_file is None and base.adapters == {}
+
+
+# --------------------------------------------------------------------------- words the pocket model never learned
+WORLD_WORDS = ["a", "and", "african", "fabric", "pattern", "beautiful", "dress", "made", "of", "modern", "room",
+               "with", "wallpaper", "leather", "handbag", "ceramic", "vase", "painted", "woven", "basket", "plain",
+               "fashion", "photography", "interior", "design", "textile", "red", "striped"]
+
+
+def test_unknown_words_ignore_the_subject_token_case_and_punctuation():
+    prompts = ["a sks african fabric pattern", "A Watercolor painting of sks, african fabric pattern!",
+               "a red and striped fabric pattern", "abstract art inspired by sks african fabric pattern"]
+    assert personalize.unknown_words(prompts, set(WORLD_WORDS), "sks") == [
+        (prompts[1], ["watercolor", "painting"]), (prompts[3], ["abstract", "art", "inspired", "by"])]
+    assert personalize.unknown_words(prompts[:1], set(WORLD_WORDS), "") == [(prompts[0], ["sks"])]
+
+
+def test_exercise1_says_which_prompts_the_pocket_model_never_learned(workdir, capsys):
+    import re
+
+    import exercise1_generate
+    from conftest import fake_pocket
+
+    quick = ["--num-inference-steps", "1", "--batch-size", "9", "--no-use-lora", "--no-compare-without-token"]
+    exercise1_generate.generate(["--model", "tiny"] + quick)  # (no card: no note)
+    assert "never learned" not in capsys.readouterr().out
+    fake_pocket(workdir, {"known_words": WORLD_WORDS})  # the tiny model, with a pocket card
+    exercise1_generate.generate(["--model", "pocket"] + quick)
+    said = capsys.readouterr().out
+    note = said[said.index("  SAFETY_CHECKER "):said.index("[Step 1]")]  # after the run summary, before step 1
+    assert "\nNote: the pocket model never learned some words of 3 of the 9 prompts" in note
+    assert re.search(r'\n  "a watercolor painting of sks african fabric pattern": watercolor, painting\n', note)
+    assert re.search(r'\n  "a cyberpunk city decorated with sks african fabric pattern": cyberpunk, city, decor', note)
+    assert '\n  "abstract art inspired by sks african fabric pattern": abstract, art, inspired, by\n' in note
+    assert "dress" not in note and "more" not in note
+
+
+def test_the_note_lists_a_few_prompts_and_counts_the_rest(tmp_path, monkeypatch, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from common import models
+
+    monkeypatch.setattr(models, "POCKET_DIR", tmp_path)
+    (tmp_path / models.POCKET_CARD).write_text(json.dumps({"known_words": WORLD_WORDS}), encoding="utf-8")
+    prompts = [f"a sks fabric pattern, {style} style" for style in ("pop art", "pixel art", "oil painting",
+                                                                    "stained glass", "cubist painting")]
+    personalize.note_unknown_words(SimpleNamespace(MODEL_ID="pocket", SUBJECT_TOKEN="sks"), prompts + ["a dress"])
+    said = capsys.readouterr().out
+    assert said.startswith("Note: the pocket model never learned some words of 5 of the 6 prompts")
+    assert '  "a sks fabric pattern, pop art style": pop, art, style\n' in said
+    assert said.count("\n  \"") == 4 and "  ... and 1 more\n" in said
+    personalize.note_unknown_words(SimpleNamespace(MODEL_ID="tiny", SUBJECT_TOKEN="sks"), prompts)
+    assert capsys.readouterr().out == ""  # no card, no note

@@ -249,3 +249,9 @@ def test_beside_the_embedding_an_automatic1111_file_and_a_model_card(trained):
     card = ModelCard.load(folder / "README.md")
     assert card.data.instance_prompt == f"a {TOKEN} pattern" and "textual_inversion" in card.data.tags
     assert "embedding:african-fabric" in card.text and (folder / "preview_embedding.png").is_file()
+
+
+def test_training_images_become_crops_with_crop_fraction(workdir, capsys):
+    exercise3a_train_textual_inversion.train(FAST + ["--max-train-steps", "1", "--crop-fraction", "0.4",
+                                                     "--lora-dir", "none"])
+    assert "10 training images -> 60 crops of 40% of each picture's side" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common import lora, prior, sampling, training
+import exercise3a_train_textual_inversion
 import exercise3b_train_lora
 from conftest import ROOT, read_tensorboard_run
 
@@ -245,3 +246,38 @@ def test_two_processes_share_class_images(workdir):
     assert len(list((workdir / "class_images").glob("class_*.png"))) == 6
     assert out.count("Files written:") == 1  # only the main process talks
     assert (workdir / "models/fabric_lora/pytorch_lora_weights.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- CROP_FRACTION (the pocket model's crops)
+@pytest.mark.parametrize("value, says", [("0", "must be a number > 0"), ("1.5", "must be a number > 0 and <= 1"),
+                                         ("abc", "must be a number"), ("-0.5", "must be a number > 0")])
+@pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
+def test_crop_fraction_is_refused_by_name_before_loading(script, value, says, workdir):
+    from common import lesson
+    from common.errors import LessonError
+
+    with pytest.raises(LessonError, match=rf"^CROP_FRACTION {says}, got .*--crop-fraction"):
+        script.validate(lesson.configure(vars(script), ["--model", "tiny", "--crop-fraction", value]))
+    for accepted, read in (("0.4", 0.4), ("1", 1.0), ("none", None)):
+        cfg = lesson.configure(vars(script), ["--model", "tiny", "--crop-fraction", accepted])
+        script.validate(cfg)
+        assert cfg.CROP_FRACTION == read
+    assert "CROP_FRACTION" in script.FIXED_ON_RESUME
+
+
+def test_the_pocket_model_trains_on_the_crops_its_card_asks_for(workdir, capsys):
+    from common.errors import LessonError
+    from conftest import fake_pocket
+
+    fake_pocket(workdir, {"crop_fraction": 0.5})  # the tiny model, with a pocket card
+    args = FAST + ["--model", "pocket", "--max-train-steps", "1", "--no-prior-preservation", "--sample-every", "100",
+                   "--checkpoint-every", "1"]
+    exercise3b_train_lora.train(args)
+    said = capsys.readouterr().out
+    assert re.search(r"CROP_FRACTION\s+= None", said)  # the run summary shows it
+    assert "10 instance images -> 40 crops of 50% of each picture's side" in said
+    exercise3b_train_lora.train(args + ["--crop-fraction", "1", "--lora-dir", "models/whole"])  # SD v1.5's way
+    assert "  10 instance images\n" in capsys.readouterr().out
+    with pytest.raises(LessonError, match=r"cannot change mid-run: CROP_FRACTION None -> 0.25"):
+        exercise3b_train_lora.train(args + ["--crop-fraction", "0.25", "--max-train-steps", "2", "--resume"])
+
