@@ -146,15 +146,22 @@ def test_evaluate_script_runs_on_tiny(workdir):
     import json
 
     world_metrics.build_classifier().save_pretrained("models/judge")
+    world_metrics.build_classifier(world.OBJECTS).save_pretrained("models/objects")
     from tools import evaluate_dreambooth
 
     results = evaluate_dreambooth.evaluate([
-        "--model", "tiny", "--classifier-dir", "models/judge", "--lora-steps", "2", "--ti-steps", "2",
+        "--model", "tiny", "--classifier-dir", "models/judge", "--object-classifier-dir", "models/objects",
+        "--lora-steps", "2", "--ti-steps", "2", "--training-seeds", "1,2", "--context-samples", "1",
         "--num-class-images", "2", "--samples", "4", "--num-inference-steps", "2"])
     assert list(results) == ["base model", "Textual Inversion", "LoRA, no prior preservation",
                              "LoRA + prior preservation"]
     for row in results.values():
         assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["prompt_fidelity"] <= 1
+        assert 0 <= row["context_object"] <= 1 and 0 <= row["context_fill"] <= 1
+        low, high = row["subject_similarity_spread"]
+        assert low <= row["subject_similarity"] <= high
+    assert results["base model"]["seeds"] == 1 and results["Textual Inversion"]["seeds"] == 2
+    assert (workdir / "models/evaluation/seed-2/lora_prior").is_dir()
     saved = json.loads((workdir / "outputs/evaluation/results.json").read_text())
     assert saved["results"]["LoRA + prior preservation"]["train_seconds"] > 0
     assert "| LoRA + prior preservation |" in (workdir / "outputs/evaluation/results.md").read_text()

@@ -1,9 +1,6 @@
 """The shipped pocket model: a standard diffusers folder that draws its world, judged by its classifier."""
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from common import models, sampling
 from pocket import fabric_world, world_metrics
@@ -21,7 +18,7 @@ def test_shipped_weights_load_with_plain_diffusers():
     assert models.native_resolution(pipe) == 64
     assert len(pipe.tokenizer.tokenize("sks")) == 1  # the rare token exists, untrained
     size = sum(p.stat().st_size for p in POCKET.rglob("*") if p.is_file())
-    assert size <= 20 * 2**20
+    assert size <= 30 * 2**20
 
 
 @needs_pocket
@@ -29,7 +26,10 @@ def test_classifier_beats_chance_on_fresh_world_samples():
     classifier = world_metrics.load_classifier(POCKET / "world_classifier").float()
     samples = [fabric_world.sample(10_000_000 + i) for i in range(64)]  # seeds no training run used
     accuracy = world_metrics.kind_accuracy(classifier, [s[0] for s in samples], [s[1] for s in samples])
-    assert accuracy > 0.8  # chance is 1 in 9
+    assert accuracy > 0.8  # chance is 1 in 11
+    objects = world_metrics.load_classifier(POCKET / "object_classifier").float()
+    scenes = [fabric_world.sample_scene(10_000_000 + i, object_share=0.9) for i in range(64)]
+    assert world_metrics.object_accuracy(objects, [s[0] for s in scenes], [s[4] for s in scenes]) > 0.8  # chance 1 in 6
 
 
 @needs_pocket
@@ -44,3 +44,33 @@ def test_pocket_draws_the_requested_kind(monkeypatch):
     labels = [world_metrics.LABELS[i] for i in world_metrics.classify(classifier, images)]
     assert sum(a == b for a, b in zip(labels, kinds)) >= 3, labels
     assert world_metrics.mean_colour_adherence(images, [("red", "white")] * 4) > 0.5
+
+
+@needs_pocket
+def test_pocket_draws_the_asked_context(monkeypatch):
+    """Exercise 1's contexts: "a beautiful dress made of ... fabric pattern" draws a dress, and so on."""
+    monkeypatch.chdir(ROOT)
+    pipe = models.load_pipeline("pocket")
+    sampling.use_multistep_solver(pipe)
+    objects = world_metrics.load_classifier(POCKET / "object_classifier").float()
+    asked = ["dress", "vase", "handbag", "room", "basket", "plain"]
+    prompts = [fabric_world.CONTEXTS[o].format("red and white striped fabric pattern") for o in asked]
+    images, _ = sampling.generate(pipe, prompts, list(range(6)), sampling.SamplingSettings(12, 7.5), progress=False)
+    found = [fabric_world.OBJECTS[i] for i in world_metrics.classify(objects, images)]
+    assert sum(a == b for a, b in zip(found, asked)) >= 4, found
+
+
+@needs_pocket
+def test_the_text_encoder_carries_sks(monkeypatch):
+    """"sks" was never in a caption, yet with and without it the text encoder's outputs differ about as much as
+    with one world word swapped for another: the UNet can tell them apart, so DreamBooth can bind it."""
+    import json
+
+    monkeypatch.chdir(ROOT)
+    from tools.train_pocket_model import token_signal
+
+    signal = token_signal(models.load_pipeline("pocket"))
+    assert signal["text_distance_sks"] >= 0.5 * signal["text_distance_swapped_word"], signal
+    card = json.loads((POCKET / "pocket_card.json").read_text())
+    assert models.native_crop_fraction("pocket") == card["crop_fraction"] == fabric_world.CROP_FRACTION
+    assert "sks" not in card["known_words"] and "dress" in card["known_words"]

@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -65,7 +67,8 @@ from tools import paper_metrics  # noqa: E402
 # ============================== CONSTANTS ==============================
 MODEL_ID = "pocket"  # the pocket model knows its world; any MODEL_ID runs (SD v1.5: scored with the paper's metrics)
 METRICS = "auto"  # auto (pocket, tiny: world; any other model: paper), world, paper, or both
-CLASSIFIER_DIR = "models/pocket-sd/world_classifier"  # the world's judge (ships with the pocket model)
+CLASSIFIER_DIR = "models/pocket-sd/world_classifier"  # the world's kind judge (ships with the pocket model)
+OBJECT_CLASSIFIER_DIR = "models/pocket-sd/object_classifier"  # the world's object judge: is it a dress, a vase...?
 DINO_MODEL = "facebook/dino-vits16"  # the paper's DINO ViT-S/16: a Hub id or a local folder (paper metrics)
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32: a Hub id or a local folder (paper metrics)
 LORA_STEPS = 200  # exercise 3b's MAX_TRAIN_STEPS: updates of 4 micro-batches (the course's 800 steps)
@@ -73,7 +76,9 @@ TI_STEPS = 1000  # exercise 3a's MAX_TRAIN_STEPS (x4 micro-batches each)
 LORA_LEARNING_RATE = 1e-4  # the course's, on the pocket model too at alpha 32 (README: its learning rate, measured)
 TI_LEARNING_RATE = 5e-3  # the Textual Inversion paper's base rate (the course's 5e-4 moves it too little here)
 NUM_CLASS_IMAGES = 100  # class images for prior preservation (the course's 100)
-SAMPLES = 48  # pictures per prompt kind per method
+TRAINING_SEEDS = (42, 43, 44)  # each method is trained once per seed: the table shows the mean and the spread
+SAMPLES = 32  # pictures per prompt kind per method and training seed
+CONTEXT_SAMPLES = 8  # pictures per context (a dress, a room, a handbag, a vase, a basket) per method and seed
 COLOUR_PAIRS = ("red and blue", "yellow and purple", "green and white", "black and orange", "pink and brown",
                 "blue and yellow")  # the colours asked of the subject (prompt fidelity)
 NUM_INFERENCE_STEPS = 25  # DPM-Solver++ steps
@@ -91,15 +96,17 @@ PLACEHOLDER = "<african-fabric>"  # exercise 3a's token
 HELD_OUT_SEED = 1  # the subject judge's held-out crops scored beside the methods (not its calibration seed)
 
 
-def train_all(cfg, work: Path) -> dict:
-    """The three personalisations, made by the course's own scripts. Returns {method: (adapter path, seconds)}."""
-    common = ["--model", cfg.MODEL_ID, "--output-dir", str(Path(cfg.OUTPUT_DIR) / "training"), "--device", cfg.DEVICE]
-    made = {}
+def train_all(cfg, work: Path, seed: int) -> dict:
+    """The three personalisations, made by the course's own scripts with training seed ``seed``. Returns
+    {method: (adapter path, seconds)}. The class images are drawn once and shared by every seed."""
+    common = ["--model", cfg.MODEL_ID, "--output-dir", str(Path(cfg.OUTPUT_DIR) / "training"), "--device", cfg.DEVICE,
+              "--random-seed", str(seed)]
+    made, class_images, work = {}, work / "class_images", work / f"seed-{seed}"
     for method, extra in [("LoRA, no prior preservation", ["--no-prior-preservation"]),
                           ("LoRA + prior preservation", ["--num-class-images", str(cfg.NUM_CLASS_IMAGES)])]:
         folder = work / ("lora_prior" if "+" in method else "lora_no_prior")
         started = time.perf_counter()
-        exercise3b_train_lora.train(common + extra + ["--class-data-dir", str(work / "class_images"),
+        exercise3b_train_lora.train(common + extra + ["--class-data-dir", str(class_images),
             "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE),
             "--lora-dir", str(folder), "--sample-every", "1000000"])
         made[method] = (folder, time.perf_counter() - started)
@@ -111,10 +118,11 @@ def train_all(cfg, work: Path) -> dict:
     return made
 
 
-def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=None, fabric=None) -> tuple[dict, list]:
-    """Draw the three prompt kinds with one method's personalisation and score them: with the world's
-    ``classifier`` and ``fabric`` (the subject judge), and/or with the paper's metrics (``judge``, against the
-    ``real`` pictures)."""
+def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=None, fabric=None,
+          objects=None) -> tuple[dict, list]:
+    """Draw the prompts with one method's personalisation and score them: with the world's ``classifier``,
+    ``objects`` (the object classifier) and ``fabric`` (the subject judge), and/or with the paper's metrics
+    (``judge``, against the ``real`` pictures)."""
     pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype).to(runtime.device)
     sampling.use_multistep_solver(pipe)
     words = SUBJECT_WORDS
@@ -128,12 +136,17 @@ def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=
     def subject_prompts(w):
         return [f"a {w} fabric pattern"] * cfg.SAMPLES + [f"a {w} fabric pattern in {a} and {b}" for a, b in colours]
 
-    prompts = subject_prompts(words) + [fabric_world.GENERIC_CAPTION] * cfg.SAMPLES
-    seeds = [cfg.RANDOM_SEED + i % cfg.SAMPLES for i in range(len(prompts))]
+    contexts = [o for o in fabric_world.OBJECTS if o != "plain"] if objects is not None else []
+    context_prompts = [fabric_world.CONTEXTS[o].format(f"{words} fabric pattern")
+                       for o in contexts for _ in range(cfg.CONTEXT_SAMPLES)]
+    prompts = subject_prompts(words) + [fabric_world.GENERIC_CAPTION] * cfg.SAMPLES + context_prompts
+    seeds = [cfg.RANDOM_SEED + i % cfg.SAMPLES for i in range(3 * cfg.SAMPLES)] + \
+        [cfg.RANDOM_SEED + i % cfg.CONTEXT_SAMPLES for i in range(len(context_prompts))]
     settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, batch_size=16)
     pictures, _ = sampling.generate(pipe, prompts, seeds, settings, desc=method)
     del pipe  # its memory goes back before the judges run
     subject, recoloured, classed = (pictures[i * cfg.SAMPLES:(i + 1) * cfg.SAMPLES] for i in range(3))
+    in_context = pictures[3 * cfg.SAMPLES:]
     row = {}
     if classifier is not None:
         passed, drifted = fabric.summary(subject), fabric.summary(classed)
@@ -141,22 +154,51 @@ def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=
                    prompt_fidelity=world_metrics.mean_colour_adherence(recoloured, colours),
                    drift_subject_share=drifted["pass_rate"], drift_similarity=drifted["similarity"],
                    class_kind_diversity=world_metrics.kind_diversity(world_metrics.classify(classifier, classed)))
+    if objects is not None:
+        asked = [o for o in contexts for _ in range(cfg.CONTEXT_SAMPLES)]
+        right = world_metrics.classify(objects, in_context) == [fabric_world.OBJECTS.index(o) for o in asked]
+        fills = np.concatenate([fabric.passes(in_context[i:i + cfg.CONTEXT_SAMPLES], obj=o)
+                                for i, o in zip(range(0, len(asked), cfg.CONTEXT_SAMPLES), contexts)])
+        row.update(context_object=float(right.mean()), context_fill=float(fills.mean()),
+                   context_both=float((right & fills).mean()))
     if judge is not None:
         row.update(dino=judge.dino(subject + recoloured, real), clip_i=judge.clip_i(subject + recoloured, real),
                    clip_t=judge.clip_t(subject + recoloured, subject_prompts(CLIP_T_WORDS)),
                    pres=judge.dino(classed, real))
-    return row, subject[:4] + recoloured[:4] + classed[:4]
+    return row, subject[:4] + recoloured[:4] + classed[:4] + in_context[::cfg.CONTEXT_SAMPLES][:4]
+
+
+def combine(rows: list[dict]) -> dict:
+    """One method's rows over the training seeds: each figure's mean, and its lowest and highest (``_spread``)."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    out.update({f"{k}_spread": [float(min(r[k] for r in rows)), float(max(r[k] for r in rows))] for k in keys})
+    out["seeds"] = len(rows)
+    return out
+
+
+def cell(r: dict, key: str, percent: bool = True) -> str:
+    """"62% (55-70%)": the mean over training seeds and its range (no range for a single run)."""
+    value = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.2f}")
+    low, high = r.get(f"{key}_spread", (r[key], r[key]))
+    spread = f" ({value(low).rstrip('%')}-{value(high)})" if r.get("seeds", 1) > 1 else ""
+    return value(r[key]) + spread
 
 
 def world_table(results: dict, held_out: dict) -> str:
+    contexts = "context_object" in next(iter(results.values()))
     lines = ["| method | subject fidelity: passes ↑ | subject similarity ↑ | prompt fidelity ↑ | "
-             "drift: class prompt passing as subject ↓ | class kind diversity ↑ |", "|---|---|---|---|---|---|"]
+             "drift: class prompt passing as subject ↓ | class kind diversity ↑ |"
+             + (" in context: object right ↑ | fill passes ↑ | both ↑ |" if contexts else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|" if contexts else "")]
     for method, r in results.items():
-        lines.append(f"| {method} | {r['subject_fidelity']:.0%} | {r['subject_similarity']:.2f} | "
-                     f"{r['prompt_fidelity']:.0%} | {r['drift_subject_share']:.0%} ({r['drift_similarity']:.2f}) | "
-                     f"{r['class_kind_diversity']:.2f} |")
+        lines.append(f"| {method} | **{cell(r, 'subject_fidelity')}** | {cell(r, 'subject_similarity', False)} | "
+                     f"{cell(r, 'prompt_fidelity')} | {cell(r, 'drift_subject_share')} | "
+                     f"{cell(r, 'class_kind_diversity', False)} |"
+                     + (f" {cell(r, 'context_object')} | {cell(r, 'context_fill')} | {cell(r, 'context_both')} |"
+                        if contexts else ""))
     lines.append(f"| *held-out crops of the training pictures* | {held_out['pass_rate']:.0%} | "
-                 f"{held_out['similarity']:.2f} | | | |")
+                 f"{held_out['similarity']:.2f} | | | |" + (" | | |" if contexts else ""))
     return "\n".join(lines) + WORLD_NOTE
 
 
@@ -197,7 +239,10 @@ def chosen_metrics(cfg) -> set:
 def evaluate(argv=None) -> dict:
     """Train the three ways, draw and score; returns the results by method (what results.json holds)."""
     cfg = lesson.configure(globals(), argv, __doc__)
-    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "NUM_INFERENCE_STEPS")
+    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES",
+                       "NUM_INFERENCE_STEPS")
+    if not cfg.TRAINING_SEEDS or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.TRAINING_SEEDS):
+        raise LessonError(f"TRAINING_SEEDS must be one or more whole numbers, like (42, 43, 44), not {cfg.TRAINING_SEEDS!r}.")
     lesson.require_float(cfg, "LORA_LEARNING_RATE", "TI_LEARNING_RATE", above=True)
     for pair in cfg.COLOUR_PAIRS:
         names = pair.split(" and ")
@@ -205,13 +250,15 @@ def evaluate(argv=None) -> dict:
             raise LessonError(f"COLOUR_PAIRS holds {pair!r}: each must be two world colours like 'red and blue' "
                               f"({', '.join(fabric_world.COLOUR_NAMES)}).")
     metrics = chosen_metrics(cfg)
-    shown = ["MODEL_ID", "METRICS", "LORA_STEPS", "LORA_LEARNING_RATE", "TI_STEPS", "TI_LEARNING_RATE", "SAMPLES"]
+    shown = ["MODEL_ID", "METRICS", "LORA_STEPS", "LORA_LEARNING_RATE", "TI_STEPS", "TI_LEARNING_RATE",
+             "TRAINING_SEEDS", "SAMPLES", "CONTEXT_SAMPLES"]
     shown += ["DINO_MODEL", "CLIP_MODEL"] if "paper" in metrics else []
     lesson.print_summary(cfg, "DreamBooth, measured", shown)
     # Every judge and the real pictures are loaded before training, so that a missing one stops the run at once.
-    classifier = fabric = held_out = None
+    classifier = objects = fabric = held_out = None
     if "world" in metrics:
         classifier = world_metrics.load_classifier(cfg.CLASSIFIER_DIR).float()
+        objects = world_metrics.load_classifier(cfg.OBJECT_CLASSIFIER_DIR).float() if cfg.CONTEXT_SAMPLES else None
         fabric = subject_judge.load(exercise3b_train_lora.TRAINING_IMAGES_DIR)
         held_out = fabric.summary(fabric.held_out(cfg.SAMPLES, HELD_OUT_SEED))
     judge = real = None
@@ -220,8 +267,9 @@ def evaluate(argv=None) -> dict:
         real = images.load_instance_images(exercise3b_train_lora.TRAINING_IMAGES_DIR, REAL_IMAGE_SIZE)
     started = time.perf_counter()
 
-    lesson.step(1, "Train: LoRA without and with prior preservation, and Textual Inversion (the course's scripts)")
-    made = train_all(cfg, Path(cfg.WORK_DIR))
+    lesson.step(1, f"Train: LoRA without and with prior preservation, and Textual Inversion (the course's scripts), "
+                   f"once per training seed {', '.join(map(str, cfg.TRAINING_SEEDS))}")
+    made = {seed: train_all(cfg, Path(cfg.WORK_DIR), seed) for seed in cfg.TRAINING_SEEDS}
 
     lesson.step(2, "Draw the same prompts and seeds with each method, and score them")
     runtime = devices.pick_runtime(cfg.DEVICE, "no")
@@ -230,13 +278,15 @@ def evaluate(argv=None) -> dict:
         real_scores = judge.to(runtime.device).real_vs_real(real)
         print(f"  real images, pairwise among the {len(real)} training pictures: DINO {real_scores['dino']:.3f}, "
               f"CLIP-I {real_scores['clip_i']:.3f}")
-    for method, adapter in [("base model", None), ("Textual Inversion", made["Textual Inversion"][0]),
-                            ("LoRA, no prior preservation", made["LoRA, no prior preservation"][0]),
-                            ("LoRA + prior preservation", made["LoRA + prior preservation"][0])]:
-        results[method], shown = score(cfg, method, adapter, runtime, classifier, judge, real, fabric)
-        if method in made:
-            results[method]["train_seconds"] = made[method][1]
-        rows.extend(shown)
+    for method in ("base model", "Textual Inversion", "LoRA, no prior preservation", "LoRA + prior preservation"):
+        runs = []  # (the base model needs no training: one run)
+        for seed in cfg.TRAINING_SEEDS if method in made[cfg.TRAINING_SEEDS[0]] else cfg.TRAINING_SEEDS[:1]:
+            adapter, seconds = made[seed].get(method, (None, None))
+            row, shown = score(cfg, method, adapter, runtime, classifier, judge, real, fabric, objects)
+            runs.append({**row, **({"train_seconds": seconds} if seconds is not None else {})})
+            if seed == cfg.TRAINING_SEEDS[0]:
+                rows.append(shown)
+        results[method] = combine(runs)
 
     lesson.step(3, "Write the table")
     out = Path(cfg.OUTPUT_DIR)
@@ -251,8 +301,9 @@ def evaluate(argv=None) -> dict:
         saved.update(held_out_subject_crops=held_out, subject_threshold=fabric.threshold)
     save_json(saved, out / "results.json")
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
-    figures.save_grid(rows, out / "samples.png", cols=12, row_labels=list(results),
-                      title="subject prompt x4 | recoloured x4 | class prompt x4")
+    figures.save_grid([p for shown in rows for p in shown], out / "samples.png", cols=len(rows[0]),
+                      row_labels=list(results), title="subject x4 | recoloured x4 | class prompt x4"
+                      + (" | dress, room, handbag, vase" if objects is not None else ""))
     print(f"\nWrote {out / 'results.md'}, {out / 'results.json'} and {out / 'samples.png'}")
     return results
 
