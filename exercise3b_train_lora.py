@@ -102,7 +102,8 @@ def validate(cfg):
     lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_float(cfg, "PRIOR_LOSS_WEIGHT", maximum=1000)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
-    lesson.require_float(cfg, "CROP_FRACTION", above=True, maximum=1, allow_none=True)
+    # (at least 0.1: a smaller crop shows less than a motif and gives 1 / fraction**2 crops per picture to encode)
+    lesson.require_float(cfg, "CROP_FRACTION", minimum=0.1, maximum=1, allow_none=True)
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
     training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:

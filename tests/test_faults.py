@@ -269,7 +269,7 @@ BAD_CONSTANTS = {
     "LORA_RANK": ("-4", r"must be a whole number >= 1, got -4"),
     "NUM_VECTORS": ("0", r"must be a whole number >= 1, got 0"),
     "RESOLUTION": ("500", r"must be a multiple of 8 .*got 500"),
-    "CROP_FRACTION": ("1.5", r"must be a number > 0 and <= 1, got 1.5"),
+    "CROP_FRACTION": ("1.5", r"must be a number >= 0.1 and <= 1, got 1.5"),
     "GUIDANCE_SCALE": ("-1", r"must be a number >= 0, got -1"),
     "FAST_GUIDANCE_SCALE": ("-0.5", r"must be a number >= 0, got -0.5"),
     "TRAIN_BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),

@@ -249,8 +249,9 @@ def test_two_processes_share_class_images(workdir):
 
 
 # --------------------------------------------------------------------------- CROP_FRACTION (the pocket model's crops)
-@pytest.mark.parametrize("value, says", [("0", "must be a number > 0"), ("1.5", "must be a number > 0 and <= 1"),
-                                         ("abc", "must be a number"), ("-0.5", "must be a number > 0")])
+@pytest.mark.parametrize("value, says", [("0", "must be a number >= 0.1"), ("1.5", "must be a number >= 0.1 and <= 1"),
+                                         ("abc", "must be a number"), ("-0.5", "must be a number >= 0.1"),
+                                         ("0.01", "must be a number >= 0.1")])
 @pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
 def test_crop_fraction_is_refused_by_name_before_loading(script, value, says, workdir):
     from common import lesson

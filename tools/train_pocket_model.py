@@ -4,12 +4,16 @@
     python tools/train_pocket_model.py --stage vae        # one stage: classifier, vae, unet, export or evaluate
 
 Stages:
-1. classifier - the world classifier (8 pattern kinds + "the subject") that scores DreamBooth later;
-2. vae        - an AutoencoderKL (64x64 pictures <-> 4x16x16 latents);
-3. unet       - the UNet and the CLIP text encoder together, on cached latents of world pictures with
-                their captions (10% dropped, for classifier-free guidance); an EMA of the UNet is kept;
-4. export     - a standard diffusers folder, models/pocket-sd/ (fp16 weights), plus the classifier;
-5. evaluate   - kind accuracy and colour adherence on held-out captions, written into the model card.
+1. classifier - the kind classifier (11 pattern kinds) and the object classifier (exercise 1's contexts) that
+                score DreamBooth later; neither sees the subject;
+2. vae        - an AutoencoderKL (64x64 pictures <-> 4x16x16 latents), on world pictures, off-world collages and
+                textiles of the subject's three traditions drawn with other seeds (the UNet never sees those);
+3. unet       - the UNet and the CLIP text encoder together, on cached latents of world pictures and objects with
+                their captions (some dropped, for classifier-free guidance); an EMA of the UNet is kept;
+4. export     - a standard diffusers folder, models/pocket-sd/ (fp16 weights), plus the classifiers; tokens no
+                caption used ("sks") get an embedding as long as a learned word's, as a rare word has in CLIP;
+5. evaluate   - kind accuracy, colour adherence and object accuracy on held-out captions, and how distinctly the
+                text encoder carries "sks", written into the model card.
 
 Every stage checkpoints into models/pocket-build/ and continues from there when run again.
 """
@@ -480,10 +484,14 @@ def model_card(card: dict) -> str:
     return f"""# pocket-sd
 
 A small Stable-Diffusion-shaped model trained from scratch on the procedural fabric world of
-`pocket/fabric_world.py` (64x64 pictures of eight two-colour pattern kinds in ten named colours). It lets
-a CPU classroom run the whole course with real pictures, and lets the project measure DreamBooth against
-ground truth (`pocket/world_metrics.py`). Standard diffusers folder: `StableDiffusionPipeline.from_pretrained`
-loads it; `world_classifier/` is a `transformers` ResNet that scores pictures of this world.
+`pocket/fabric_world.py`: 64x64 pictures of eleven pattern kinds in ten named colours - eight geometric kinds and
+three building blocks of African textiles (strip weaving, printed rings, painted marks), never the subject itself -
+plain or made into five of exercise 1's contexts (a dress, a room's wallpaper, a handbag, a vase, a basket),
+captioned as exercise 1 words them. It lets a CPU classroom run the whole course with real pictures, and lets the
+project measure DreamBooth against ground truth. Standard diffusers folder: `StableDiffusionPipeline.from_pretrained`
+loads it; `world_classifier/` (pattern kinds) and `object_classifier/` (contexts) are `transformers` ResNets that
+score pictures of this world. The pocket course trains on crops of {card.get('crop_fraction', 1.0):.0%} of each
+training photo's side (`crop_fraction` below; exercise 3a/3b read it), so the fabric's motifs are drawable at 64 px.
 
 Made with: `{card.get('command', '')}`
 
