@@ -47,7 +47,7 @@ VAE_TEXTILES = 400  # textiles drawn once for the autoencoder (other seeds than 
 VAE_LATENT_CHANNELS = 4  # numbers per latent pixel (SD v1.5: 4)
 VAE_CHANNELS = "16,32,64"  # the autoencoder's widths, one per level (two levels halve 64 px to 16)
 VAE_LEARNING_RATE = 3e-3  # AdamW, with warm-up and cosine decay (3e-3 halved the error of 1e-3 at 900 steps)
-UNET_STEPS = 8500  # batches of UNET_BATCH_SIZE
+UNET_STEPS = 6500  # batches of UNET_BATCH_SIZE
 UNET_BATCH_SIZE = 32  # world pictures per UNet step (more, smaller steps learned faster than 64)
 UNET_LEARNING_RATE = 1e-3  # AdamW, with warm-up and cosine decay
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges ~3x faster than plain MSE
@@ -493,7 +493,8 @@ loads it; `world_classifier/` (pattern kinds) and `object_classifier/` (contexts
 score pictures of this world. The pocket course trains on crops of {card.get('crop_fraction', 1.0):.0%} of each
 training photo's side (`crop_fraction` below; exercise 3a/3b read it), so the fabric's motifs are drawable at 64 px.
 
-Made with: `{card.get('command', '')}`
+Made with: `{card.get('command', '')}`; the runs that made this copy, in order (a stage stopped and
+resumed continues from its last checkpoint): {'; '.join(f"`{c}`" for c in card.get('commands', []))}
 
 | what | value |
 |---|---|
@@ -511,10 +512,11 @@ def build(argv=None) -> dict:
     device, work = runtime.device, Path(cfg.WORK_DIR)
     card_path = work / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    command = " ".join(["python tools/train_pocket_model.py", *(sys.argv[1:] if argv is None else argv)])
     if cfg.STAGE == "all" or "command" not in card:
-        card.update(command=" ".join(["python tools/train_pocket_model.py", *(sys.argv[1:] if argv is None else argv)]),
-                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {device.type}",
+        card.update(command=command, machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {device.type}",
                     torch=torch.__version__)
+    card["commands"] = card.get("commands", []) + [command]  # every run that made it, stages and resumes included
     todo = ["classifier", "vae", "unet", "export", "evaluate"] if cfg.STAGE == "all" else [cfg.STAGE]
     tokenizer_dir = work / "tokenizer"
     tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
