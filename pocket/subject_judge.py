@@ -50,6 +50,8 @@ REFERENCE_ZOOMS = (1.0, 0.85, 0.7)  # centred crops of the training pictures kep
 HELD_OUT_ZOOM = (0.7, 1.0)  # a held-out crop covers this share of the picture's side
 COLOUR_WEIGHT = 2 / 3  # the colour distance counts at this weight: a veto on clearly wrong colours
 CONTRAST_RATIO = 2.0  # a pass needs the colour spread within this factor of the nearest picture's
+VIEW_STEP = 0.75  # reference views lie at most this share of the smallest reference crop apart
+REFERENCE_STRIDE = 2  # reference patches every this many half-size pixels when there are many views
 CALIBRATION_SEED = 0  # held-out crops that set each picture's scales and the threshold
 CALIBRATION_PER_PICTURE = 20
 PASS_QUANTILE = 0.97  # share of calibration crops that pass
@@ -121,16 +123,17 @@ def crop(picture, zoom: float, fx: float = 0.5, fy: float = 0.5) -> np.ndarray:
     return np.asarray(center_crop_resize(picture.crop((x, y, x + side, y + side)), SIZE))
 
 
-def held_out_crops(pictures, n: int, seed: int, which=None) -> tuple[np.ndarray, np.ndarray]:
+def held_out_crops(pictures, n: int, seed: int, which=None, view: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` new photos of the subject (see the module's docstring) and the index of the picture each
-    came from. ``which`` (optional, one index per crop) chooses the pictures; else they are random."""
+    came from. ``which`` (optional, one index per crop) chooses the pictures; else they are random. A crop
+    covers ``HELD_OUT_ZOOM`` times ``view`` of the picture's side."""
     from PIL import Image, ImageFilter
 
     rng = np.random.default_rng([seed, 7])
     which = rng.integers(len(pictures), size=n) if which is None else np.asarray(which)
     out = []
     for j in which:
-        zoom = rng.uniform(*HELD_OUT_ZOOM)
+        zoom = rng.uniform(*HELD_OUT_ZOOM) * view
         a = dihedral(crop(pictures[j], zoom, rng.random(), rng.random()), int(rng.integers(8))).astype(np.float32)
         a = a * rng.uniform(0.92, 1.08, 3) + rng.uniform(-6, 6, 3) + rng.normal(0, rng.uniform(0, 3), a.shape)
         image = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
@@ -149,6 +152,7 @@ class SubjectJudge:
     patch_scale: np.ndarray  # per picture: the median raw patch distance of its held-out calibration crops
     colour_scale: np.ndarray  # per picture: the same for the colour distance
     threshold: float = np.inf  # pass when the scaled distance to the nearest picture is at most this
+    view: float = 1.0  # a sample shows this share of a picture's side (crops are zoom x view of it)
 
     def colour_distances(self, lab_pictures) -> np.ndarray:
         """(N, pictures) raw: Hellinger distance to the nearest of each picture's reference histograms."""
@@ -212,23 +216,44 @@ class SubjectJudge:
 
     def held_out(self, n: int, seed: int) -> np.ndarray:
         """``n`` held-out crops of the subject (never use CALIBRATION_SEED for a reported figure)."""
-        return held_out_crops(self.pictures, n, seed)[0]
+        return held_out_crops(self.pictures, n, seed, view=self.view)[0]
+
+
+def reference_crops(view: float) -> list[tuple[float, float, float]]:
+    """(zoom, fx, fy) of every reference crop (before its eight turns and flips): each of REFERENCE_ZOOMS,
+    centred in each of a grid of views (squares of ``view`` times the picture's side). One view when it is
+    the whole picture; else views a step of at most ``VIEW_STEP`` of the smallest crop apart, so that the
+    references hold every part of the picture (a mudcloth's rows differ) at the scale the samples show it."""
+    smallest = min(REFERENCE_ZOOMS) * view
+    k = 1 + int(np.ceil((1 - view) / (VIEW_STEP * smallest) - 1e-9))
+    places = np.linspace(0, 1, k) if k > 1 else np.array([0.5])
+    out = []
+    for zoom in REFERENCE_ZOOMS:
+        side = zoom * view
+        for fy in places:
+            for fx in places:  # the view's corner, then the crop centred in it, as a share of the free room
+                at = [((1 - view) * f + (view - side) / 2) / (1 - side) if side < 1 else 0.5 for f in (fx, fy)]
+                out.append((side, *at))
+    return out
 
 
 @torch.no_grad()
-def build(pictures) -> SubjectJudge:
-    """A judge for these pictures (PIL, full size), calibrated on CALIBRATION_SEED's held-out crops."""
+def build(pictures, view: float = fabric_world.CROP_FRACTION) -> SubjectJudge:
+    """A judge for these pictures (PIL, full size) that sees ``view`` of a picture's side as a 64 px sample
+    (1 = the whole picture), calibrated on CALIBRATION_SEED's held-out crops."""
+    layout = reference_crops(view)
+    stride = 1 if len(layout) == len(REFERENCE_ZOOMS) else REFERENCE_STRIDE
     patch_refs, colour_refs, spreads = [], [], []
-    for picture in pictures:  # REFERENCE_ZOOMS x 8 turns and flips
-        variants = lab([dihedral(crop(picture, zoom), k) for zoom in REFERENCE_ZOOMS for k in range(8)])
-        patch_refs.append(patches(variants, 1).flatten(0, 1))
+    for picture in pictures:  # every reference crop x 8 turns and flips
+        variants = lab([dihedral(crop(picture, *where), k) for where in layout for k in range(8)])
+        patch_refs.append(patches(variants, stride).flatten(0, 1))
         colour_refs.append(colour_histograms(variants[::8]))
         spreads.append(spread(variants[::8]))
     count = len(pictures)
     judge = SubjectJudge(list(pictures), patch_refs, torch.stack(colour_refs), torch.stack(spreads),
-                         np.ones(count), np.ones(count))
+                         np.ones(count), np.ones(count), view=view)
     which = np.repeat(np.arange(count), CALIBRATION_PER_PICTURE)
-    crops, _ = held_out_crops(judge.pictures, len(which), CALIBRATION_SEED, which)
+    crops, _ = held_out_crops(judge.pictures, len(which), CALIBRATION_SEED, which, view)
     lab_crops = lab(crops)
     colour = judge.colour_distances(lab_crops)[np.arange(len(which)), which]
     sample_patches = patches(lab_crops, SAMPLE_STRIDE)
@@ -238,9 +263,10 @@ def build(pictures) -> SubjectJudge:
     return judge
 
 
-def load(folder="training_images") -> SubjectJudge:
-    """The judge for the subject in ``folder`` (exercise 3b's TRAINING_IMAGES_DIR): recomputed, deterministic."""
+def load(folder="training_images", view: float | None = None) -> SubjectJudge:
+    """The judge for the subject in ``folder`` (exercise 3b's TRAINING_IMAGES_DIR): recomputed, deterministic.
+    ``view``: the share of a picture's side a sample shows (default ``fabric_world.CROP_FRACTION``)."""
     from common import images
 
     files = images.check_instance_folder(folder)
-    return build([images.open_image(p) for p in files])
+    return build([images.open_image(p) for p in files], fabric_world.CROP_FRACTION if view is None else view)
