@@ -10,7 +10,7 @@ judge (the world classifier's "subject" class) called grey noise, shuffled pixel
 - ``procedural_textures``: clouds, marble and wood grain (fractal value noise), coloured from random
   colours or from the subject's own palettes;
 - ``thresholded_blobs``: smooth noise cut into two to four flat colours (random or the subject's palettes);
-- ``world_samples``: the pocket world's own pictures (``fabric_world.sample``);
+- ``world_samples``: the pocket world's own pictures, plain or as objects (``fabric_world.sample_scene``);
 - ``class_images``: the pocket model's "a fabric pattern", what prior preservation trains on.
 
 ``PROBES`` names them (the targets: at most 5% may pass); ``NEAR_MISSES`` are measured beside them with
@@ -119,8 +119,8 @@ def thresholded_blobs(n: int, seed: int) -> np.ndarray:
 
 
 def world_samples(n: int, seed: int) -> np.ndarray:
-    """The pocket world's own pictures, from ``fabric_world.sample(seed + i)``."""
-    return np.stack([fabric_world.sample(seed + i)[0] for i in range(n)])
+    """The pocket world's own pictures, every kind, plain or made into an object (``fabric_world.sample_scene``)."""
+    return np.stack([fabric_world.sample_scene(seed + i)[0] for i in range(n)])
 
 
 def class_images(n: int, seed: int, steps: int = 15, model_id: str = "pocket") -> np.ndarray:
@@ -148,15 +148,17 @@ PROBES = {
 }
 
 
-def sibling_textiles(n: int, seed: int) -> np.ndarray:
+def sibling_textiles(n: int, seed: int, view: float = 1.0) -> np.ndarray:
     """Textiles in the style and palette of each of the ten training pictures in turn, drawn with other
-    seeds: another cloth from the same loom. Not the subject, but no target: see the README."""
-    from common.images import center_crop_resize
+    seeds: another cloth from the same loom. Not the subject, but no target: see the README. Each is seen the
+    way the judge sees a sample: a crop of ``view`` of its side (at a random place), at 64 px."""
+    from pocket.subject_judge import crop
 
+    rng = np.random.default_rng([seed, 107])
     designs = textiles.DESIGNS * (n // len(textiles.DESIGNS) + 1)
     drawn = [textiles.draw_textile(style, palette, 40_000_000 + seed * 10_000 + i) for i, (style, palette, _) in
              zip(range(n), designs)]
-    return np.stack([np.asarray(center_crop_resize(picture, SIZE)) for picture in drawn])
+    return np.stack([crop(picture, view, *(rng.random(2) if view < 1 else (0.5, 0.5))) for picture in drawn])
 
 
 def through_pocket_vae(pictures: np.ndarray, vae_dir: str = "models/pocket-sd/vae") -> np.ndarray:
@@ -173,7 +175,7 @@ def through_pocket_vae(pictures: np.ndarray, vae_dir: str = "models/pocket-sd/va
 # Measured beside the probes, with no target: what the judge makes of near misses.
 NEAR_MISSES = {
     "16x16 block-shuffled subject": lambda judge, n, seed: block_shuffled(judge.held_out(n, seed + 1), seed, 16),
-    "sibling textiles (same style and palette, other seeds)": lambda judge, n, seed: sibling_textiles(n, seed),
+    "sibling textiles (same style and palette, other seeds)": lambda judge, n, seed: sibling_textiles(n, seed, judge.view),
     "held-out crops through the pocket VAE": lambda judge, n, seed: through_pocket_vae(judge.held_out(n, seed)),
 }
 
