@@ -10,12 +10,17 @@ judge (the world classifier's "subject" class) called grey noise, shuffled pixel
 - ``procedural_textures``: clouds, marble and wood grain (fractal value noise), coloured from random
   colours or from the subject's own palettes;
 - ``thresholded_blobs``: smooth noise cut into two to four flat colours (random or the subject's palettes);
-- ``world_samples``: the pocket world's own pictures (``fabric_world.sample``);
+- ``world_samples``: the pocket world's own pictures, plain or as objects (``fabric_world.sample_scene``);
 - ``class_images``: the pocket model's "a fabric pattern", what prior preservation trains on.
 
 ``PROBES`` names them (the targets: at most 5% may pass); ``NEAR_MISSES`` are measured beside them with
 no target (a coarser shuffle, sibling textiles from the same loom, crops through the pocket VAE).
-``python -m pocket.judge_probes [n] [class_n]`` prints the table the README quotes.
+
+The fill judge (``SubjectJudge.passes(images, obj)``: is the dress's fabric yours?) has its own sets, each
+(judge, n, seed, obj) -> n pictures of ``obj``: ``FILL_PROBES`` (world objects of every kind from
+``fabric_world.draw_scene``, and the plain probes' noise, shuffles, textures and blobs made into the object
+the way ``draw_scene`` does it) and ``FILL_NEAR_MISSES``.
+``python -m pocket.judge_probes [n] [class_n]`` prints the two tables the README quotes.
 """
 
 from __future__ import annotations
@@ -119,8 +124,8 @@ def thresholded_blobs(n: int, seed: int) -> np.ndarray:
 
 
 def world_samples(n: int, seed: int) -> np.ndarray:
-    """The pocket world's own pictures, from ``fabric_world.sample(seed + i)``."""
-    return np.stack([fabric_world.sample(seed + i)[0] for i in range(n)])
+    """The pocket world's own pictures, every kind, plain or made into an object (``fabric_world.sample_scene``)."""
+    return np.stack([fabric_world.sample_scene(seed + i)[0] for i in range(n)])
 
 
 def class_images(n: int, seed: int, steps: int = 15, model_id: str = "pocket") -> np.ndarray:
@@ -148,15 +153,17 @@ PROBES = {
 }
 
 
-def sibling_textiles(n: int, seed: int) -> np.ndarray:
+def sibling_textiles(n: int, seed: int, view: float = 1.0) -> np.ndarray:
     """Textiles in the style and palette of each of the ten training pictures in turn, drawn with other
-    seeds: another cloth from the same loom. Not the subject, but no target: see the README."""
-    from common.images import center_crop_resize
+    seeds: another cloth from the same loom. Not the subject, but no target: see the README. Each is seen the
+    way the judge sees a sample: a crop of ``view`` of its side (at a random place), at 64 px."""
+    from pocket.subject_judge import crop
 
+    rng = np.random.default_rng([seed, 107])
     designs = textiles.DESIGNS * (n // len(textiles.DESIGNS) + 1)
     drawn = [textiles.draw_textile(style, palette, 40_000_000 + seed * 10_000 + i) for i, (style, palette, _) in
              zip(range(n), designs)]
-    return np.stack([np.asarray(center_crop_resize(picture, SIZE)) for picture in drawn])
+    return np.stack([crop(picture, view, *(rng.random(2) if view < 1 else (0.5, 0.5))) for picture in drawn])
 
 
 def through_pocket_vae(pictures: np.ndarray, vae_dir: str = "models/pocket-sd/vae") -> np.ndarray:
@@ -173,13 +180,54 @@ def through_pocket_vae(pictures: np.ndarray, vae_dir: str = "models/pocket-sd/va
 # Measured beside the probes, with no target: what the judge makes of near misses.
 NEAR_MISSES = {
     "16x16 block-shuffled subject": lambda judge, n, seed: block_shuffled(judge.held_out(n, seed + 1), seed, 16),
-    "sibling textiles (same style and palette, other seeds)": lambda judge, n, seed: sibling_textiles(n, seed),
+    "sibling textiles (same style and palette, other seeds)":
+        lambda judge, n, seed: sibling_textiles(n, seed, judge.view),
     "held-out crops through the pocket VAE": lambda judge, n, seed: through_pocket_vae(judge.held_out(n, seed)),
 }
 
 
-def report(n: int = 256, class_n: int = 64, seed: int = 1, folder="training_images") -> str:
-    """The judge's held-out pass rate and every probe set's false-positive rate, as a Markdown table."""
+def made_into(pictures: np.ndarray, obj: str, seed: int) -> np.ndarray:
+    """Each picture made into ``obj`` on the studio ground the way ``fabric_world.draw_scene`` does it, each
+    with its own jitter (``subject_judge.compose``)."""
+    from pocket.subject_judge import compose
+
+    return np.stack([compose(p, obj, 70_000_000 + seed * 10_000 + i) for i, p in enumerate(pictures)])
+
+
+def world_objects(n: int, seed: int, obj: str) -> np.ndarray:
+    """World patterns of every kind in turn (random colours) made into ``obj`` by ``fabric_world.draw_scene``."""
+    out = []
+    for i in range(n):
+        s = 60_000_000 + seed * 10_000 + i
+        _, _, c1, c2 = fabric_world.sample(s)
+        out.append(fabric_world.draw_scene(fabric_world.KINDS[i % len(fabric_world.KINDS)], c1, c2, obj, s))
+    return np.stack(out)
+
+
+# The fill judge's probes: (judge, n, seed, obj) -> n pictures of ``obj`` whose fill is not the subject
+# (targets: at most 5% may pass), and its near misses (no target). The fabric of each is the plain probe's.
+FILL_PROBES = {
+    "world objects, every kind": lambda judge, n, seed, obj: world_objects(n, seed, obj),
+    "Gaussian noise": lambda judge, n, seed, obj: made_into(gaussian_noise(n, seed), obj, seed),
+    "uniform noise": lambda judge, n, seed, obj: made_into(uniform_noise(n, seed), obj, seed),
+    "pixel-shuffled subject": lambda judge, n, seed, obj: made_into(PROBES["pixel-shuffled subject"](judge, n, seed),
+                                                                     obj, seed),
+    "8x8 block-shuffled subject": lambda judge, n, seed, obj: made_into(
+        PROBES["8x8 block-shuffled subject"](judge, n, seed), obj, seed),
+    "procedural textures": lambda judge, n, seed, obj: made_into(procedural_textures(n, seed), obj, seed),
+    "thresholded blobs": lambda judge, n, seed, obj: made_into(thresholded_blobs(n, seed), obj, seed),
+}
+FILL_NEAR_MISSES = {
+    "16x16 block-shuffled subject": lambda judge, n, seed, obj: made_into(
+        NEAR_MISSES["16x16 block-shuffled subject"](judge, n, seed), obj, seed),
+    "sibling textiles (same style and palette, other seeds)": lambda judge, n, seed, obj: made_into(
+        sibling_textiles(n, seed, judge.view), obj, seed),
+}
+
+
+def report(n: int = 256, class_n: int = 64, seed: int = 1, folder="training_images", fills: bool = True) -> str:
+    """The judge's held-out pass rate and every probe set's false-positive rate, as a Markdown table; then
+    (``fills``) the same for the fill judge, ``n`` pictures per set spread over the five objects."""
     from pocket import subject_judge
 
     judge = subject_judge.load(folder)
@@ -190,8 +238,32 @@ def report(n: int = 256, class_n: int = 64, seed: int = 1, folder="training_imag
                      judge.summary(build(judge, count, seed))))
     lines = ["| pictures | n | pass | mean similarity |", "|---|---|---|---|"]
     lines += [f"| {name} | {count} | {r['pass_rate']:.1%} | {r['similarity']:.2f} |" for name, count, r in rows]
-    threshold = f"threshold {judge.threshold:.3f} (similarity {np.exp(-judge.threshold):.3f}), seed {seed}"
-    return "\n".join(lines) + "\n\n" + threshold
+    threshold = (f"view {judge.view:g}, threshold {judge.threshold:.3f} (similarity {np.exp(-judge.threshold):.3f}), "
+                 f"seed {seed}")
+    text = "\n".join(lines) + "\n\n" + threshold
+    return text + "\n\n" + fill_report(judge, n, seed) if fills else text
+
+
+def fill_report(judge, n: int = 256, seed: int = 1) -> str:
+    """The fill judge's table: per set, ``n`` pictures in all, ``n // 5`` of each object, each judged by its fill."""
+    objects = fabric_world.OBJECTS[1:]
+    each = max(1, n // len(objects))
+    sets = [("held-out crops of the training pictures, made into objects (target >= 90%)",
+             lambda judge, n, seed, obj: judge.held_out_fills(n, seed, obj))]
+    sets += [(name + " (target <= 5%)", build) for name, build in FILL_PROBES.items()]
+    sets += [(name + " (no target)", build) for name, build in FILL_NEAR_MISSES.items()]
+    lines = ["| fills | n | pass | mean similarity | " + " | ".join(objects) + " |", "|---" * (4 + len(objects)) + "|"]
+    for name, build in sets:
+        passed, similar = [], []
+        for obj in objects:
+            scores = judge.score_object(build(judge, each, seed, obj), obj)
+            passed.append(judge.verdict(scores, obj))
+            similar.append(np.exp(-scores["distance"]))
+        cells = " | ".join(f"{p.mean():.0%}" for p in passed)
+        lines.append(f"| {name} | {each * len(objects)} | {np.concatenate(passed).mean():.1%} | "
+                     f"{np.concatenate(similar).mean():.2f} | {cells} |")
+    thresholds = ", ".join(f"{obj} {judge.fill_threshold(obj):.3f}" for obj in objects)
+    return "\n".join(lines) + f"\n\nfill thresholds: {thresholds}; {each} pictures per object, seed {seed}"
 
 
 if __name__ == "__main__":  # python -m pocket.judge_probes [n] [class_n]
