@@ -401,14 +401,15 @@ def wake_rare_tokens(text_encoder, tokenizer, captions) -> int:
     return int((~seen).sum())
 
 
-def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_states, card: dict):
+def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_states, card: dict) -> dict:
+    """Write the diffusers folder; returns what it adds to the card (how to use the model)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
     captions = training_captions()
-    card["rare_tokens_woken"] = wake_rare_tokens(text_encoder, tokenizer, captions)
-    card["known_words"] = known_words(captions)
-    card["crop_fraction"] = fabric_world.CROP_FRACTION
+    added = {"rare_tokens_woken": wake_rare_tokens(text_encoder, tokenizer, captions),
+             "known_words": known_words(captions), "crop_fraction": fabric_world.CROP_FRACTION}
+    card.update(added)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**tiny_model.SD15_SCHEDULER_CONFIG, skip_prk_steps=True),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -422,26 +423,31 @@ def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_states, card:
         (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
         save_json(card, tmp / "pocket_card.json")
     print(f"  wrote {cfg.OUTPUT_DIR}/ ({sum(p.stat().st_size for p in Path(cfg.OUTPUT_DIR).rglob('*') if p.is_file()) / 2**20:.1f} MB)")
+    return added
 
 
 @torch.no_grad()
 def token_signal(pipe) -> dict:
-    """How differently the text encoder answers with and without "sks", against a world word added or swapped
-    (1 - cosine of the whole 77-token output the UNet attends to; mean over pairs)."""
-    def distance(pairs):
+    """How differently the text encoder answers with and without "sks", against a world word added or swapped:
+    1 - cosine of the output, mean over pairs; ``text_`` over all 77 positions the UNet attends to, ``prompt_``
+    over the prompt's own positions (its words and end token; the padding after it left out)."""
+    def distance(pairs, prompt_only):
         out = []
         for a, b in pairs:
             ids = pipe.tokenizer([a, b], padding="max_length", max_length=77, return_tensors="pt").input_ids
-            h = pipe.text_encoder(ids)[0].float().flatten(1)
-            out.append(1 - F.cosine_similarity(h[:1], h[1:]).item())
+            h = pipe.text_encoder(ids)[0].float()
+            if prompt_only:  # up to the longer prompt's end token
+                h = h[:, :int((ids[0] == pipe.tokenizer.eos_token_id).nonzero()[0]) + 1]
+            out.append(1 - F.cosine_similarity(h[:1].flatten(1), h[1:].flatten(1)).item())
         return float(np.mean(out))
 
     kinds, colours = fabric_world.KINDS, fabric_world.COLOUR_NAMES
-    return {"text_distance_sks": distance([(f"a sks {pattern}", f"a {pattern}") for pattern in
-                                           ("african fabric pattern", "fabric pattern", "striped fabric pattern")]),
-            "text_distance_added_word": distance([(f"a {c} fabric pattern", "a fabric pattern") for c in colours[:5]]),
-            "text_distance_swapped_word": distance([(f"a {a} fabric pattern", f"a {b} fabric pattern")
-                                                    for a, b in zip(kinds, kinds[1:])])}
+    pairs = {"sks": [(f"a sks {pattern}", f"a {pattern}") for pattern in
+                     ("african fabric pattern", "fabric pattern", "striped fabric pattern")],
+             "added_word": [(f"a {c} fabric pattern", "a fabric pattern") for c in colours[:5]],
+             "swapped_word": [(f"a {a} fabric pattern", f"a {b} fabric pattern") for a, b in zip(kinds, kinds[1:])]}
+    return {f"{where}_distance_{name}": distance(p, where == "prompt")
+            for where in ("text", "prompt") for name, p in pairs.items()}
 
 
 def evaluate(cfg, folder) -> dict:
@@ -543,8 +549,8 @@ def build(argv=None) -> dict:
     if "export" in todo:
         lesson.step(4, f"Export to {cfg.OUTPUT_DIR}/")
         state = torch.load(work / "classifier" / "state.pt", weights_only=True)
-        export(cfg, vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer_dir,
-               {"world_classifier": state["model"], "object_classifier": state["objects"]}, card)
+        remember(export(cfg, vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer_dir,
+                        {"world_classifier": state["model"], "object_classifier": state["objects"]}, card))
     if "evaluate" in todo:
         lesson.step(5, "Evaluate on held-out captions")
         remember(evaluate(cfg, cfg.OUTPUT_DIR))
