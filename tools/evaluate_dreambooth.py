@@ -1,14 +1,16 @@
 """Does DreamBooth do what the paper says? Scored by the paper's metrics, or against the pocket world's truth.
 
-    python tools/evaluate_dreambooth.py                  # pocket model: trains 3 ways, scores 4 (~7 min on a 2-core CPU)
+    python tools/evaluate_dreambooth.py --ti-steps 200   # pocket model: trains 3 ways x 3 seeds, scores 4 (~10 min, 2-core CPU)
     python tools/evaluate_dreambooth.py --model tiny --lora-steps 4 --ti-steps 4 --samples 4   # machinery check
     python tools/evaluate_dreambooth.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --lora-learning-rate 1e-4 --ti-learning-rate 5e-4 --ti-steps 3000   # SD v1.5: the paper's metrics (GPU)
 
 It trains with the course's own scripts - exercise 3b with and without prior preservation, exercise
-3a - then draws the same prompts and seeds with the base model and with each result: SAMPLES seeds of
-"a sks african fabric pattern", the same seeds recoloured ("... in red and blue", the paper's
-property-change prompts), and the class prompt "a fabric pattern". ``METRICS`` says how they are scored;
+3a - once per training seed (TRAINING_SEEDS), then draws the same prompts and seeds with the base model and
+with each result: SAMPLES seeds of "a sks african fabric pattern", the same seeds recoloured ("... in red and
+blue", the paper's property-change prompts), the class prompt "a fabric pattern", and CONTEXT_SAMPLES of each
+of the world's five contexts ("a beautiful dress made of sks african fabric pattern, fashion photography"...).
+Every figure is the mean over the training seeds, with its range. ``METRICS`` says how they are scored;
 ``auto`` (the default) picks the pocket world's judge for ``pocket`` and ``tiny`` (its machinery check),
 and the paper's metrics for any other model (SD v1.5, a folder, a checkpoint file), where the world's
 judge would mean nothing. ``both`` gives both.
@@ -22,7 +24,9 @@ crops of the training pictures), the world classifier and colour reading (``pock
   training pictures (new photos of your fabric: what a perfect result would score);
 - prompt fidelity: colour adherence of "a sks african fabric pattern in {c1} and {c2}";
 - drift: share of class-prompt ("a fabric pattern") samples the subject judge passes, and how varied
-  their pattern kinds stay in the world classifier's eyes (1 = all eight kinds equally).
+  their pattern kinds stay in the world classifier's eyes (1 = all eleven kinds equally);
+- in context: share of context pictures the object classifier calls the asked object, share whose fill the
+  subject judge passes (``passes(pictures, obj)``), and both at once.
 
 ``paper``: the DreamBooth paper's metrics (``tools/paper_metrics.py``; Ruiz et al. 2023, section 4.1),
 with DINO ViT-S/16 (``DINO_MODEL``) and CLIP ViT-B/32 (``CLIP_MODEL``) from the Hub (downloaded once,
