@@ -315,7 +315,7 @@ class SubjectJudge:
         for start in range(0, len(images), batch_size):
             lab_pictures = lab(images[start:start + batch_size])
             here = slice(start, start + len(lab_pictures))
-            mask = None if fill is None else torch.from_numpy(np.ascontiguousarray(fill[here]))
+            mask = None if fill is None else torch.from_numpy(np.array(fill[here]))  # (a copy: ``fill`` may be a read-only broadcast view)
             bound = self.colour_distances(lab_pictures, mask) / self.colour_scale * COLOUR_WEIGHT
             sample_patches = patches(lab_pictures, SAMPLE_STRIDE if mask is None else FILL_STRIDE, mask)
             valid = None if mask is None else inside(mask, FILL_STRIDE)
