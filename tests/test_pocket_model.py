@@ -32,16 +32,23 @@ def test_classifier_beats_chance_on_fresh_world_samples():
     assert world_metrics.object_accuracy(objects, [s[0] for s in scenes], [s[4] for s in scenes]) > 0.8  # chance 1 in 6
 
 
-@needs_pocket
-def test_pocket_draws_the_requested_kind(monkeypatch):
+def draw_and_classify(monkeypatch, prompts, classifier: str):
+    """The pocket model's pictures of ``prompts`` (seeds 0, 1, ...; 12 DPM-Solver++ steps) and the label the
+    shipped ``classifier`` folder gives each."""
     monkeypatch.chdir(ROOT)
     pipe = models.load_pipeline("pocket")
     sampling.use_multistep_solver(pipe)
-    classifier = world_metrics.load_classifier(POCKET / "world_classifier").float()
+    judge = world_metrics.load_classifier(POCKET / classifier).float()
+    images, _ = sampling.generate(pipe, prompts, list(range(len(prompts))), sampling.SamplingSettings(12, 7.5),
+                                  progress=False)
+    return images, [judge.config.id2label[int(i)] for i in world_metrics.classify(judge, images)]
+
+
+@needs_pocket
+def test_pocket_draws_the_requested_kind(monkeypatch):
     kinds = ["striped", "checked", "dotted", "zigzag", "woven", "ringed", "marked", "diamond"]
-    prompts = [f"a red and white {k} fabric pattern" for k in kinds]
-    images, _ = sampling.generate(pipe, prompts, list(range(8)), sampling.SamplingSettings(12, 7.5), progress=False)
-    labels = [world_metrics.LABELS[i] for i in world_metrics.classify(classifier, images)]
+    images, labels = draw_and_classify(monkeypatch, [f"a red and white {k} fabric pattern" for k in kinds],
+                                       "world_classifier")
     # (its kind accuracy on held-out captions is 68%, below the 90% the issue asks: README, The pocket model;
     # chance is 1 in 11)
     assert sum(a == b for a, b in zip(labels, kinds)) >= 5, labels
@@ -51,14 +58,9 @@ def test_pocket_draws_the_requested_kind(monkeypatch):
 @needs_pocket
 def test_pocket_draws_the_asked_context(monkeypatch):
     """Exercise 1's contexts: "a beautiful dress made of ... fabric pattern" draws a dress, and so on."""
-    monkeypatch.chdir(ROOT)
-    pipe = models.load_pipeline("pocket")
-    sampling.use_multistep_solver(pipe)
-    objects = world_metrics.load_classifier(POCKET / "object_classifier").float()
     asked = ["dress", "vase", "handbag", "room", "basket", "plain"]
-    prompts = [fabric_world.CONTEXTS[o].format("red and white striped fabric pattern") for o in asked]
-    images, _ = sampling.generate(pipe, prompts, list(range(6)), sampling.SamplingSettings(12, 7.5), progress=False)
-    found = [fabric_world.OBJECTS[i] for i in world_metrics.classify(objects, images)]
+    _, found = draw_and_classify(monkeypatch, [fabric_world.CONTEXTS[o].format("red and white striped fabric pattern")
+                                               for o in asked], "object_classifier")
     assert sum(a == b for a, b in zip(found, asked)) >= 4, found
 
 
