@@ -64,18 +64,20 @@ def test_the_training_pictures_themselves_score_near_one(judge):
 
 
 def test_the_judge_sees_crops_of_the_view(judge, monkeypatch):
-    """At view 0.4 the references are crops of 40%, 34% and 28% of the side, which together cover the
-    picture at every zoom, and held-out crops 28-40% of it; at view 1, the old judge's three centred crops."""
-    assert judge.view == fabric_world.CROP_FRACTION == 0.4
+    """At view v (the course's CROP_FRACTION) the references are crops of v, 0.85 v and 0.7 v of the side, which
+    together cover the picture at every zoom, and held-out crops 0.7 v to v of it; at view 1, the old judge's three
+    centred crops."""
+    view = judge.view
+    assert view == fabric_world.CROP_FRACTION < 1
     assert subject_judge.reference_crops(1.0) == [(zoom, 0.5, 0.5) for zoom in subject_judge.REFERENCE_ZOOMS]
     layout = subject_judge.reference_crops(judge.view)
     for zoom in subject_judge.REFERENCE_ZOOMS:
-        crops = [(fx, fy) for side, fx, fy in layout if np.isclose(side, zoom * 0.4)]
+        crops = [(fx, fy) for side, fx, fy in layout if np.isclose(side, zoom * view)]
         assert len(crops) >= 9 and all(0 <= f <= 1 for xy in crops for f in xy)
         covered = np.zeros(1000, bool)
         for fx, _ in crops:
-            left = (1 - zoom * 0.4) * fx
-            covered[int(round(left * 1000)):int(round((left + zoom * 0.4) * 1000))] = True
+            left = (1 - zoom * view) * fx
+            covered[int(round(left * 1000)):int(round((left + zoom * view) * 1000))] = True
         assert covered[60:940].all() and (zoom < 1 or covered.all())
     sides, real_crop = [], subject_judge.crop
 
@@ -86,7 +88,7 @@ def test_the_judge_sees_crops_of_the_view(judge, monkeypatch):
     monkeypatch.setattr(subject_judge, "crop", crop)
     crops = judge.held_out(16, REPORT_SEED)
     assert crops.shape == (16, 64, 64, 3) and len(sides) == 16
-    assert min(sides) >= 0.4 * 0.7 and max(sides) <= 0.4
+    assert min(sides) >= view * 0.7 and max(sides) <= view
 
 
 def _pictures():
