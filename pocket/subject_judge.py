@@ -170,9 +170,12 @@ def roughness(lab_pictures: torch.Tensor, mask: torch.Tensor | None = None) -> t
     return total / pairs.clamp(min=1) / spread(lab_pictures, mask)
 
 
-def nearest(samples: torch.Tensor, references: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample vector's Euclidean distance to its nearest reference vector, and that vector's index."""
-    squared = (references * references).sum(1)
+def nearest(samples: torch.Tensor, references: torch.Tensor, chunk: int = 512,
+            squared: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample vector's Euclidean distance to its nearest reference vector, and that vector's index.
+    ``squared``: the references' squared lengths, if already known (a judge keeps them: recomputing them for
+    every search cost a quarter of its time)."""
+    squared = (references * references).sum(1) if squared is None else squared
     distances, indices = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
     for part in samples.split(chunk):
         smallest, index = torch.addmm(squared, part, references.T, alpha=-2).min(1)
@@ -270,6 +273,7 @@ class SubjectJudge:
     fill_thresholds: dict = field(default_factory=dict)  # per object: the same for its fill (``fill_threshold``)
     roughnesses: torch.Tensor | None = None  # (pictures, reference crops): their ``roughness``
     view: float = 1.0  # a sample shows this share of a picture's side (crops are zoom x view of it)
+    patch_norms: dict = field(default_factory=dict)  # per picture, on first use: its reference patches' squared lengths
 
     def colour_distances(self, lab_pictures, mask=None) -> np.ndarray:
         """(N, pictures) raw: Hellinger distance to the nearest of each picture's reference histograms."""
@@ -285,15 +289,18 @@ class SubjectJudge:
         patches to their nearest references is removed (``FILL_ALIGN`` times) before the final match."""
         n, count, dims = sample_patches.shape
         references = self.patch_references[picture]
+        if picture not in self.patch_norms:
+            self.patch_norms[picture] = (references * references).sum(1)
+        search = dict(references=references, squared=self.patch_norms[picture])
         if valid is None:
-            return nearest(sample_patches.reshape(-1, dims), references)[0].reshape(n, count).mean(1).numpy()
+            return nearest(sample_patches.reshape(-1, dims), **search)[0].reshape(n, count).mean(1).numpy()
         used, aligned = valid.sum(1), sample_patches[valid]
         owner = torch.arange(n).repeat_interleave(used)  # the sample each valid patch belongs to
         for _ in range(FILL_ALIGN):
-            residual = (aligned - references[nearest(aligned, references)[1]]).reshape(len(aligned), 3, -1).mean(2)
+            residual = (aligned - references[nearest(aligned, **search)[1]]).reshape(len(aligned), 3, -1).mean(2)
             offset = torch.zeros(n, 3).index_add_(0, owner, residual) / used.clamp(min=1)[:, None]
             aligned = aligned - offset[owner].repeat_interleave(dims // 3, 1)
-        total = torch.zeros(n).index_add_(0, owner, nearest(aligned, references)[0])
+        total = torch.zeros(n).index_add_(0, owner, nearest(aligned, **search)[0])
         return torch.where(used > 0, total / used.clamp(min=1), torch.tensor(np.inf)).numpy()
 
     @torch.no_grad()

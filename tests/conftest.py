@@ -33,6 +33,15 @@ def tiny_dir(tmp_path_factory) -> Path:
     return tiny_model.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def subject_judge_of_training_images():
+    """The pocket subject judge of the shipped training_images/, built once per test session (about 20 s; its
+    per-object fill thresholds are calibrated on first use and kept): every test that judges the subject shares it."""
+    from pocket import subject_judge
+
+    return subject_judge.load(ROOT / "training_images")
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, tiny_dir) -> Path:
     """A fresh project folder (training_images/ and models/tiny-sd/), made the current directory."""

@@ -1,5 +1,7 @@
 """The pocket world: deterministic pictures with ground truth, captions, held-out combinations, metrics."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import safetensors
@@ -141,10 +143,23 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     assert again["unet_seconds"] == card["unet_seconds"]
 
 
-def test_evaluate_script_runs_on_tiny(workdir):
-    """The DreamBooth evaluation, at toy size: trains three ways with the course's scripts, scores four."""
+def test_evaluate_script_runs_on_tiny(workdir, monkeypatch, subject_judge_of_training_images):
+    """The DreamBooth evaluation, at toy size: trains three ways with the course's scripts, scores four.
+    Its subject judge is the session's one of the same pictures (building it takes longer than the rest)."""
     import json
 
+    from pocket import subject_judge
+
+    asked = []
+
+    def load(folder, view=None):
+        asked.append(folder)
+        shipped = sorted((ROOT / "training_images").iterdir())
+        assert view is None and [(p.name, p.read_bytes()) for p in sorted(Path(folder).iterdir())] == \
+            [(p.name, p.read_bytes()) for p in shipped]
+        return subject_judge_of_training_images
+
+    monkeypatch.setattr(subject_judge, "load", load)
     world_metrics.build_classifier().save_pretrained("models/judge")
     world_metrics.build_classifier(world.OBJECTS).save_pretrained("models/objects")
     from tools import evaluate_dreambooth
@@ -166,3 +181,4 @@ def test_evaluate_script_runs_on_tiny(workdir):
     assert saved["results"]["LoRA + prior preservation"]["train_seconds"] > 0
     assert "| LoRA + prior preservation |" in (workdir / "outputs/evaluation/results.md").read_text()
     assert (workdir / "outputs/evaluation/samples.png").is_file()
+    assert len(asked) == 1
