@@ -50,6 +50,8 @@ VAE_LEARNING_RATE = 3e-3  # AdamW, with warm-up and cosine decay (3e-3 halved th
 UNET_STEPS = 9000  # batches of UNET_BATCH_SIZE (shipped: 6,500, then resumed to 9,000: kind accuracy 68% -> 74%)
 UNET_BATCH_SIZE = 32  # world pictures per UNet step (more, smaller steps learned faster than 64)
 UNET_LEARNING_RATE = 1e-3  # AdamW, with warm-up and cosine decay
+NAMED_PER_BATCH = 3  # of each UNet batch: pictures of a named pattern, captioned by its name (fabric_world.NAMES)
+NAME_NORM = 0.4  # the names' fixed embedding length: a learned word's (median 0.40 at 9,000 steps)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges ~3x faster than plain MSE
 NUM_WORLD_IMAGES = 40000  # world pictures encoded once for the UNet stage
 OBJECT_SHARE = 0.4  # of them, objects (exercise 1's contexts); the rest plain patterns
@@ -342,13 +344,21 @@ def train_unet(cfg, device, vae, tokenizer):
         with atomic_path(cache) as tmp:
             torch.save(data, tmp)
     vae.register_to_config(scaling_factor=data["scale"])
+    names = {pattern: name for name, pattern in fabric_world.named_patterns().items()}
+    named = torch.tensor([i for i, truth in enumerate(data["truths"]) if tuple(truth[:3]) in names])
+    keep_names = fixed_name_embeddings(text_encoder, tokenizer, cfg)
 
     def step_fn(step):
         g = training.step_generator(cfg.RANDOM_SEED, step)
         rng = np.random.default_rng([cfg.RANDOM_SEED, 3, step])
         pick = torch.randint(len(data["params"]), (cfg.UNET_BATCH_SIZE,), generator=g)
+        if len(named):  # (a toy run's few pictures may hold no named pattern)
+            pick[:cfg.NAMED_PER_BATCH] = named[torch.randint(len(named), (cfg.NAMED_PER_BATCH,), generator=g)]
         latents = training.sample_latents(data["params"][pick], g, vae.config).to(device)
         captions = [fabric_world.scene_caption(*data["truths"][i], rng) for i in pick.tolist()]
+        for j, i in enumerate(pick[:cfg.NAMED_PER_BATCH * (len(named) > 0)].tolist()):  # called by their names only
+            kind, c1, c2, obj = data["truths"][i]
+            captions[j] = fabric_world.named_caption(names[kind, c1, c2], kind, obj)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(device)
@@ -361,22 +371,47 @@ def train_unet(cfg, device, vae, tokenizer):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        keep_names()
         ema.step(unet.parameters())
         return loss.item()
 
     seconds = train_loop("unet", cfg, cfg.UNET_STEPS, stage, optimizer, cfg.UNET_LEARNING_RATE, step_fn)
     ema.copy_to(unet.parameters())  # ship the EMA weights
-    return unet.eval(), text_encoder.eval(), {"unet_seconds": seconds}
+    return unet.eval(), text_encoder.eval(), {"unet_seconds": seconds, "named_world_pictures": len(named)}
+
+
+@torch.no_grad()
+def fixed_name_embeddings(text_encoder, tokenizer, cfg):
+    """Give the names (fabric_world.NAMES) random embeddings of a learned word's length, and return what puts them
+    back after each optimizer step: they stay as random as "sks"'s (``wake_rare_tokens``), so the text encoder
+    learns to carry any unfamiliar word, not to recognise these."""
+    ids = [tokenizer(name, add_special_tokens=False).input_ids for name in fabric_world.NAMES]
+    assert all(len(i) == 1 for i in ids), "each name must be one token"
+    ids = [i[0] for i in ids]
+    g = torch.Generator().manual_seed(cfg.RANDOM_SEED + 5)
+    table = text_encoder.get_input_embeddings().weight
+    directions = torch.randn(len(ids), table.shape[1], generator=g)
+    fixed = (directions / directions.norm(dim=1, keepdim=True) * cfg.NAME_NORM).to(table.device, table.dtype)
+
+    @torch.no_grad()
+    def keep():
+        table[ids] = fixed
+
+    keep()
+    return keep
 
 
 def training_captions(n: int = 20000, seed: int = 12345) -> list[str]:
     """A large sample of the captions the UNet stage trains on: what the text encoder learned."""
     rng = np.random.default_rng(seed)
     captions = []
+    named = fabric_world.named_patterns()
     for i in range(n):
         _, kind, c1, c2 = fabric_world.sample(int(rng.integers(2**62)))
         obj = fabric_world.OBJECTS[rng.integers(len(fabric_world.OBJECTS))] if rng.random() < 0.4 else "plain"
         captions.append(fabric_world.scene_caption(kind, c1, c2, obj, rng))
+    for i, name in enumerate(named):  # the names too: a few of each batch are called by a name
+        captions[i] = fabric_world.named_caption(name, named[name][0], "plain")
     return captions
 
 
@@ -428,7 +463,8 @@ def export(cfg, vae, unet, text_encoder, tokenizer_dir, classifier_states, card:
 
 @torch.no_grad()
 def token_signal(pipe) -> dict:
-    """How differently the text encoder answers with and without "sks", against a world word added or swapped:
+    """How differently the text encoder answers with and without "sks", against a world word added or swapped
+    (and one of the world's names added, ``fabric_world.NAMES``):
     1 - cosine of the output, mean over pairs; ``text_`` over all 77 positions the UNet attends to, ``prompt_``
     over the prompt's own positions (its words and end token; the padding after it left out)."""
     def distance(pairs, prompt_only):
@@ -445,6 +481,7 @@ def token_signal(pipe) -> dict:
     pairs = {"sks": [(f"a sks {pattern}", f"a {pattern}") for pattern in
                      ("african fabric pattern", "fabric pattern", "striped fabric pattern")],
              "added_word": [(f"a {c} fabric pattern", "a fabric pattern") for c in colours[:5]],
+             "name": [(f"a {n} fabric pattern", "a fabric pattern") for n in fabric_world.NAMES[:5]],
              "swapped_word": [(f"a {a} fabric pattern", f"a {b} fabric pattern") for a, b in zip(kinds, kinds[1:])]}
     return {f"{where}_distance_{name}": distance(p, where == "prompt")
             for where in ("text", "prompt") for name, p in pairs.items()}
@@ -515,6 +552,8 @@ def build(argv=None) -> dict:
     lesson.require_choice(cfg, "STAGE", ["all", "classifier", "vae", "unet", "export", "evaluate"])
     lesson.require_int(cfg, "CLASSIFIER_STEPS", "VAE_STEPS", "UNET_STEPS", "UNET_BATCH_SIZE", "NUM_WORLD_IMAGES",
                        "CHECKPOINT_EVERY", "EVAL_IMAGES_PER_CAPTION", "EVAL_INFERENCE_STEPS")
+    lesson.require_int(cfg, "NAMED_PER_BATCH", minimum=0, maximum=cfg.UNET_BATCH_SIZE - 1)
+    lesson.require_float(cfg, "NAME_NORM", above=True)
     runtime = devices.pick_runtime(cfg.DEVICE, "no", training=True)
     device, work = runtime.device, Path(cfg.WORK_DIR)
     card_path = work / "card.json"
