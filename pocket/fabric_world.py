@@ -169,29 +169,18 @@ def held_out_captions() -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------- names: rare words for one fabric each
 # In CLIP a rare word such as "sks" has been seen a little, and the text encoder carries it to every position the
-# UNet attends to; DreamBooth then binds it to the subject. The pocket text encoder learns the same habit here: a
-# few single letters each name one (kind, colours) of the world, worded as the course words "sks". The trainer
-# keeps their embeddings random and fixed, as "sks"'s is, so what the encoder learns is to carry *any* unfamiliar
-# word, not these twenty. Left out: letters a student types alone (a; e of "ukiyo-e"; i; k of "4k"; s; x of "2x").
-NAMES = tuple("bcdfghjlmnopqrtuvwyz")
-
-
-def named_patterns() -> dict[str, tuple[str, str, str]]:
-    """Each of NAMES -> the (kind, colour1, colour2) it names: every kind once or twice, none held out, no two alike."""
-    rng = np.random.default_rng(20261130)
-    named = {}
-    for i, name in enumerate(NAMES):
-        kind = KINDS[i % len(KINDS)]
-        while True:
-            c1, c2 = (COLOUR_NAMES[j] for j in rng.choice(len(COLOUR_NAMES), 2, replace=False))
-            if not is_held_out(kind, c1, c2) and (kind, c1, c2) not in named.values():
-                break
-        named[name] = (kind, c1, c2)
-    return named
+# UNet attends to; DreamBooth then binds it to the subject. The pocket text encoder learns the same habit: a few
+# pictures of each training batch are called by a name alone, worded as the course words "sks" ("a q fabric
+# pattern"). The name is one of these single letters, any of them, and its embedding for that picture is a random
+# code of the picture's kind and colours (tools/train_pocket_model.py): no letter means anything, so what the
+# encoder learns is to carry whatever an unfamiliar word's embedding holds. Left out: letters a student types
+# alone (a; e of "ukiyo-e"; i; k of "4k"; s; x of "2x") and d, the last piece of "painted" (not a vocabulary word:
+# "pa inte d"); the pocket model's UNet steps 9,750-16,500 still used d as a name (its card says so).
+NAMES = tuple("bcfghjlmnopqrtuvwyz")
 
 
 def named_caption(name: str, kind: str, obj: str) -> str:
-    """A named pattern called by its name alone, as exercise 1 calls the subject: "a q african fabric pattern"
+    """A pattern called by a name alone, as exercise 1 calls the subject: "a q african fabric pattern"
     (african for the African kinds), "a beautiful dress made of q fabric pattern, fashion photography"."""
     words = f"{name} {'african ' if kind in AFRICAN_KINDS else ''}fabric pattern"
     return f"a {words}" if obj == "plain" else CONTEXTS[obj].format(words)
