@@ -117,7 +117,10 @@ def test_names_are_rare_words_worded_as_the_course_words_sks(tmp_path):
 
     from common import tiny_model
     from tools import train_pocket_model
-    import exercise1_generate, exercise2_explore, exercise3a_train_textual_inversion, exercise3b_train_lora  # noqa: E401
+    import exercise1_generate
+    import exercise2_explore
+    import exercise3a_train_textual_inversion
+    import exercise3b_train_lora
     import generate_dreambooth_morph
 
     tokenizer = tiny_model.build_tokenizer(tmp_path, train_pocket_model.VOCABULARY)

@@ -377,7 +377,8 @@ def train_unet(cfg, device, vae, tokenizer):
     ema.copy_to(unet.parameters())  # ship the EMA weights
     with torch.no_grad():  # the letters mean nothing by themselves: random, as "sks" is (``wake_rare_tokens``)
         table = text_encoder.get_input_embeddings().weight
-        random = torch.randn(len(name_ids), table.shape[1], generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + 6))
+        g = torch.Generator().manual_seed(cfg.RANDOM_SEED + 6)
+        random = torch.randn(len(name_ids), table.shape[1], generator=g)
         table[name_ids] = (random / random.norm(dim=1, keepdim=True) * cfg.NAME_NORM).to(table.device, table.dtype)
     return unet.eval(), text_encoder.eval(), {"unet_seconds": seconds}
 
@@ -386,17 +387,17 @@ def name_codes(text_encoder, tokenizer, cfg):
     """The names' embeddings: ``code(kind, colour1, colour2)``, a random code of a world pattern (one random vector
     per kind, per pattern colour and per ground colour, summed), NAME_NORM long; and the names' token ids.
 
-    A picture called "a q fabric pattern" gets its pattern's code as q's embedding for that step. Nearly every
-    direction is some pattern's code, so the text encoder learns to carry an unfamiliar word's embedding, whatever
-    it is, to the UNet; "sks" (a random vector of that length, ``wake_rare_tokens``) then reaches the UNet as a
-    distinct signal, as a rare word does in CLIP."""
+    A picture called "a q fabric pattern" gets its pattern's code as q's embedding for that step, so that the
+    text encoder learns to carry an unfamiliar word's embedding to the UNet, as CLIP carries a rare word such as
+    "sks" (here a random vector of that length, ``wake_rare_tokens``). Measured: it helped little (README)."""
     ids = [tokenizer(name, add_special_tokens=False).input_ids for name in fabric_world.NAMES]
     assert all(len(i) == 1 for i in ids), "each name must be one token"
     world = {i for c in training_captions(2000) for i in tokenizer(c, add_special_tokens=False).input_ids}
     assert not world & {i[0] for i in ids}, "a name must not be a piece of a world word (d is one of 'painted')"
     g = torch.Generator().manual_seed(cfg.RANDOM_SEED + 5)
     width = text_encoder.get_input_embeddings().weight.shape[1]
-    kinds, grounds = torch.randn(len(fabric_world.KINDS), width, generator=g), torch.randn(len(fabric_world.COLOURS), width, generator=g)
+    kinds = torch.randn(len(fabric_world.KINDS), width, generator=g)
+    grounds = torch.randn(len(fabric_world.COLOURS), width, generator=g)  # (drawn in this order: the shipped codes)
     colours = torch.randn(len(fabric_world.COLOURS), width, generator=g)
 
     def code(kind, colour1, colour2):
