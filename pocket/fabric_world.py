@@ -167,7 +167,7 @@ def held_out_captions() -> list[tuple[str, str, str]]:
             if a != b and is_held_out(k, a, b)]
 
 
-# --------------------------------------------------------------------------- names: rare words for one fabric each
+# --------------------------------------------------------------------------- names: rare words, a pattern each time
 # In CLIP a rare word such as "sks" has been seen a little, and the text encoder carries it to every position the
 # UNet attends to; DreamBooth then binds it to the subject. The pocket text encoder learns the same habit: a few
 # pictures of each training batch are called by a name alone, worded as the course words "sks" ("a q fabric

@@ -3,7 +3,7 @@
 import json
 import math
 
-from bench import bench_generate, bench_threads, bench_train
+from bench import bench_generate, bench_judge, bench_threads, bench_train
 
 
 def _record(path):
@@ -66,3 +66,16 @@ def test_bench_threads_times_each_thread_count_idle_and_busy(workdir, tmp_path):
         assert len(condition["variants"]) == 3 and all(_positive(v["median_s"]) for v in condition["variants"].values())
         assert _positive(condition["default/1 thread"]) and condition["rule_threads"][0] >= 1
     assert torch.get_num_threads() == before  # the benchmark gives PyTorch its thread count back
+
+
+def test_bench_judge_times_both_searches_and_they_agree(tmp_path):
+    from pocket import subject_judge
+
+    before = subject_judge.nearest
+    assert bench_judge.main(["--crops", "2", "--fills", "1", "--rounds", "1", "--name", "judge-test",
+                             "--results-dir", str(tmp_path / "results")]) == 0
+    record = _record(tmp_path / "results" / "judge-test.json")
+    assert record["benchmark"] == "judge" and record["results"]["same_distances"] is True
+    assert all(_positive(record["results"][v]["median_s"]) for v in ("kept", "recomputed"))
+    assert _positive(record["results"]["kept_over_recomputed"])
+    assert subject_judge.nearest is before  # the benchmark puts the search back
