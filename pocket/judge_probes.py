@@ -10,6 +10,8 @@ judge (the world classifier's "subject" class) called grey noise, shuffled pixel
 - ``procedural_textures``: clouds, marble and wood grain (fractal value noise), coloured from random
   colours or from the subject's own palettes;
 - ``thresholded_blobs``: smooth noise cut into two to four flat colours (random or the subject's palettes);
+- ``restyled_textiles``: the subject's own styles (kente, wax, mudcloth) in palettes that are not the
+  subject's: the tradition in general, as SD v1.5 knows it, not *your* fabric;
 - ``world_samples``: the pocket world's own pictures, plain or as objects (``fabric_world.sample_scene``);
 - ``class_images``: the pocket model's "a fabric pattern", what prior preservation trains on.
 
@@ -148,6 +150,7 @@ PROBES = {
     "8x8 block-shuffled subject": lambda judge, n, seed: block_shuffled(judge.held_out(n, seed + 1), seed),
     "procedural textures": lambda judge, n, seed: procedural_textures(n, seed),
     "thresholded blobs": lambda judge, n, seed: thresholded_blobs(n, seed),
+    "the subject's styles in other palettes": lambda judge, n, seed: restyled_textiles(n, seed, judge.view),
     "world samples": lambda judge, n, seed: world_samples(n, 20_000_000 + seed * 10_000),
     "class images": lambda judge, n, seed: class_images(n, 30_000_000 + seed * 10_000),
 }
@@ -164,6 +167,34 @@ def sibling_textiles(n: int, seed: int, view: float = 1.0) -> np.ndarray:
     drawn = [textiles.draw_textile(style, palette, 40_000_000 + seed * 10_000 + i) for i, (style, palette, _) in
              zip(range(n), designs)]
     return np.stack([crop(picture, view, *(rng.random(2) if view < 1 else (0.5, 0.5))) for picture in drawn])
+
+
+def subject_palettes_named() -> list[frozenset]:
+    """Each of the subject's palettes as the set of the world's colour names nearest to its colours."""
+    names = fabric_world.COLOUR_NAMES
+    named = np.array([fabric_world.COLOURS[c] for c in names], float)
+    return [frozenset(names[int(np.argmin(((named - np.array(c, float)) ** 2).sum(1)))] for c in colours)
+            for colours in textiles.PALETTES.values()]
+
+
+def restyled_textiles(n: int, seed: int, view: float = 1.0) -> np.ndarray:
+    """The subject's three styles (kente, wax, mudcloth in turn) drawn in the world's named colours, in palettes
+    that share at most half their colours with any of the subject's: another maker's cloth in the same tradition,
+    what SD v1.5 knows of kente, wax print and mudcloth in general. Seen as ``sibling_textiles`` are."""
+    from pocket.subject_judge import crop
+
+    rng = np.random.default_rng([seed, 108])
+    names, subject = fabric_world.COLOUR_NAMES, subject_palettes_named()
+    out = []
+    for i in range(n):
+        style = ("kente", "wax", "mudcloth")[i % 3]
+        while True:  # (about one draw in three is too close to one of the subject's palettes)
+            chosen = [names[k] for k in rng.choice(len(names), 2 if style == "mudcloth" else 4, replace=False)]
+            if all(len(set(chosen) & palette) <= len(palette) // 2 for palette in subject):
+                break
+        picture = textiles.draw_textile(style, [fabric_world.COLOURS[c] for c in chosen], 50_000_000 + seed * 10_000 + i)
+        out.append(crop(picture, view, *(rng.random(2) if view < 1 else (0.5, 0.5))))
+    return np.stack(out)
 
 
 def through_pocket_vae(pictures: np.ndarray, vae_dir: str = "models/pocket-sd/vae") -> np.ndarray:
@@ -216,6 +247,8 @@ FILL_PROBES = {
         PROBES["8x8 block-shuffled subject"](judge, n, seed), obj, seed),
     "procedural textures": lambda judge, n, seed, obj: made_into(procedural_textures(n, seed), obj, seed),
     "thresholded blobs": lambda judge, n, seed, obj: made_into(thresholded_blobs(n, seed), obj, seed),
+    "the subject's styles in other palettes": lambda judge, n, seed, obj: made_into(
+        restyled_textiles(n, seed, judge.view), obj, seed),
 }
 FILL_NEAR_MISSES = {
     "16x16 block-shuffled subject": lambda judge, n, seed, obj: made_into(

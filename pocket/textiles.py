@@ -110,10 +110,11 @@ def _mudcloth(draw: ImageDraw.ImageDraw, size: int, colors, rng: np.random.Gener
 STYLES = {"kente": _kente, "wax": _wax, "mudcloth": _mudcloth}
 
 
-def draw_textile(style: str, palette: str, seed: int, size: int = 512) -> Image.Image:
-    """One textile picture, deterministic from ``seed``."""
+def draw_textile(style: str, palette, seed: int, size: int = 512) -> Image.Image:
+    """One textile picture, deterministic from ``seed``. ``palette``: a name in PALETTES, or the colours
+    themselves (RGB triples: four for kente and wax, two for mudcloth)."""
     rng = np.random.default_rng(seed)
-    colors = PALETTES[palette]
+    colors = PALETTES[palette] if isinstance(palette, str) else [tuple(int(v) for v in c) for c in palette]
     image = Image.new("RGB", (size, size), colors[0])
     STYLES[style](ImageDraw.Draw(image), size, colors, rng)
     if rng.random() < 0.5:

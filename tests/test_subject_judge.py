@@ -39,6 +39,23 @@ def test_probe_false_positive_rate(judge, name):
     assert judge.passes(pictures).mean() <= 0.05
 
 
+def test_restyled_textiles_are_the_subjects_styles_in_other_colours():
+    """The probe set "the subject's styles in other palettes" must really hold other palettes: in each picture the
+    named colours that cover at least 5% of it share at most half of any of the subject's palettes."""
+    from pocket import textiles
+
+    # A palette given as colours draws what the same palette given by name draws.
+    assert np.array_equal(np.asarray(textiles.draw_textile("wax", textiles.PALETTES["wax_orange"], 2, 128)),
+                          np.asarray(textiles.draw_textile("wax", "wax_orange", 2, 128)))
+    pictures = judge_probes.restyled_textiles(12, REPORT_SEED)
+    subject = judge_probes.subject_palettes_named()
+    for picture in pictures:
+        share = np.bincount(fabric_world.nearest_colour_names(picture), minlength=len(fabric_world.COLOUR_NAMES))
+        present = {fabric_world.COLOUR_NAMES[i] for i in np.flatnonzero(share >= 0.05 * share.sum())}
+        assert len(present) >= 2
+        assert all(len(present & palette) <= len(palette) // 2 for palette in subject), present
+
+
 def test_a_flat_picture_in_the_subjects_colours_fails(judge):
     pictures = np.stack([subject_judge.crop(p, judge.view) for p in judge.pictures])
     means = [pictures.reshape(-1, 3).mean(0)] + list(pictures.reshape(len(pictures), -1, 3).mean(1))
