@@ -250,6 +250,15 @@ def load_embedding(pipe, path, token: str | None = None) -> str:
                           "or incompletely downloaded: get it again.") from exc
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     word, vectors = _token_and_vectors(state, file, token, width)
+    # A word's vectors are floats, one row per vector: anything else would end deep inside diffusers (a 3-D or
+    # empty tensor) or be loaded as if it had been learned (whole numbers, True/False).
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point() or vectors.ndim not in (1, 2) \
+            or vectors.numel() == 0:
+        what = (f"a tensor of shape {tuple(vectors.shape)} and type {str(vectors.dtype).removeprefix('torch.')}"
+                if isinstance(vectors, torch.Tensor) else f"a {type(vectors).__name__}")
+        raise LessonError(f"'{file}' is not a Textual Inversion embedding: its '{word}' holds {what}, not "
+                          f"vectors of numbers ({width} wide for this model, one row per vector). Use an embedding "
+                          "made for this MODEL_ID, or train your own with exercise 3a.")
     require_finite({word: vectors}, file, "the embedding", "exercise3a_train_textual_inversion.py")
     if vectors.shape[-1] != width:
         raise LessonError(f"'{file.name}' holds {vectors.shape[-1]}-wide vectors (made for "

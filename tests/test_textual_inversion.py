@@ -199,6 +199,22 @@ def test_wrong_width_names_both_widths(tiny_pipe, tmp_path, state, message):
         ti.load_embedding(tiny_pipe, tmp_path / "other.safetensors")
 
 
+@pytest.mark.parametrize("vectors, what", [
+    (torch.zeros(3, 4, 32), r"shape \(3, 4, 32\) and type float32"),  # was: unexpected RuntimeError (diffusers)
+    (torch.zeros(0, 32), r"shape \(0, 32\) and type float32"),  # was: unexpected IndexError
+    (torch.ones(1, 32, dtype=torch.int64), r"shape \(1, 32\) and type int64"),  # was: loaded as if learned
+    (torch.ones(1, 32, dtype=torch.bool), r"shape \(1, 32\) and type bool"),
+])
+def test_embedding_of_another_shape_or_type_is_refused_and_the_pipe_is_untouched(tiny_pipe, tmp_path, vectors,
+                                                                                   what):
+    safetensors.torch.save_file({"<odd>": vectors}, str(tmp_path / "odd.safetensors"))
+    words = len(tiny_pipe.tokenizer)
+    with pytest.raises(LessonError, match=rf"is not a Textual Inversion embedding: its '<odd>' holds a tensor of "
+                                          rf"{what}, not vectors of numbers \(32 wide"):
+        ti.load_embedding(tiny_pipe, tmp_path / "odd.safetensors")
+    assert len(tiny_pipe.tokenizer) == words
+
+
 def test_automatic1111_layouts_load(tiny_pipe, tmp_path):
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "kente-a1111",
