@@ -66,6 +66,18 @@ def list_image_files(folder) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def subfolders_with_pictures(folder) -> list[str]:
+    """The names of ``folder``'s subfolders that hold pictures of their own (not read: only ``folder`` is)."""
+    found = []
+    for sub in sorted(Path(folder).iterdir()):
+        try:
+            if sub.is_dir() and not sub.name.startswith(".") and list_image_files(sub):
+                found.append(sub.name)
+        except OSError:  # a subfolder we may not list: it is not read either way
+            pass
+    return found
+
+
 def check_instance_folder(folder, constant: str = "TRAINING_IMAGES_DIR") -> list[Path]:
     """The picture files in ``folder``, or a LessonError saying why there are none.
 
@@ -78,8 +90,15 @@ def check_instance_folder(folder, constant: str = "TRAINING_IMAGES_DIR") -> list
         raise LessonError(f"{constant} folder '{folder}' {what}. Run the script from the project folder, or put "
                           f"your training images in '{folder}/'.")
     files = list_image_files(folder)
+    nested = subfolders_with_pictures(folder)
+    if not files and nested:  # (an unzipped download often puts the photos one folder down)
+        inner = folder / nested[0]
+        raise LessonError(f"{constant} folder '{folder}/' holds no pictures itself, but its subfolder"
+                          f"{'s' if len(nested) > 1 else ''} {', '.join(f'{n}/' for n in nested[:3])} "
+                          f"{'do' if len(nested) > 1 else 'does'}: pictures in subfolders are not read. Set "
+                          f"{constant} to '{inner}' (or move the pictures up into '{folder}/') and run again.")
     if not files:
-        others = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        others = [p.name + ("/" if p.is_dir() else "") for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
         held = f"holds only {len(others)} other file(s) ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})" \
             if others else "is empty"
         heic = " Convert iPhone .heic photos to .jpg first." if any(
@@ -127,6 +146,11 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
     if others:
         warn(f"ignoring {len(others)} file(s) that are not {SUFFIX_LIST}: {', '.join(others[:5])}"
              + (" ..." if len(others) > 5 else ""))
+    nested = subfolders_with_pictures(folder)
+    if nested:
+        warn(f"ignoring the pictures in subfolder(s) {', '.join(f'{n}/' for n in nested[:5])}"
+             f"{' ...' if len(nested) > 5 else ''}: only the pictures directly in '{folder}/' are trained on. "
+             "Move them up if they are of your subject.")
     whole = crop_fraction >= 1
     images, upscaled = [], []
     for index, path in enumerate(files):

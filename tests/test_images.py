@@ -81,6 +81,27 @@ def test_no_usable_images_is_a_clear_error(tmp_path, setup):
         images.load_instance_images(folder, 64)
 
 
+def test_pictures_one_folder_down_are_named_not_called_files(tmp_path, capsys):
+    """An unzipped download puts the photos in a subfolder: the error used to say the folder 'holds only 1 other
+    file(s) (photos)', as if there were no pictures at all."""
+    folder = tmp_path / "training_images"
+    (folder / "photos").mkdir(parents=True)
+    _save(Image.new("RGB", (64, 64), "red"), folder / "photos" / "a.jpg")
+    (folder / "empty").mkdir()
+    with pytest.raises(LessonError, match=r"'.*training_images/' holds no pictures itself, but its subfolder photos/ "
+                                          r"does: pictures in subfolders are not read\. Set TRAINING_IMAGES_DIR to "
+                                          r"'.*training_images/photos'"):
+        images.check_instance_folder(folder)
+    _save(Image.new("RGB", (64, 64), "blue"), folder / "b.png")  # beside pictures of its own: used, and said
+    assert len(images.load_instance_images(folder, 32)) == 1
+    assert "ignoring the pictures in subfolder(s) photos/: only the pictures directly in" in capsys.readouterr().out
+    (folder / "b.png").unlink()
+    (folder / "photos" / "a.jpg").unlink()
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(LessonError, match=r"holds only 3 other file\(s\) \(empty/, notes.txt, photos/\)"):
+        images.check_instance_folder(folder)
+
+
 def test_non_ascii_names(tmp_path):
     _save(Image.new("RGB", (64, 64), "red"), tmp_path / "tissu_àéü_布.png")
     assert len(images.load_instance_images(tmp_path, 64)) == 1
