@@ -164,6 +164,9 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
         ([source, tmp_path / "out.safetensors", "--to", "peft"], "writes a folder"),
         ([source, tmp_path / "out", "--to", "kohya"], "writes one file"),
         ([source, source, "--to", "kohya", "--force"], "would replace the LoRA being converted"),
+        # --force replaced a folder as a whole, with whatever else it held (it deleted notes.txt)
+        ([source, tmp_path / "full", "--to", "diffusers", "--force"], r"OUT '.*full' holds 1 thing\(s\) that are "
+         r"not a LoRA \(notes.txt\), which --force would delete with the folder. Choose another OUT"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_:
@@ -181,6 +184,9 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
                                               "--force"]))
     assert exit_.value.code == 0
     assert safetensors.torch.load_file(str(tmp_path / "taken.safetensors"))["lora_unet_x.alpha"].item() == 2.0
+    for _ in range(2):  # a folder holding only a LoRA (the first run's) is replaced with --force
+        assert convert_lora.convert([str(source), str(tmp_path / "again"), "--to", "diffusers", "--force"])
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["pytorch_lora_weights.safetensors"]
     with pytest.raises(SystemExit) as exit_:
         convert_lora.main(["--help"])
     assert exit_.value.code == 0 and "--to {kohya,diffusers,peft}" in capsys.readouterr().out

@@ -97,6 +97,25 @@ def check_out(out: Path, to: str, file: Path, force: bool) -> None:
     if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
         raise LessonError(f"OUT '{out}' already exists{'' if out.is_file() else ' and is not empty'}. Choose another "
                           "OUT, or add --force to replace it.")
+    if force and out.is_dir():  # --force replaces a LoRA folder as a whole: never one that holds other things
+        others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not is_lora_output(p))
+        if others:
+            raise LessonError(f"OUT '{out}' holds {len(others)} thing(s) that are not a LoRA ({', '.join(others[:3])}"
+                              f"{' ...' if len(others) > 3 else ''}), which --force would delete with the folder. "
+                              "Choose another OUT: a new folder, or one holding only a LoRA.")
+
+
+def is_lora_output(path: Path) -> bool:
+    """Whether ``path``, in an OUT folder, is what a LoRA folder holds (so --force may replace it): a LoRA
+    .safetensors or .bin file, PEFT's config, a model card, or a save's hidden leftover."""
+    from common import files, lora
+
+    if path.name.startswith("."):
+        return True
+    if not path.is_file():
+        return False
+    return (path.name in (lora.PEFT_CONFIG, "README.md", lora.LEGACY_WEIGHT_NAME)
+            or files.adapter_kind(path) == "lora")
 
 
 def read(layout: str, file: Path):
