@@ -8,7 +8,7 @@ IN is a LoRA file or folder in any layout the scripts load (``common.lora.find_l
 ``--to kohya``, one ``.safetensors`` file; for ``--to diffusers``, a folder holding
 ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights(folder)`` reads); for ``--to peft``, a
 folder holding ``adapter_model.safetensors`` + ``adapter_config.json``. An existing OUT is replaced (a folder
-as a whole) only with ``--force``.
+as a whole, and only when it holds nothing but a LoRA) only with ``--force``.
 
 No base model is loaded: the layouts differ only in how they name each layer's (down, up) and where they keep
 its alpha, and diffusers converts names on the state dict alone (``lora_state_dict`` reads kohya's, as
