@@ -127,6 +127,19 @@ def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
         return None
 
 
+def require_suffix(path, suffixes: tuple[str, ...], what: str, constant: str, written: str) -> Path:
+    """Refuse a file whose name does not end in one of ``suffixes``: read by the wrong reader (a text, a picture,
+    or "X.SAFETENSORS" as a pickle), it failed as if it were damaged. ``what``: "a LoRA", "an embedding"."""
+    path = Path(path)
+    if path.suffix in suffixes:
+        return path
+    if path.suffix.lower() in suffixes:
+        raise LessonError(f"'{path}' ends in '{path.suffix}': rename it to end in '{path.suffix.lower()}' (lower "
+                          f"case: the loaders go by the ending as written) and set {constant} to the renamed file.")
+    raise LessonError(f"'{path}' is not {what} file: {what} is a {'/'.join(suffixes)} file ({written}). Set "
+                      f"{constant} to the file or its folder.")
+
+
 def require_readable(path, script: str) -> Path:
     """Refuse a .safetensors file whose header cannot be read (cut short by a download, or not one at all)."""
     path = Path(path)

@@ -25,12 +25,13 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import adapter_kind, atomic_path, require_readable, safetensors_keys
+from common.files import adapter_kind, atomic_path, require_readable, require_suffix, safetensors_keys
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"  # a pickle: read weights-only
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what read_weights reads
 SETTINGS_KEY = "dreambooth_training_settings"
 ADAPTER_NAME = "fabric"
 TRAIN_SCRIPT = "exercise3b_train_lora.py"  # named in the advice: how to make a LoRA
@@ -163,6 +164,7 @@ def find_lora_file(path) -> tuple[str, Path]:
         raise LessonError(f"No LoRA at '{path}'. Train one first with 'python {TRAIN_SCRIPT}' "
                           "(or download the course's and put it there).")
     if path.is_file():
+        require_suffix(path, LORA_SUFFIXES, "a LoRA", "LORA_PATH", f"exercise 3b writes {WEIGHT_NAME}")
         require_readable(path, TRAIN_SCRIPT)
         if adapter_kind(path) == "embedding":
             raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "

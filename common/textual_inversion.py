@@ -26,10 +26,11 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import adapter_kind, atomic_path, require_readable
+from common.files import adapter_kind, atomic_path, require_readable, require_suffix
 from common.lora import SETTINGS_KEY, require_finite
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")  # ours, diffusers', AUTOMATIC1111's
 
 # "style": the word names a look, as a pattern is a look that can cover anything. Adapted to textiles
 # from the Textual Inversion paper's style prompts ("a painting in the style of {}").
@@ -187,6 +188,8 @@ def find_embedding_file(path) -> Path:
     if not path.exists():
         raise LessonError(f"No Textual Inversion embedding at '{path}'. Train one with "
                           "'python exercise3a_train_textual_inversion.py', or point EMBEDDING_PATH at the file.")
+    if path.is_file():
+        require_suffix(path, EMBEDDING_SUFFIXES, "an embedding", "EMBEDDING_PATH", f"exercise 3a writes {WEIGHT_NAME}")
     found = path if path.is_file() else next((path / n for n in (WEIGHT_NAME, "learned_embeds.bin")
                                               if (path / n).is_file()), None)
     if found is None:

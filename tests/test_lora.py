@@ -230,3 +230,18 @@ def test_a_legacy_bin_lora_folder_loads_like_its_safetensors(trained_unet, tiny_
         fresh = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
         assert lora.load_lora(fresh, tmp_path / name) == 56, name
         assert torch.allclose(_unet_output(fresh.unet), _unet_output(unet), atol=1e-5), name
+
+
+def test_a_file_with_another_ending_is_not_read_as_a_damaged_lora(tmp_path):
+    """LORA_PATH at a .txt, a picture or 'X.SAFETENSORS' was read as a pickle and refused as 'damaged or
+    incompletely downloaded' (UnpicklingError, in PyTorch's words): it is named for what it is."""
+    safetensors.torch.save_file({"unet.x.lora_A.weight": torch.ones(2, 4)}, str(tmp_path / "LORA.SAFETENSORS"))
+    (tmp_path / "notes.txt").write_text("my lora")
+    with pytest.raises(LessonError, match=r"'.*LORA.SAFETENSORS' ends in '.SAFETENSORS': rename it to end in "
+                                          r"'.safetensors' .* and set LORA_PATH to the renamed file"):
+        lora.find_lora_file(tmp_path / "LORA.SAFETENSORS")
+    with pytest.raises(LessonError, match=r"'.*notes.txt' is not a LoRA file: a LoRA is a \.safetensors/\.bin/\.pt/"
+                                          r"\.pth file \(exercise 3b writes pytorch_lora_weights.safetensors\)"):
+        lora.find_lora_file(tmp_path / "notes.txt")
+    (tmp_path / "LORA.SAFETENSORS").rename(tmp_path / "lora.safetensors")
+    assert lora.find_lora_file(tmp_path / "lora.safetensors") == ("diffusers", tmp_path / "lora.safetensors")

@@ -215,6 +215,17 @@ def test_embedding_of_another_shape_or_type_is_refused_and_the_pipe_is_untouched
     assert len(tiny_pipe.tokenizer) == words
 
 
+def test_an_embedding_path_with_another_ending_is_named_not_called_damaged(tmp_path):
+    safetensors.torch.save_file({"<odd>": torch.ones(1, 32)}, str(tmp_path / "EMB.Safetensors"))
+    (tmp_path / "emb.txt").write_text("x")
+    with pytest.raises(LessonError, match=r"ends in '.Safetensors': rename it to end in '.safetensors' .* and set "
+                                          r"EMBEDDING_PATH to the renamed file"):
+        ti.find_embedding_file(tmp_path / "EMB.Safetensors")
+    with pytest.raises(LessonError, match=r"'.*emb.txt' is not an embedding file: an embedding is a "
+                                          r"\.safetensors/\.pt/\.bin file"):  # was: "not a readable embedding file"
+        ti.find_embedding_file(tmp_path / "emb.txt")
+
+
 def test_automatic1111_layouts_load(tiny_pipe, tmp_path):
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "kente-a1111",
