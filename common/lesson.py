@@ -364,6 +364,9 @@ def explain(exc: BaseException, constants=None) -> str | None:
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
         return (f"No permission to use '{exc.filename}' ({exc.strerror}). Make it readable and writable for you, or "
                 "set the constant that names it (OUTPUT_DIR, the other ..._DIR and ..._PATH ones) to a place you own.")
+    in_the_way = _in_the_way(exc)
+    if in_the_way:
+        return in_the_way
     if "without overflow" in lower:  # a constant far too large for float32 arithmetic
         return (f"A number is too large for the model's arithmetic ({brief(exc, 100)}). Use values in the range "
                 "the course suggests (GUIDANCE_SCALE 1-20, LEARNING_RATE 1e-5 to 1e-3, LORA_SCALE 0-2) and run again.")
@@ -371,6 +374,27 @@ def explain(exc: BaseException, constants=None) -> str | None:
         return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
                 "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")
     return None
+
+
+def _in_the_way(exc: BaseException) -> str | None:
+    """A file where a script makes a folder (outputs/exercise1_variations as a file: FileExistsError,
+    NotADirectoryError), or a folder where it writes a file (IsADirectoryError): which one, and what to do."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR) \
+            or not exc.filename:
+        return None
+    if exc.errno == errno.EISDIR:  # (os.replace(tmp, target) names the target second)
+        folder = next((Path(p) for p in (exc.filename2, exc.filename) if p and Path(p).is_dir()), None)
+        if folder is None:
+            return None
+        what = f"'{folder}' is a folder, but this script writes a file of that name there"
+    else:
+        path = Path(os.fsdecode(exc.filename))
+        blocker = next((p for p in (path, *path.parents) if p.is_file()), None)
+        if blocker is None:  # (a folder that already exists, say: not a file in the way)
+            return None
+        what = f"'{blocker}' is a file, but this script makes a folder of that name there"
+    return (f"{what}. Move or rename it (nothing of yours was overwritten), or set the constant that names its "
+            "folder (OUTPUT_DIR, or the other ..._DIR ones) to another folder, and run again.")
 
 
 # What the libraries say when memory or disk runs out, in words of their own:

@@ -815,6 +815,14 @@ INPUT_CASES = [
      Case("2-output-dir-read-only", E2, QUICK + ["--output-dir", "locked/out"],
           r"OUTPUT_DIR 'locked/out' cannot be created: 'locked' is not writable \(permission denied\)",
           _FOLDER.format("OUTPUT_DIR", E2, "--output-dir"), setup=_read_only_folder, before_model=True)),
+    # a file where a script makes a folder, a folder where it writes a file: was "unexpected FileExistsError" /
+    # "unexpected IsADirectoryError"
+    Case("1-output-subfolder-is-a-file", E1, QUICK, r"'outputs/exercise1_variations' is a file, but this script "
+         r"makes a folder of that name there", r"Move or rename it .*set the constant that names its folder",
+         setup=_write("outputs/exercise1_variations", b"my notes")),
+    Case("morph-output-file-is-a-folder", MORPH, GENERATE[MORPH], r"'outputs/dreambooth_fabric_morph.gif' is a folder, "
+         r"but this script writes a file of that name there", r"Move or rename it",
+         setup=_write("outputs/dreambooth_fabric_morph.gif/mine.txt", b"my notes")),
     Case("morph-output-dir-empty", MORPH, GENERATE[MORPH] + ["--output-dir", ""],
          r"OUTPUT_DIR must be the name of a file or folder, got ''", r"pass --output-dir", before_model=True),
     # ------------------------------------------------------- absurd sizes and seeds; values that passed, then crashed

@@ -301,3 +301,27 @@ def test_threads_flag_sets_pytorchs_threads_for_the_run_and_the_device_line_says
         assert torch.get_num_threads() == device.THREADS.count >= 1 and "busy with other programs" in device.THREADS.reason
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_file_or_folder_in_the_way_of_a_save_is_named(tmp_path):
+    """Real failures from the file system, as the scripts meet them: a file where a folder is made (mkdir, or a
+    path through it) and a folder where a file is written (os.replace onto it)."""
+    import os
+
+    (tmp_path / "exercise1_variations").write_text("my notes")
+    (tmp_path / "grid.png").mkdir()
+    (tmp_path / "tmp.png").write_bytes(b"new")
+    raised = []
+    for act in (lambda: (tmp_path / "exercise1_variations").mkdir(parents=True, exist_ok=True),
+                lambda: (tmp_path / "exercise1_variations" / "01.png").write_bytes(b"x"),
+                lambda: os.replace(tmp_path / "tmp.png", tmp_path / "grid.png")):
+        with pytest.raises(OSError) as exc:
+            act()
+        raised.append(lesson.explain(exc.value))
+    for message in raised[:2]:
+        assert message.startswith(f"'{tmp_path / 'exercise1_variations'}' is a file, but this script makes a folder "
+                                  "of that name there. Move or rename it"), message
+    assert raised[2].startswith(f"'{tmp_path / 'grid.png'}' is a folder, but this script writes a file"), raised[2]
+    assert (tmp_path / "exercise1_variations").read_text() == "my notes"
+    existing = FileExistsError(17, "File exists", str(tmp_path / "grid.png"))  # (a folder: not in anyone's way)
+    assert lesson.explain(existing) is None and lesson.explain(FileExistsError(17, "File exists")) is None
