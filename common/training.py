@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -322,8 +323,12 @@ def register_adapter_checkpointing(accelerator, save_adapter, load_adapter, stat
 
 
 def checkpoint_dirs(root) -> list[Path]:
+    """This course's checkpoints in ``root``, oldest first: checkpoint-NNNNNN folders (save_checkpoint's names,
+    whose order is their steps'). Other "checkpoint-..." folders (a copy, diffusers' checkpoint-500) are not
+    ours: --resume does not pick them, and keeping the newest never deletes them."""
     root = Path(root)
-    return sorted(p for p in root.glob("checkpoint-*") if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d{6}", p.name)
+                  and p.is_dir()) if root.is_dir() else []
 
 
 def _set_aside_earlier_run(run: Run) -> None:

@@ -85,6 +85,23 @@ def test_resume_continues_at_the_right_step(workdir, capsys):
     assert len(result.history["total"]) == 5  # 3 from the first run (restored) + 2 new steps
 
 
+def test_resume_passes_over_checkpoint_folders_that_are_not_ours(workdir, capsys):
+    """A 'checkpoint-final' copy or diffusers' 'checkpoint-500' sorted after checkpoint-000003, so --resume
+    refused it as 'a checkpoint in the old layout' (and keeping the newest could delete ours beside it)."""
+    script = exercise3b_train_lora
+    script.train(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
+    checkpoints = workdir / "models/fabric_lora/checkpoints"
+    for name in ("checkpoint-final", "checkpoint-500"):
+        (checkpoints / name).mkdir()
+        (checkpoints / name / "mine.txt").write_text("mine")
+    script.train(FAST + ["--max-train-steps", "4", "--sample-every", "100", "--checkpoint-every", "1",
+                         "--checkpoints-to-keep", "1", "--resume"])
+    assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000003' at step 3" in capsys.readouterr().out
+    assert [p.name for p in training.checkpoint_dirs(checkpoints)] == ["checkpoint-000004"]
+    for name in ("checkpoint-final", "checkpoint-500"):
+        assert (checkpoints / name / "mine.txt").read_text() == "mine"
+
+
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
     from safetensors.torch import load_file
 
