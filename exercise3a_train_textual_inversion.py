@@ -54,7 +54,7 @@ NUM_INFERENCE_STEPS = 25  # denoising steps for samples
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples
 SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
 CHECKPOINT_EVERY = 1000  # steps between checkpoints (for --resume)
-CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
+CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted (0 = keep them all)
 RESUME = False  # continue from the newest checkpoint in EMBEDDING_DIR/checkpoints-ti (new LEARNING_RATE etc. apply)
 RANDOM_SEED = 42  # same seed, same run
 EMBEDDING_DIR = "models/fabric_textual_inversion"  # where the learned embedding goes
@@ -98,6 +98,7 @@ def validate(cfg):
     lesson.require_float(cfg, "CROP_FRACTION", minimum=0.1, maximum=1, allow_none=True)
     lesson.require_choice(cfg, "LEARNABLE_PROPERTY", list(ti.TEMPLATES))
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    training.check_schedule(cfg)
     training.check_log_with(cfg)
     token = cfg.PLACEHOLDER_TOKEN
     if len(token.split()) != 1 or token != token.lower():

@@ -62,7 +62,7 @@ NUM_INFERENCE_STEPS = 25  # denoising steps for samples and class images
 GUIDANCE_SCALE = 7.5  # classifier-free guidance for samples and class images
 SAMPLE_BATCH_SIZE = 4  # images generated at once (halved automatically if memory runs out)
 CHECKPOINT_EVERY = 50  # updates between checkpoints, for --resume (the course's every 200 micro-batch steps)
-CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted
+CHECKPOINTS_TO_KEEP = 3  # older checkpoints are deleted (0 = keep them all)
 RESUME = False  # continue from the newest checkpoint in LORA_DIR/checkpoints (new LEARNING_RATE etc. apply)
 RANDOM_SEED = 42  # same seed, same run
 LORA_DIR = "models/fabric_lora"  # where the trained LoRA goes
@@ -105,6 +105,7 @@ def validate(cfg):
     # (at least 0.1: a smaller crop shows less than a motif and gives 1 / fraction**2 crops per picture to encode)
     lesson.require_float(cfg, "CROP_FRACTION", minimum=0.1, maximum=1, allow_none=True)
     lesson.require_choice(cfg, "LR_SCHEDULER", ["constant", "constant_with_warmup", "linear", "cosine"])
+    training.check_schedule(cfg)
     training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
         lesson.require_int(cfg, "NUM_CLASS_IMAGES")  # prior preservation needs class images

@@ -323,12 +323,13 @@ def register_adapter_checkpointing(accelerator, save_adapter, load_adapter, stat
 
 
 def checkpoint_dirs(root) -> list[Path]:
-    """This course's checkpoints in ``root``, oldest first: checkpoint-NNNNNN folders (save_checkpoint's names,
-    whose order is their steps'). Other "checkpoint-..." folders (a copy, diffusers' checkpoint-500) are not
+    """This course's checkpoints in ``root``, oldest first: checkpoint-NNNNNN folders (save_checkpoint's names:
+    the step, at least six digits). Other "checkpoint-..." folders (a copy, diffusers' checkpoint-500) are not
     ours: --resume does not pick them, and keeping the newest never deletes them."""
     root = Path(root)
-    return sorted(p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d{6}", p.name)
-                  and p.is_dir()) if root.is_dir() else []
+    ours = [p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d{6,}", p.name) and p.is_dir()] \
+        if root.is_dir() else []
+    return sorted(ours, key=lambda p: int(p.name.removeprefix("checkpoint-")))  # (step 1,000,000 has 7 digits)
 
 
 def _set_aside_earlier_run(run: Run) -> None:
@@ -423,6 +424,18 @@ def apply_learning_rate(optimizer, lr_scheduler, learning_rate: float) -> None:
 RUNS_DIR = "runs"  # in OUTPUT_DIR: one folder per run, which TensorBoard shows side by side
 LOG_WITH_CHOICES = ("tensorboard", "wandb", None)
 WANDB_PROJECT = "dreambooth-fabric"  # (W&B groups runs by project; TensorBoard by folder)
+
+
+def check_schedule(cfg) -> None:
+    """Warn, before any model loads, when the learning-rate constants will not do what they say: diffusers'
+    "constant" schedule has no warm-up, and a warm-up as long as the run never reaches LEARNING_RATE."""
+    if cfg.LR_WARMUP_STEPS > 0 and cfg.LR_SCHEDULER == "constant":
+        warn(f"LR_WARMUP_STEPS is {cfg.LR_WARMUP_STEPS}, but LR_SCHEDULER 'constant' has no warm-up, so it is ignored. "
+             f"Set {dashed('LR_SCHEDULER')} constant_with_warmup (or linear, cosine) to warm up.")
+    elif cfg.LR_WARMUP_STEPS >= cfg.MAX_TRAIN_STEPS > 0:
+        warn(f"LR_WARMUP_STEPS ({cfg.LR_WARMUP_STEPS}) is not below MAX_TRAIN_STEPS ({cfg.MAX_TRAIN_STEPS}): the "
+             f"learning rate never reaches LEARNING_RATE ({cfg.LEARNING_RATE:g}). A warm-up of a tenth of the run "
+             "or less is usual.")
 
 
 def check_log_with(cfg) -> None:

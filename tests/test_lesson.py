@@ -9,6 +9,7 @@ from common import configurator, device, lesson
 from common.errors import LessonError
 import exercise1_generate
 import exercise2_explore
+import exercise3a_train_textual_inversion
 import exercise3b_train_lora
 import generate_dreambooth_morph
 from conftest import ROOT
@@ -83,6 +84,19 @@ def test_instance_prompt_without_token_warns(capsys):
     cfg = lesson.configure(vars(script), ["--instance-prompt", "a fabric pattern"])
     script.validate(cfg)
     assert "does not contain SUBJECT_TOKEN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
+@pytest.mark.parametrize("args, said", [
+    (["--lr-warmup-steps", "50"], "'constant' has no warm-up"),  # (the default schedule ignores a warm-up)
+    (["--lr-warmup-steps", "5000", "--lr-scheduler", "cosine"], "never reaches LEARNING_RATE"),
+    (["--lr-warmup-steps", "20", "--lr-scheduler", "cosine"], None),
+])
+def test_a_schedule_that_will_not_do_what_its_constants_say_warns(script, args, said, capsys):
+    cfg = lesson.configure(vars(script), args)
+    script.validate(cfg)
+    out = capsys.readouterr().out
+    assert (said in out) if said else "LR_WARMUP_STEPS" not in out, out
 
 
 # --------------------------------------------------------------------------- the configurator's traps (issue 14)
