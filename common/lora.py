@@ -152,9 +152,9 @@ def read_settings(path) -> dict:
 
 
 # --------------------------------------------------------------------------- loading, whatever the layout
-def find_lora_file(path) -> tuple[str, Path]:
+def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
     """Which layout ``path`` holds: ("peft" | "diffusers" | "kohya", the weights file). Refuses what it
-    cannot load.
+    cannot load. ``constant``: what the advice calls the path (a tool names its argument).
 
     Only file headers are read (once per file: ``files.safetensors_keys``), so the generation scripts call
     this before any model loads, and hand its answer to ``load_lora``.
@@ -164,11 +164,11 @@ def find_lora_file(path) -> tuple[str, Path]:
         raise LessonError(f"No LoRA at '{path}'. Train one first with 'python {TRAIN_SCRIPT}' "
                           "(or download the course's and put it there).")
     if path.is_file():
-        require_suffix(path, LORA_SUFFIXES, "a LoRA", "LORA_PATH", f"exercise 3b writes {WEIGHT_NAME}")
+        require_suffix(path, LORA_SUFFIXES, "a LoRA", constant, f"exercise 3b writes {WEIGHT_NAME}")
         require_readable(path, TRAIN_SCRIPT)
         if adapter_kind(path) == "embedding":
             raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
-                              "and LORA_PATH to the LoRA folder.")
+                              f"and {constant} to the LoRA folder.")
         if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
             return "peft", path
         return _file_layout(path), path
@@ -189,9 +189,9 @@ def find_lora_file(path) -> tuple[str, Path]:
         embeddings = f" It holds only a Textual Inversion embedding ({files[0].name}): set EMBEDDING_PATH to it." \
             if files else ""
         raise LessonError(f"The folder '{path}' holds no LoRA weights (.safetensors).{embeddings} Train a LoRA with "
-                          "'python exercise3b_train_lora.py', or point LORA_PATH at the right folder or file.")
+                          f"'python exercise3b_train_lora.py', or point {constant} at the right folder or file.")
     raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "
-                      "set LORA_PATH to the one you mean.")
+                      f"set {constant} to the one you mean.")
 
 
 def fold_kohya_alphas(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

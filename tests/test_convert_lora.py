@@ -149,6 +149,7 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "taken.safetensors").write_bytes(b"a good file")
+    (tmp_path / "notes.txt").write_text("not a LoRA")
     embedding = tmp_path / "embedding.safetensors"
     safetensors.torch.save_file({"<african-fabric>": torch.ones(1, 32)}, str(embedding))
     loha = tmp_path / "loha.safetensors"
@@ -161,6 +162,9 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
         ([source, tmp_path / "full", "--to", "diffusers"], "already exists and is not empty.*--force"),
         ([source, tmp_path / "taken.safetensors", "--to", "kohya"], "already exists.*--force"),
         ([source, tmp_path / "out", "--to", "sdxl"], "invalid choice: 'sdxl'"),
+        # the tool's advice names its own argument (the scripts' constant is LORA_PATH)
+        ([tmp_path / "full", tmp_path / "out", "--to", "kohya"], "holds no LoRA weights.*point IN at"),
+        ([tmp_path / "notes.txt", tmp_path / "out", "--to", "kohya"], "not a LoRA file.*Set IN to"),
         ([source, tmp_path / "out.safetensors", "--to", "peft"], "writes a folder"),
         ([source, tmp_path / "out", "--to", "kohya"], "writes one file"),
         ([source, source, "--to", "kohya", "--force"], "would replace the LoRA being converted"),

@@ -56,7 +56,7 @@ def convert(argv=None) -> Path:
     if Path(args.IN).is_file() and files.adapter_kind(args.IN) == "embedding":
         raise LessonError(f"'{args.IN}' holds no LoRA layers (it is a Textual Inversion embedding, or a whole model). "
                           "Give the tool a LoRA file or folder.")
-    layout, file = lora.find_lora_file(args.IN)  # refuses a missing IN, a folder without a LoRA, a damaged file
+    layout, file = lora.find_lora_file(args.IN, "IN")  # refuses a missing IN, a folder without a LoRA, a damaged file
     out = Path(args.OUT)
     check_out(out, args.to, file, args.force)
     weights, alphas = read(layout, file)
