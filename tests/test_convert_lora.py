@@ -162,6 +162,7 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
         ([source, tmp_path / "full", "--to", "diffusers"], "already exists and is not empty.*--force"),
         ([source, tmp_path / "taken.safetensors", "--to", "kohya"], "already exists.*--force"),
         ([source, tmp_path / "out", "--to", "sdxl"], "invalid choice: 'sdxl'"),
+        ([source, tmp_path / "taken.safetensors", "--to", "kohya", "--forc"], "unrecognized arguments: --forc"),
         # the tool's advice names its own argument (the scripts' constant is LORA_PATH)
         ([tmp_path / "full", tmp_path / "out", "--to", "kohya"], "holds no LoRA weights.*point IN at"),
         ([tmp_path / "notes.txt", tmp_path / "out", "--to", "kohya"], "not a LoRA file.*Set IN to"),

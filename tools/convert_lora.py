@@ -44,7 +44,8 @@ class Parser(argparse.ArgumentParser):
 def convert(argv=None) -> Path:
     """Read IN, write OUT in the layout asked for; returns OUT."""
     parser = Parser(prog="tools/convert_lora.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    allow_abbrev=False)  # (a typo must not become --force)
     parser.add_argument("IN", help="the LoRA: a file, or a folder holding one")
     parser.add_argument("OUT", help="kohya: the .safetensors file to write; diffusers, peft: the folder to write")
     parser.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"], help="the layout to write")
