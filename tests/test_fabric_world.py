@@ -144,8 +144,34 @@ def test_names_are_rare_words_worded_as_the_course_words_sks(tmp_path):
     assert max(torch.cosine_similarity(a, x, dim=0) for x in (b, c)) < 0.9
 
 
+def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
+    """The carry stage: the encoder's layers train, its embedding table does not; the rare tokens, whose embeddings
+    it redraws every step, end as they began (export wakes them), and the world's words keep theirs."""
+    import types
+
+    from common import tiny_model
+    from tools import train_pocket_model as script
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_model.build_tokenizer(tmp_path / "tokenizer", script.VOCABULARY)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                           **script.TEXT_CONFIG))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    cfg = types.SimpleNamespace(CARRY_STEPS=4, CARRY_LEARNING_RATE=1e-3, CARRY_DISTANCE=0.4, CHECKPOINT_EVERY=2,
+                                RANDOM_SEED=0, WORK_DIR=str(tmp_path / "build"))
+    trained, info = script.train_carry(cfg, torch.device("cpu"), encoder, tokenizer)
+    after = trained.state_dict()
+    embeddings = [k for k in before if "embedding" in k]
+    assert len(embeddings) == 2 and all(torch.equal(before[k], after[k]) for k in embeddings)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in embeddings)
+    assert info["carry_seconds"] > 0 and (tmp_path / "build/carry/state.pt").is_file()
+    assert not any(p.requires_grad for p in trained.parameters())
+
+
 def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
-    """The pocket model's training script, at toy size: classifier, VAE, UNet+text encoder, export, evaluate."""
+    """The pocket model's training script, at toy size: classifier, VAE, UNet+text encoder, carry, export, evaluate."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
@@ -155,11 +181,12 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     from tools import train_pocket_model as script
     args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
             "--num-world-images", "300", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
-            "--vae-textiles", "4",
+            "--vae-textiles", "4", "--carry-steps", "3",
             "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
     card = script.build(args)
     assert card["eval_images"] == len(world.held_out_captions())
     assert (tmp_path / "models/pocket-build/unet/state.pt").is_file()
+    assert (tmp_path / "models/pocket-build/carry/state.pt").is_file() and card["carry_seconds"] > 0
     pipe = StableDiffusionPipeline.from_pretrained("models/pocket-test")
     with safetensors.safe_open("models/pocket-test/unet/diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # shipped in fp16
@@ -179,8 +206,8 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     assert torch.allclose(table[names].norm(dim=1), sks, rtol=0.02)
     assert torch.cosine_similarity(table[names[0]], table[names[1]], dim=0).abs() < 0.5
     # run again: every stage resumes from its checkpoint instead of training again
-    again = script.build(args + ["--stage", "unet"])
-    assert again["unet_seconds"] == card["unet_seconds"]
+    again = script.build(args + ["--stage", "carry"])
+    assert again["unet_seconds"] == card["unet_seconds"] and again["carry_seconds"] == card["carry_seconds"]
 
 
 def test_evaluate_script_runs_on_tiny(workdir, monkeypatch, subject_judge_of_training_images):
