@@ -405,7 +405,8 @@ def train_carry(cfg, device, text_encoder, tokenizer):
 
     teacher = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     table = text_encoder.get_input_embeddings().weight
-    rare = torch.nonzero(unseen_tokens(tokenizer, training_captions())).flatten()
+    captions = training_captions()
+    rare = torch.nonzero(unseen_tokens(tokenizer, captions)).flatten()
     seen = torch.ones(len(table), dtype=torch.bool)
     seen[rare] = False
     norm = table[seen].norm(dim=1).median().item()
@@ -414,7 +415,7 @@ def train_carry(cfg, device, text_encoder, tokenizer):
         p.requires_grad_("embedding" not in name)
     optimizer = torch.optim.AdamW(params, lr=cfg.CARRY_LEARNING_RATE, weight_decay=0.0)
     stage = Stage("carry", cfg.WORK_DIR, text_encoder=text_encoder, optimizer=optimizer)
-    captions = training_captions()
+    encoded = [ids[:70] for ids in tokenizer(captions).input_ids]  # once, not every step
     pad, n = tokenizer.pad_token_id, 32
 
     def step_fn(step):
@@ -426,7 +427,7 @@ def train_carry(cfg, device, text_encoder, tokenizer):
         plain, without, with_word = [], [], []
         after = torch.zeros(n, 77, 1)
         for k in range(n):
-            ids = tokenizer(captions[int(rng.integers(len(captions)))]).input_ids[:70]
+            ids = encoded[int(rng.integers(len(encoded)))]
             plain.append(ids)
             for _ in range(rng.integers(3)):  # other unknown pieces, before or after
                 at = int(rng.integers(1, len(ids)))
