@@ -168,6 +168,19 @@ def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in embeddings)
     assert info["carry_seconds"] > 0 and (tmp_path / "build/carry/state.pt").is_file()
     assert not any(p.requires_grad for p in trained.parameters())
+    # run again from the same encoder: the finished stage resumes; from another one (the unet stage trained on),
+    # its checkpoint no longer applies and the stage trains again
+    fresh = CLIPTextModel(encoder.config)
+    fresh.load_state_dict(before)
+    _, again = script.train_carry(cfg, torch.device("cpu"), fresh, tokenizer)
+    assert again["carry_seconds"] == info["carry_seconds"]
+    assert torch.equal(fresh.state_dict()["encoder.layers.0.mlp.fc1.weight"], after["encoder.layers.0.mlp.fc1.weight"])
+    other = CLIPTextModel(encoder.config)
+    other.load_state_dict(before)
+    with torch.no_grad():
+        other.state_dict()["encoder.layers.0.mlp.fc1.weight"] += 0.01
+    script.train_carry(cfg, torch.device("cpu"), other, tokenizer)
+    assert not torch.equal(other.state_dict()["encoder.layers.0.mlp.fc1.weight"], after["encoder.layers.0.mlp.fc1.weight"])
 
 
 def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):

@@ -164,13 +164,20 @@ def soften(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- resumable stage state
 class Stage:
-    """One stage's checkpoint file: modules, optimizer, EMA and step, saved atomically."""
+    """One stage's checkpoint file: modules, optimizer, EMA and step, saved atomically.
 
-    def __init__(self, name, work_dir, **objects):
+    ``inputs``: a fingerprint of what the stage starts from (``fingerprint``), where that can change under it; a
+    checkpoint made from other inputs is not resumed but trained again."""
+
+    def __init__(self, name, work_dir, inputs: str | None = None, **objects):
         self.path, self.objects, self.step, self.seconds = Path(work_dir) / name / "state.pt", objects, 0, 0.0
+        self.inputs = inputs
         if self.path.is_file():
             # weights only: these files hold tensors, numbers and strings, and a swapped one cannot run code
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("inputs") != inputs:
+                print(f"  {name}: the stage before it has changed since its checkpoint; training it again")
+                return
             for key, obj in objects.items():
                 obj.load_state_dict(state[key])
             self.step, self.seconds = state["step"], state["seconds"]
@@ -180,7 +187,19 @@ class Stage:
         """``seconds``: training time so far, kept across resumes for the model card."""
         self.step, self.seconds = step, seconds
         with atomic_path(self.path) as tmp:
-            torch.save({"step": step, "seconds": seconds, **{k: o.state_dict() for k, o in self.objects.items()}}, tmp)
+            torch.save({"step": step, "seconds": seconds, "inputs": self.inputs,
+                        **{k: o.state_dict() for k, o in self.objects.items()}}, tmp)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights: which model a later stage started from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
@@ -414,7 +433,8 @@ def train_carry(cfg, device, text_encoder, tokenizer):
     for name, p in text_encoder.named_parameters():
         p.requires_grad_("embedding" not in name)
     optimizer = torch.optim.AdamW(params, lr=cfg.CARRY_LEARNING_RATE, weight_decay=0.0)
-    stage = Stage("carry", cfg.WORK_DIR, text_encoder=text_encoder, optimizer=optimizer)
+    # (from the unet stage's encoder: when that stage trains on, its carry checkpoint no longer applies)
+    stage = Stage("carry", cfg.WORK_DIR, inputs=fingerprint(teacher), text_encoder=text_encoder, optimizer=optimizer)
     encoded = [ids[:70] for ids in tokenizer(captions).input_ids]  # once, not every step
     pad, n = tokenizer.pad_token_id, 32
 
