@@ -43,10 +43,23 @@ def _preview(folder: Path, preview, name: str) -> str:
     return f"![samples during training]({name})\n\n"
 
 
+OWN_CARD = "Trained with `exercise3"  # a line every card of ours has: a README.md without it is yours, and kept
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return OWN_CARD in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
 def _write(folder: Path, text: str, other_kind_file: str, own_name: str) -> Path:
     """README.md, unless the folder also holds the other kind of adapter (a LoRA and an embedding may
-    share a folder): then each card is named after its kind, so neither overwrites the other's."""
-    path = folder / ("README.md" if not (folder / other_kind_file).exists() else own_name)
+    share a folder) or a README.md that is not a card of ours (a student's own notes): then the card is
+    named after its kind, so it overwrites neither."""
+    readme = folder / "README.md"
+    shared = (folder / other_kind_file).exists() or (readme.exists() and not _is_ours(readme))
+    path = folder / own_name if shared else readme
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

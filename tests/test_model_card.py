@@ -37,3 +37,19 @@ def test_embedding_card_and_a1111_file(tmp_path):
     card = ModelCard.load(model_card.write_embedding_card(tmp_path, settings, file))
     assert card.data.instance_prompt == "a <african-fabric> pattern" and "textual_inversion" in card.data.tags
     assert "pipe.load_textual_inversion(" in card.text and "embedding:african-fabric" in card.text
+
+
+def test_a_readme_that_is_not_our_card_is_kept(tmp_path):
+    """A student's own README.md in the LoRA folder survives; the card goes beside it. Our own card from
+    an earlier run is replaced, as a re-run should."""
+    folder = tmp_path / "my_lora"
+    folder.mkdir()
+    notes = folder / "README.md"
+    notes.write_text("# My notes\nrun 3: rank 8 looked best\n", encoding="utf-8")
+    path = model_card.write_lora_card(folder, SETTINGS, folder / "fabric_lora_kohya.safetensors")
+    assert notes.read_text(encoding="utf-8") == "# My notes\nrun 3: rank 8 looked best\n"
+    assert path.name == "README_lora.md" and "pipe.load_lora_weights(" in path.read_text(encoding="utf-8")
+    notes.unlink()
+    first = model_card.write_lora_card(folder, SETTINGS, folder / "fabric_lora_kohya.safetensors")
+    again = model_card.write_lora_card(folder, {**SETTINGS, "LORA_RANK": 8}, folder / "fabric_lora_kohya.safetensors")
+    assert first == again == folder / "README.md" and "| `LORA_RANK` | `8` |" in again.read_text(encoding="utf-8")
