@@ -183,7 +183,7 @@ def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
     assert not torch.equal(other.state_dict()["encoder.layers.0.mlp.fc1.weight"], after["encoder.layers.0.mlp.fc1.weight"])
 
 
-def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
+def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch, capsys):
     """The pocket model's training script, at toy size: classifier, VAE, UNet+text encoder, carry, export, evaluate."""
     import shutil
 
@@ -221,6 +221,13 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch):
     # run again: every stage resumes from its checkpoint instead of training again
     again = script.build(args + ["--stage", "carry"])
     assert again["unet_seconds"] == card["unet_seconds"] and again["carry_seconds"] == card["carry_seconds"]
+    # an autoencoder trained further makes the UNet's latents stale: the UNet stage, and so the carry stage
+    # after it, train again (and the world's latents are encoded again) instead of resuming
+    capsys.readouterr()
+    script.build([*args, "--vae-steps", "3", "--stage", "carry"])
+    said = capsys.readouterr().out
+    assert "unet: the stage before it has changed" in said and "carry: the stage before it has changed" in said
+    assert "encoding 300 world pictures once" in said
 
 
 def test_evaluate_script_runs_on_tiny(workdir, monkeypatch, subject_judge_of_training_images):

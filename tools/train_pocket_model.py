@@ -352,19 +352,21 @@ def train_unet(cfg, device, vae, tokenizer):
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.UNET_LEARNING_RATE, weight_decay=1e-2)
-    stage = Stage("unet", cfg.WORK_DIR, unet=unet, text_encoder=text_encoder, ema=ema, optimizer=optimizer)
+    # the UNet learns the autoencoder's latents: a checkpoint or latent cache made with another one is stale
+    made_from = fingerprint(vae)
+    stage = Stage("unet", cfg.WORK_DIR, inputs=made_from, unet=unet, text_encoder=text_encoder, ema=ema,
+                  optimizer=optimizer)
     scheduler = DDPMScheduler.from_config(tiny_model.SD15_SCHEDULER_CONFIG)
 
     cache = Path(cfg.WORK_DIR) / "unet" / "world_latents.pt"
-    if cache.is_file():
-        data = torch.load(cache, weights_only=True)
-    else:
+    data = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    if data.get("vae") != made_from:
         print(f"  encoding {cfg.NUM_WORLD_IMAGES} world pictures once...")
         pictures, truths, _ = scene_batch(cfg.RANDOM_SEED + 3, 0, cfg.NUM_WORLD_IMAGES, object_share=cfg.OBJECT_SHARE)
         with torch.no_grad():
             params_ = torch.cat([training.cache_latent_distributions(vae, to_pixels(pictures[i:i + 1000]), False, 250)
                                  for i in range(0, len(pictures), 1000)])
-        data = {"params": params_.cpu(), "truths": truths, "scale": scale_vae(vae, params_)}
+        data = {"params": params_.cpu(), "truths": truths, "scale": scale_vae(vae, params_), "vae": made_from}
         with atomic_path(cache) as tmp:
             torch.save(data, tmp)
     vae.register_to_config(scaling_factor=data["scale"])
