@@ -249,20 +249,23 @@ def train(argv=None):
 
     lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps of {cfg.GRADIENT_ACCUMULATION} x {cfg.TRAIN_BATCH_SIZE} "
                    "image(s) (Ctrl-C saves a checkpoint and stops)")
+
+    def micro_batch_loss(g, n=cfg.TRAIN_BATCH_SIZE):  # the loss through the new word (textual_inversion_loss)
+        return textual_inversion_loss(unet, noise_scheduler, embedding, cache, g, n, device, weight_dtype)
+
+    training.check_step_memory(micro_batch_loss, cfg.TRAIN_BATCH_SIZE, device)  # (too big: said now, not "Killed")
     training.start_live_log(accelerator, cfg, state.step)  # LOG_WITH: loss, lr and grids, live in OUTPUT_DIR/runs/
     if state.step == 0:
         save_progress_grid(0)
-    samples, n = None, cfg.TRAIN_BATCH_SIZE
+    samples = None
     with training.StopRequest() as stop, tqdm(total=cfg.MAX_TRAIN_STEPS, initial=state.step, desc="Training",
                                               unit="step", disable=not accelerator.is_local_main_process) as bar:
         while state.step < cfg.MAX_TRAIN_STEPS:
             step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged too)
             # One update: GRADIENT_ACCUMULATION micro-batches of the loss through the new word
             # (textual_inversion_loss, above: noise, timesteps, UNet call), summed, then one AdamW step.
-            losses = training.optimizer_step(
-                accelerator, embedding, optimizer, lr_scheduler, lambda g: textual_inversion_loss(
-                    unet, noise_scheduler, embedding, cache, g, n, device, weight_dtype),
-                cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
+            losses = training.optimizer_step(accelerator, embedding, optimizer, lr_scheduler, micro_batch_loss,
+                                             cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
             state.log(**losses, lr=lr)
             accelerator.log({**losses, "lr": lr}, step=step)  # the same, live (LOG_WITH)

@@ -265,10 +265,15 @@ def train(argv=None):
         return samples
 
     lesson.step(6, f"Train for {cfg.MAX_TRAIN_STEPS} steps (Ctrl-C saves a checkpoint and stops)")
+
+    def micro_batch_loss(g, n_inst=cfg.TRAIN_BATCH_SIZE):  # Concept 3's loss (dreambooth_loss, above)
+        return dreambooth_loss(unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, weight_dtype)
+
+    training.check_step_memory(micro_batch_loss, cfg.TRAIN_BATCH_SIZE, device)  # (too big: said now, not "Killed")
     training.start_live_log(accelerator, cfg, state.step)  # LOG_WITH: loss, lr and grids, live in OUTPUT_DIR/runs/
     if state.step == 0:
         save_progress_grid(0)
-    samples, n_inst = None, cfg.TRAIN_BATCH_SIZE
+    samples = None
     unet.train()
     with training.StopRequest() as stop, tqdm(total=cfg.MAX_TRAIN_STEPS, initial=state.step, desc="Training",
                                               unit="step", disable=not accelerator.is_local_main_process) as bar:
@@ -276,10 +281,8 @@ def train(argv=None):
             step, lr = state.step + 1, lr_scheduler.get_last_lr()[0]  # (lr: logged, with the loss)
             # One update: GRADIENT_ACCUMULATION micro-batches of Concept 3's loss (dreambooth_loss, above: noise,
             # timesteps, one UNet call), their gradients summed, then one AdamW and one LR-schedule step.
-            losses = training.optimizer_step(
-                accelerator, unet, optimizer, lr_scheduler, lambda g: dreambooth_loss(
-                    unet, noise_scheduler, cache, g, n_inst, cfg.PRIOR_LOSS_WEIGHT, device, weight_dtype),
-                cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
+            losses = training.optimizer_step(accelerator, unet, optimizer, lr_scheduler, micro_batch_loss,
+                                             cfg.RANDOM_SEED, step, cfg.GRADIENT_ACCUMULATION, checkpoint_root)
             state.step = step
             state.log(**losses, lr=lr)
             accelerator.log({**losses, "lr": lr}, step=step)  # the same, live (LOG_WITH)

@@ -226,6 +226,71 @@ def mean_losses(micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float
             for name in micro_batches[0]}
 
 
+# --------------------------------------------------------------------------- memory, before the first step
+# On a Linux CPU a process that runs out of memory is stopped by the kernel without a word ("Killed"); a GPU, Windows
+# and macOS raise an error the scripts explain (lesson.explain). So on a Linux CPU the need is measured first.
+BACKWARD_FACTOR = 2.5  # the backward pass holds about as much again as the forward pass saves (measured 2.1-2.3x)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the kernel's MemAvailable, less any container (cgroup v2) limit's
+    headroom; None where neither can be read (not Linux)."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max" and free is not None:
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def saved_bytes(loss_fn, batch_size: int) -> int:
+    """What autograd keeps for the backward pass of one micro-batch of ``batch_size`` (``loss_fn(g, n)``):
+    the forward pass alone is run, its graph dropped. Tensors sharing the model's weights count once."""
+    seen, total = set(), 0
+
+    def keep(tensor):
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss_fn(step_generator(0, 0), batch_size)
+    return total
+
+
+def check_step_memory(loss_fn, batch_size: int, device, constant: str = "TRAIN_BATCH_SIZE") -> None:
+    """Refuse, before the first step, a micro-batch that needs more memory than this computer has free.
+
+    Only on a CPU under Linux (see above). ``loss_fn(g, n)`` is the lesson's loss on a micro-batch of ``n``
+    pictures; one picture's share is the difference between micro-batches of 2 and of 1 (the weights cancel
+    out), scaled to ``batch_size`` and by ``BACKWARD_FACTOR`` for the backward pass."""
+    if torch.device(device).type != "cpu" or (free := available_memory()) is None:
+        return
+    per_picture = BACKWARD_FACTOR * max(saved_bytes(loss_fn, 2) - saved_bytes(loss_fn, 1), 0)
+    if per_picture * batch_size <= free:
+        return
+    need = (f"{constant} = {batch_size} needs about {files.human_size(per_picture * batch_size)} of memory for one "
+            f"training step (about {files.human_size(per_picture)} more for each 1 added to it), and this computer has "
+            f"{files.human_size(free)} free.")
+    safe = int(free // max(per_picture, 1)) // 2  # (half of what fits: the measure is an estimate)
+    if safe >= 1:
+        raise LessonError(f"{need} Use {constant} = {safe} or less ({dashed(constant)} {safe}) and raise "
+                          "GRADIENT_ACCUMULATION for the same effective batch.")
+    raise LessonError(f"{need} Even one picture is too many: use a smaller RESOLUTION (--resolution 256), close "
+                      "other programs, or train on a GPU.")
+
+
 @dataclass
 class Run:
     """One training run's claim on its checkpoints folder (``begin_run``)."""

@@ -910,6 +910,14 @@ INPUT_CASES = [
     Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",
          r"came from the environment variable DREAMBOOTH_MODEL: change it, or unset it",
          env={"DREAMBOOTH_MODEL": "models/sd15-download"}, before_model=True),
+    # ---------------------------------------------------------------- more memory than the computer has
+    # (on a Linux CPU the kernel would stop the process without a word: the need is measured before the first step)
+    Case("3b-TRAIN_BATCH_SIZE-million", B, TRAIN[B] + ["--train-batch-size", "1000000"],
+         r"TRAIN_BATCH_SIZE = 1000000 needs about [\d.]+ [MGT]B of memory for one training step .* this computer has "
+         r"[\d.]+ [KMG]B free", r"Use TRAIN_BATCH_SIZE = \d+ or less \(--train-batch-size \d+\) and raise "
+         r"GRADIENT_ACCUMULATION"),
+    Case("3a-TRAIN_BATCH_SIZE-million", A, TRAIN[A] + ["--train-batch-size", "1000000"],
+         r"TRAIN_BATCH_SIZE = 1000000 needs about", r"Use TRAIN_BATCH_SIZE = \d+ or less"),
     # ---------------------------------------------------------------- a console that cannot print accents
     Case("1-ascii-console-error", E1, QUICK + ["--model", "modèles/布.safetensors"],
          r"MODEL_ID 'mod/xe8les//u5e03.safetensors' does not exist", r"Check the path",
