@@ -146,6 +146,9 @@ def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = 
 # Seeds go to torch.Generator.manual_seed, which takes 64 bits, and scripts add small offsets to them.
 MAX_SEED = 2**32 - 1
 MAX_RESOLUTION = 2048  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's memory grows past any GPU
+# Images generated at once: beyond this nothing is faster, and on a Linux CPU a batch that outgrows the memory is
+# stopped by the kernel without a word (where a GPU's error lets generation halve its batch and go on).
+MAX_BATCH = 64
 MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
 MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from
 # Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without

@@ -277,13 +277,17 @@ BAD_CONSTANTS = {
     "SAMPLE_BATCH_SIZE": ("0", r"must be a whole number >= 1, got 0"),
     "LEARNING_RATE": ("1e-4x", r"must be a number, got '1e-4x'"),
 }
+TOO_BIG = {  # (a batch that outgrows a Linux CPU's memory is stopped by the kernel without a word)
+    "BATCH_SIZE": ("100000", r"must be a whole number between 1 and 64, got 100000"),
+    "SAMPLE_BATCH_SIZE": ("100000", r"must be a whole number between 1 and 64, got 100000"),
+}
 
 
 def _constant_cases() -> list[Case]:
     cases = []
     for script in SCRIPTS:
         names = {name for name, _ in configurator.constants(str(ROOT / script))}
-        for name, (value, says) in BAD_CONSTANTS.items():
+        for name, (value, says) in [*BAD_CONSTANTS.items(), *TOO_BIG.items()]:
             if name in names:
                 cases.append(Case(f"{SHORT[script]}-{name}={value}", script,
                                   QUICK + [lesson.dashed(name), value], rf"^ERROR: {name} {says}",
