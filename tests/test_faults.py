@@ -79,6 +79,13 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: relative path -> (inode, modification time): a file written again, even with the
+    same bytes, gets new ones (saves are atomic: a new file renamed into place)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def assert_writes_only_where_allowed(before: dict, after: dict) -> None:
     touched = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
     outside = sorted(p for p in touched if p.split("/")[0] not in WRITABLE)
@@ -420,6 +427,8 @@ CASES = _constant_cases() + [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_failure_is_one_line_and_loses_nothing(case, student, project):
+    if "TRAIN_BATCH_SIZE-million" in case.id and training.available_memory() is None:
+        pytest.skip("the memory check runs on Linux (elsewhere an allocation that fails raises, and is explained)")
     if case.setup:
         case.setup(project)
     env = dict(case.env)
@@ -711,10 +720,10 @@ def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, 
     for path, content in STUDENT_FILES.items():
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_bytes(content)
-    start = snapshot(project)
+    start, start_stamps = snapshot(project), stamps(project)
     first = student.run(script, ARGS[script], project)
     assert first.rc == 0, str(first)
-    middle = snapshot(project)
+    middle, middle_stamps = snapshot(project), stamps(project)
     assert_writes_only_where_allowed(start, middle)
     second = student.run(script, ARGS[script], project)
     assert second.rc == 0, str(second)
@@ -728,7 +737,9 @@ def test_a_second_run_overwrites_its_own_files_and_touches_nothing_else(script, 
     assert bool(aside) == (script in TRAIN)
     assert len({p.split("/")[2] for p in live}) == (script in TRAIN)
     assert all(end[p] == d for p, d in middle.items() if p.startswith("outputs/runs/")), "the first run's log changed"
-    own = {p for p in middle if start.get(p) != middle[p]}
+    # what the first run wrote, even where it wrote the same bytes again (a run as quick and on as many threads as
+    # the one that trained the project writes the same LoRA and card; the second run may not)
+    own = {p for p in middle if start.get(p) != middle[p] or start_stamps.get(p) != middle_stamps[p]}
     assert own, "the first run wrote nothing"
     others = {p: d for p, d in middle.items() if p not in own}
     assert all(end[p] == d for p, d in others.items()), [p for p, d in others.items() if end[p] != d]
