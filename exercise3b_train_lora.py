@@ -222,7 +222,8 @@ def train(argv=None):
     if cfg.PRIOR_PRESERVATION:
         lesson.step(3, f"Prior preservation: {cfg.NUM_CLASS_IMAGES} class images of '{cfg.CLASS_PROMPT}'")
         recipe = prior.class_image_recipe(models.describe_source(cfg.MODEL_ID), cfg.CLASS_PROMPT, resolution,
-                                          cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE)
+                                          cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE,
+                                          models.weights_fingerprint(cfg.MODEL_ID))  # (drawn by this very model)
         files = prior.ensure_class_images(
             cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator, batch_size=settings.batch_size,
             generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, settings, "Class images")[0])

@@ -214,6 +214,30 @@ def known_words(model_id: str) -> set[str] | None:
     return {str(w).lower() for w in words}
 
 
+def weights_fingerprint(model_id: str) -> str | None:
+    """A short fingerprint of a local model's drawing weights (its UNet, text encoder and VAE files: names, sizes and
+    bytes; of a file over 64 MB its first and last 64 MB, which any retraining changes), so that pictures an earlier version drew are not taken for this one's: the pocket
+    model, or a folder a student replaces, changes under the same name. None for a Hub id (fixed under its name)."""
+    import hashlib
+
+    source = resolve(model_id)
+    root = Path(source.location)
+    if source.kind == "hub" or not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(
+        p for part in ("unet", "text_encoder", "vae") for p in (root / part).glob("*") if p.is_file()
+        and p.suffix in (".safetensors", ".bin", ".ckpt"))
+    digest, edge = hashlib.sha256(), 64 * 2**20  # (SD v1.5's 3.4 GB UNet: 128 MB read, not all of it)
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix() if root.is_dir() else path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(edge))
+            f.seek(max(size - edge, edge))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def describe_source(model_id: str) -> str:
     source = resolve(model_id)
     return {"tiny": "built-in tiny model (random weights: its pictures are noise by design)",

@@ -42,10 +42,12 @@ def prior_preservation_loss(model_pred: torch.Tensor, target: torch.Tensor, num_
 
 
 def class_image_recipe(model: str, prompt: str, resolution: int, num_inference_steps: int,
-                       guidance_scale: float) -> dict:
-    """What must match for existing class images to be reused."""
-    return {"model": model, "prompt": prompt, "resolution": resolution,
-            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+                       guidance_scale: float, weights: str | None = None) -> dict:
+    """What must match for existing class images to be reused. ``weights``: the model's
+    ``models.weights_fingerprint`` where it has one (a local model, which can change under its name)."""
+    recipe = {"model": model, "prompt": prompt, "resolution": resolution,
+              "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    return recipe if weights is None else {**recipe, "model_weights": weights}
 
 
 def _valid_manifest(folder) -> dict | None:

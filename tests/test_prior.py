@@ -137,3 +137,33 @@ def test_a_damaged_manifest_is_no_manifest(tmp_path):
         calls.clear()
         files = prior.ensure_class_images(tmp_path, _recipe(), 2, _fake_generator(calls))
         assert sum(calls, []) == [0, 1] and all(p.is_file() for p in files), damaged
+
+
+def test_class_images_of_a_replaced_model_folder_are_drawn_again(tmp_path, tiny_dir, capsys):
+    """The pocket model is updated by git pull, and a student may replace a model folder, under the same name:
+    class images drawn by the earlier weights are set aside, not reused. A Hub id keeps the recipe it had."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from common import models
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_dir, folder)
+    before = models.weights_fingerprint(str(folder))
+    assert before == models.weights_fingerprint(str(folder))  # (the same files: the same fingerprint)
+    recipe = prior.class_image_recipe(models.describe_source(str(folder)), "a fabric pattern", 64, 25, 7.5, before)
+    calls = []
+    prior.ensure_class_images(tmp_path / "class", recipe, 2, _fake_generator(calls))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]  # (one in the middle of the file)
+    tensors[name] = tensors[name] + 0.5  # retrained: same names, same sizes, other numbers
+    save_file(tensors, weights)
+    after = models.weights_fingerprint(str(folder))
+    assert after != before
+    recipe = prior.class_image_recipe(models.describe_source(str(folder)), "a fabric pattern", 64, 25, 7.5, after)
+    prior.ensure_class_images(tmp_path / "class", recipe, 2, _fake_generator(calls))
+    assert calls == [[0, 1], [0, 1]] and "model_weights=" in capsys.readouterr().out
+    assert models.weights_fingerprint("stable-diffusion-v1-5/stable-diffusion-v1-5") is None
+    assert "model_weights" not in prior.class_image_recipe("a/b", "a fabric pattern", 512, 25, 7.5, None)
