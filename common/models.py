@@ -215,9 +215,10 @@ def known_words(model_id: str) -> set[str] | None:
 
 
 def weights_fingerprint(model_id: str) -> str | None:
-    """A short fingerprint of a local model's drawing weights (its UNet, text encoder and VAE files: names, sizes and
-    bytes; of a file over 64 MB its first and last 64 MB, which any retraining changes), so that pictures an earlier version drew are not taken for this one's: the pocket
-    model, or a folder a student replaces, changes under the same name. None for a Hub id (fixed under its name)."""
+    """A short fingerprint of a local model's drawing weights (its UNet, text encoder and VAE files: names, sizes
+    and bytes; of a file over 64 MB its first and last 64 MB, which any retraining changes), so that pictures an
+    earlier version drew are not taken for this one's: the pocket model, or a folder a student replaces, changes
+    under the same name. None for a Hub id (fixed under its name)."""
     import hashlib
 
     source = resolve(model_id)
