@@ -126,3 +126,20 @@ def test_many_frames_encode_the_prompt_once(tiny_pipe):
     settings = sampling.SamplingSettings(num_inference_steps=2, guidance_scale=7.5, batch_size=4)
     sampling.generate(tiny_pipe, ["a sks african fabric pattern"] * 10, [0] * 10, settings, progress=False)
     assert len(calls) == 2  # the prompt and the empty negative prompt, once each, for all ten images
+
+
+def test_a_batch_is_decoded_one_picture_at_a_time(tiny_pipe):
+    """The decoder's memory grows with its batch (about 1 GB per 512 px picture for SD v1.5 on a CPU): the
+    UNet runs the whole batch, the decoder one picture at a time, and the pictures are those of a batch of 1."""
+    decoded, denoised = [], []
+    tiny_pipe.vae.decoder.register_forward_hook(lambda module, args, out: decoded.append(args[0].shape[0]))
+    tiny_pipe.unet.register_forward_hook(lambda module, args, out: denoised.append(args[0].shape[0]))
+    prompts, seeds = ["a sks african fabric pattern"] * 3, [4, 5, 6]
+    three = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(2, 7.5, batch_size=3),
+                              progress=False)[0]
+    assert decoded == [1, 1, 1]
+    assert set(denoised) == {6}  # three pictures, each with and without the prompt (guidance)
+    one = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(2, 7.5, batch_size=1),
+                            progress=False)[0]
+    for x, y in zip(one, three):
+        assert _max_pixel_difference(x, y) <= 1
