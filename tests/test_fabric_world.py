@@ -184,7 +184,8 @@ def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
 
 
 def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch, capsys):
-    """The pocket model's training script, at toy size: classifier, VAE, UNet+text encoder, carry, export, evaluate."""
+    """The pocket model's training script, at toy size: classifier, VAE, decoder, UNet+text encoder, carry, export,
+    evaluate."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
@@ -194,13 +195,24 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch, capsys):
     from tools import train_pocket_model as script
     args = ["--classifier-steps", "2", "--vae-steps", "2", "--unet-steps", "3", "--unet-batch-size", "4",
             "--num-world-images", "300", "--eval-images-per-caption", "1", "--eval-inference-steps", "1",
-            "--vae-textiles", "4", "--carry-steps", "3",
+            "--vae-textiles", "4", "--carry-steps", "3", "--decoder-steps", "2",
             "--checkpoint-every", "2", "--output-dir", "models/pocket-test"]
     card = script.build(args)
     assert card["eval_images"] == len(world.held_out_captions())
     assert (tmp_path / "models/pocket-build/unet/state.pt").is_file()
     assert (tmp_path / "models/pocket-build/carry/state.pt").is_file() and card["carry_seconds"] > 0
     pipe = StableDiffusionPipeline.from_pretrained("models/pocket-test")
+    # the shipped autoencoder: the vae stage's encoder (the UNet learned its latents), the decoder stage's decoder
+    vae_stage = torch.load("models/pocket-build/vae/state.pt", weights_only=True)["model"]
+    shipped = pipe.vae.state_dict()
+    for name in ("encoder.conv_in.weight", "quant_conv.weight"):
+        assert torch.allclose(shipped[name].float(), vae_stage[name].half().float())
+    for name in ("decoder.conv_out.weight", "post_quant_conv.weight"):
+        assert not torch.allclose(shipped[name].float(), vae_stage[name].half().float())
+    assert card["decoder_seconds"] > 0 and card["decoder_psnr_held_out_textiles_db"] > 0
+    latents = torch.load("models/pocket-build/unet/world_latents.pt", weights_only=True)  # the UNet's latents' scale
+    assert pipe.vae.config.scaling_factor == pytest.approx(latents["scale"])
+    assert latents["scale"] != pytest.approx(0.18215)  # (SD v1.5's: what a copy made before the unet stage keeps)
     with safetensors.safe_open("models/pocket-test/unet/diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # shipped in fp16
     assert len(pipe.tokenizer.tokenize("sks")) == 1
@@ -227,6 +239,8 @@ def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch, capsys):
     script.build([*args, "--vae-steps", "3", "--stage", "carry"])
     said = capsys.readouterr().out
     assert "unet: the stage before it has changed" in said and "carry: the stage before it has changed" in said
+    script.build([*args, "--vae-steps", "3", "--stage", "decoder"])  # and so does the decoder stage
+    assert "decoder: the stage before it has changed" in capsys.readouterr().out
     assert "encoding 300 world pictures once" in said
 
 
