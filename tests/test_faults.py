@@ -435,10 +435,14 @@ def test_failure_is_one_line_and_loses_nothing(case, student, project):
     if case.cold:
         env.setdefault("HF_HOME", str(project.parent / "empty_hf_home"))  # nothing cached, whatever this machine has
     script = str(project / case.script) if (project / case.script).is_file() else case.script
-    before = snapshot(project)
+    before, written = snapshot(project), stamps(project)
     result = student.run(script, case.args, project, env=env, cold=case.cold)
     assert_one_line_error(result, case.match, case.advice)
-    assert_nothing_lost(before, snapshot(project))
+    # A run that fails late has drawn its own progress grids first, over the earlier run's of the same steps; their
+    # bytes depend on the threads each run chose (by how busy the cores were), so a grid written again is its own
+    after, grids = snapshot(project), [p for p, stamp in stamps(project).items()
+                                       if p.startswith("outputs/training_progress_") and written.get(p) != stamp]
+    assert_nothing_lost({p: d for p, d in before.items() if p not in grids}, after)
     if case.before_model:
         assert "[Step 1]" not in result.out, "refused only after loading the model"
     debug = student.run(script, case.args + ["--debug"], project, env=env, cold=case.cold)
@@ -1042,9 +1046,9 @@ def test_non_finite_pictures_are_counted_in_a_warning(tiny_pipe, capsys):
     assert "NaN" not in capsys.readouterr().out
     broken = {"calls": 0}
 
-    def overflow(module, args, output):  # the first decoded batch overflows, as fp16 can
+    def overflow(module, args, output):  # the first batch's two pictures overflow, as fp16 can (decoded one by one)
         broken["calls"] += 1
-        return output * float("nan") if broken["calls"] == 1 else output
+        return output * float("nan") if broken["calls"] <= 2 else output
 
     hook = tiny_pipe.vae.post_quant_conv.register_forward_hook(overflow)
     try:

@@ -113,7 +113,9 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
     a = load_file("models/straight/pytorch_lora_weights.safetensors")
     b = load_file("models/split/pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # (the runs may choose different thread counts, by how busy the cores are: about 1e-6 apart; a resume that lost
+    # the optimizer's state or a step would differ by an update, some 5e-3 at this learning rate)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_no_prior_preservation_trains_on_instances_only(workdir):
