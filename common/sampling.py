@@ -102,40 +102,46 @@ def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSetti
     embeddings = embeddings or encode_prompts(pipe, prompts, settings.negative_prompt, guidance)
     # Batches speed up the UNet; the decoder gains little from them and needs the most memory: SD v1.5's
     # takes about 1 GB per 512 px picture on a CPU, so a batch of 16 would need 16 GB at once (bench/README.md).
-    # Sliced, it decodes one picture at a time.
+    # Sliced, it decodes one picture at a time. Only here: encoding (3b's latent cache) stays as it was, so its
+    # latents do not depend on whether class images were drawn first in the same run.
+    sliced = pipe.vae.use_slicing
     pipe.vae.enable_slicing()
-    images, start, batch = [], time.perf_counter(), max(1, settings.batch_size)
-    bar = tqdm(total=len(prompts), desc=desc or "Generating", unit="img", disable=not progress, leave=False)
-    i, non_finite = 0, 0
-    while i < len(prompts):
-        chunk = slice(i, min(i + batch, len(prompts)))
-        pos = torch.cat([embeddings[p][0] for p in prompts[chunk]])
-        neg = torch.cat([embeddings[p][1] for p in prompts[chunk]]) if guidance else None
-        kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=settings.num_inference_steps,
-                      guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-                      generator=[generator(s) for s in seeds[chunk]], output_type="np", **settings.extra)
-        if latents is not None:
-            kwargs["latents"] = latents[chunk].to(pipe._execution_device, pipe.unet.dtype)
-        try:
-            with torch.no_grad():
-                out = pipe(**kwargs)
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc) or batch == 1:
-                raise
-            batch //= 2
-            print(f"  Out of memory: generating {batch} image(s) at a time from now on.")
-            from diffusers.training_utils import free_memory
+    try:
+        images, start, batch = [], time.perf_counter(), max(1, settings.batch_size)
+        bar = tqdm(total=len(prompts), desc=desc or "Generating", unit="img", disable=not progress, leave=False)
+        i, non_finite = 0, 0
+        while i < len(prompts):
+            chunk = slice(i, min(i + batch, len(prompts)))
+            pos = torch.cat([embeddings[p][0] for p in prompts[chunk]])
+            neg = torch.cat([embeddings[p][1] for p in prompts[chunk]]) if guidance else None
+            kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg,
+                          num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                          height=settings.height, width=settings.width,
+                          generator=[generator(s) for s in seeds[chunk]], output_type="np", **settings.extra)
+            if latents is not None:
+                kwargs["latents"] = latents[chunk].to(pipe._execution_device, pipe.unet.dtype)
+            try:
+                with torch.no_grad():
+                    out = pipe(**kwargs)
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc) or batch == 1:
+                    raise
+                batch //= 2
+                print(f"  Out of memory: generating {batch} image(s) at a time from now on.")
+                from diffusers.training_utils import free_memory
 
-            free_memory()
-            continue
-        pictures, bad = to_pil(out.images)
-        images.extend(pictures)
-        non_finite += bad
-        if nsfw is not None:
-            nsfw.extend(bool(f) for f in (out.nsfw_content_detected or [False] * len(out.images)))
-        bar.update(len(out.images))
-        i = chunk.stop
-    bar.close()
+                free_memory()
+                continue
+            pictures, bad = to_pil(out.images)
+            images.extend(pictures)
+            non_finite += bad
+            if nsfw is not None:
+                nsfw.extend(bool(f) for f in (out.nsfw_content_detected or [False] * len(out.images)))
+            bar.update(len(out.images))
+            i = chunk.stop
+        bar.close()
+    finally:
+        pipe.vae.use_slicing = sliced
     if non_finite:
         warn(f"{non_finite} of {len(images)} image(s) came out as NaN/inf (not a number) and are black. This is "
              "usually half precision overflowing: run with MIXED_PRECISION = 'no' or 'bf16' (--mixed-precision no); "

@@ -138,6 +138,7 @@ def test_a_batch_is_decoded_one_picture_at_a_time(tiny_pipe):
     three = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(2, 7.5, batch_size=3),
                               progress=False)[0]
     assert decoded == [1, 1, 1]
+    assert not tiny_pipe.vae.use_slicing  # encoding elsewhere (3b's latent cache) is left as it was
     assert set(denoised) == {6}  # three pictures, each with and without the prompt (guidance)
     one = sampling.generate(tiny_pipe, prompts, seeds, sampling.SamplingSettings(2, 7.5, batch_size=1),
                             progress=False)[0]
