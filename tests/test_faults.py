@@ -439,7 +439,7 @@ def test_failure_is_one_line_and_loses_nothing(case, student, project):
     result = student.run(script, case.args, project, env=env, cold=case.cold)
     assert_one_line_error(result, case.match, case.advice)
     # A run that fails late has drawn its own progress grids first, over the earlier run's of the same steps; their
-    # bytes depend on the threads each run chose (by how busy the cores were), so a grid written again is its own
+    # bytes may depend on the threads each run chose (by how busy the cores were), so a grid written again is its own
     after, grids = snapshot(project), [p for p, stamp in stamps(project).items()
                                        if p.startswith("outputs/training_progress_") and written.get(p) != stamp]
     assert_nothing_lost({p: d for p, d in before.items() if p not in grids}, after)
