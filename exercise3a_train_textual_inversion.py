@@ -240,7 +240,7 @@ def train(argv=None):
     training.resume(accelerator, run, state, optimizer, lr_scheduler, cfg.LEARNING_RATE)  # (if --resume found one)
 
     def save_progress_grid(step):
-        with training.sampling_mode(unet, [vae], device):
+        with training.sampling_mode(accelerator, unet, [vae]):
             samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False)
         if accelerator.is_main_process:
             grid = figures.save_grid(samples, progress_dir / f"step_{step:05d}.png", cols=cfg.NUM_SAMPLE_SEEDS,

@@ -256,7 +256,7 @@ def train(argv=None):
     strip = []  # the first sample at each progress step, for the progression strip
 
     def save_progress_grid(step):
-        with training.sampling_mode(unet, [vae, pipe.text_encoder], device):
+        with training.sampling_mode(accelerator, unet, [vae, pipe.text_encoder]):
             samples, _ = sampling.generate(pipe, sample_prompts, sample_seeds, settings, progress=False,
                                            embeddings=sample_embeds)
         if accelerator.is_main_process:

@@ -50,12 +50,16 @@ def load_base_model(cfg):
     refused now, not after minutes). Returns ``(accelerator, pipe, noise_scheduler, resolution)``: RESOLUTION
     or the model's own."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
 
     from common import device, models, sampling
 
     runtime = device.pick_runtime(cfg.DEVICE, cfg.MIXED_PRECISION, training=True)
+    # accelerate keeps one precision per Python process; a second lesson in the same notebook kernel may ask for
+    # another (the processes' group itself, PartialState, is kept)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision, cpu=runtime.device.type == "cpu",
                               gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, log_with=cfg.LOG_WITH,
                               project_config=ProjectConfiguration(project_dir=cfg.OUTPUT_DIR,
@@ -629,13 +633,16 @@ def stopped(state: TrainState, root, script: str, argv: list[str] | None):
 
 # --------------------------------------------------------------------------- around the loop
 @contextmanager
-def sampling_mode(model, helpers, device):
-    """Switch the trained model to eval and bring the VAE/text encoder back to ``device`` while sampling."""
+def sampling_mode(accelerator, model, helpers):
+    """Switch the trained model to eval and bring the VAE/text encoder back to the accelerator's device while
+    sampling, under its autocast. (Mixed precision: the prepared model answers in fp32, accelerate's
+    ``convert_outputs_to_fp32``, so the sampler's latents turn fp32, and the fp16/bf16 VAE would refuse them
+    without autocast; diffusers' training examples draw their validation pictures the same way.)"""
     from diffusers.training_utils import offload_models
 
     model.eval()
     try:
-        with offload_models(*helpers, device=device):
+        with offload_models(*helpers, device=accelerator.device), accelerator.autocast():
             yield
     finally:
         model.train()

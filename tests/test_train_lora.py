@@ -301,3 +301,24 @@ def test_the_pocket_model_trains_on_the_crops_its_card_asks_for(workdir, capsys)
     with pytest.raises(LessonError, match=r"cannot change mid-run: CROP_FRACTION None -> 0.25"):
         exercise3b_train_lora.train(args + ["--crop-fraction", "0.25", "--max-train-steps", "2", "--resume"])
 
+
+
+TI_FAST = FAST[:2] + FAST[4:] + ["--lora-dir", "models/no_lora_here"]  # (3a draws no class images)
+
+
+@pytest.mark.parametrize("script, fast", [(exercise3b_train_lora, FAST), (exercise3a_train_textual_inversion, TI_FAST)])
+def test_mixed_precision_trains_and_draws_its_progress_grids(script, fast, workdir):
+    """MIXED_PRECISION as a GPU student gets it (fp16, automatically): the frozen models in half precision,
+    accelerate's autocast around the trained one, whose answers come back in fp32. On the CPU bf16 takes the
+    same path. The progress grids are drawn mid-training, where fp32 latents once met the half-precision VAE
+    ('Input type (float) and bias type (c10::BFloat16) should be the same'). Both runs in one process, as in
+    a notebook: accelerate keeps one precision per process unless told to forget it."""
+    args = fast + ["--max-train-steps", "2", "--sample-every", "2", "--checkpoint-every", "2"]
+    full = script.train(args + ["--mixed-precision", "no", "--output-dir", "outputs/fp32"])
+    half = script.train(args + ["--mixed-precision", "bf16", "--output-dir", "outputs/bf16"])
+    assert not half.stopped and all(len(losses) == 2 for losses in half.history.values())
+    for step in (0, 2):
+        assert len(list((workdir / "outputs/bf16").glob(f"training_progress_*/step_{step:05d}.png"))) == 1
+    for a, b in zip(full.samples, half.samples):  # the same pictures, to half precision's rounding
+        a, b = (np.asarray(x, dtype=np.float32) for x in (a, b))
+        assert np.abs(a - b).mean() < 12, np.abs(a - b).mean()
