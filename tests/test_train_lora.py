@@ -322,3 +322,27 @@ def test_mixed_precision_trains_and_draws_its_progress_grids(script, fast, workd
     for a, b in zip(full.samples, half.samples):  # the same pictures, to half precision's rounding
         a, b = (np.asarray(x, dtype=np.float32) for x in (a, b))
         assert np.abs(a - b).mean() < 12, np.abs(a - b).mean()
+
+
+@pytest.mark.parametrize("script, fast, folder", [(exercise3b_train_lora, FAST, "--lora-dir"),
+                                                  (exercise3a_train_textual_inversion, TI_FAST, "--embedding-dir")])
+def test_gradient_checkpointing_trains_the_same_weights(script, fast, folder, workdir, monkeypatch):
+    """GRADIENT_CHECKPOINTING, the README's first advice on an 8 GB GPU: the UNet recomputes its activations in
+    the backward pass (diffusers' checkpointing, seen here calling torch's) and the trained weights come out as
+    without it, the LoRA's through a frozen UNet and the new word's through the UNet and text encoder."""
+    from safetensors.torch import load_file
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = fast + ["--max-train-steps", "2", "--sample-every", "100"]
+    plain = script.train(args + [folder, "models/plain", "--output-dir", "outputs/plain"])
+    assert not calls
+    saved = script.train(args + [folder, "models/saved", "--output-dir", "outputs/saved", "--gradient-checkpointing"])
+    assert calls  # the UNet's blocks ran through it
+    plain, saved = (load_file(getattr(r, "lora_file", None) or r.embedding_file) for r in (plain, saved))
+    assert plain.keys() == saved.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], saved[key], atol=1e-6), key
+    assert any(plain[key].abs().max() > 0 for key in plain)
