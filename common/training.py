@@ -549,9 +549,17 @@ def start_live_log(accelerator, cfg, step: int) -> None:
     if accelerator.is_main_process:
         runs.mkdir(parents=True, exist_ok=True)
     tensorboard = cfg.LOG_WITH == "tensorboard"
-    accelerator.init_trackers(run_name if tensorboard else WANDB_PROJECT,
-                              config={k: _tracker_value(v) for k, v in cfg.as_dict().items()},
-                              init_kwargs={"wandb": {"name": run_name, "dir": str(runs.resolve())}})  # (its wandb/)
+    try:
+        accelerator.init_trackers(run_name if tensorboard else WANDB_PROJECT,
+                                  config={k: _tracker_value(v) for k, v in cfg.as_dict().items()},
+                                  init_kwargs={"wandb": {"name": run_name, "dir": str(runs.resolve())}})  # (its wandb/)
+    except Exception as exc:  # W&B: not logged in (outside a terminal it cannot ask), or its server out of reach
+        if tensorboard or not type(exc).__module__.startswith("wandb"):
+            raise
+        raise LessonError(f"LOG_WITH = 'wandb': W&B could not start the run ({str(exc).strip().rstrip('.')}). Log in "
+                          "once with 'wandb login', or keep the log on this computer with WANDB_MODE=offline in "
+                          "front of the command (upload it later with 'wandb sync'), or set LOG_WITH = 'tensorboard' "
+                          f"or None (--log-with none) in {cfg.SCRIPT}, and run again: nothing was trained.") from exc
     where = (f"'{runs / run_name}/'; watch it: tensorboard --logdir {runs}" if tensorboard
              else f"W&B run '{run_name}' in project '{WANDB_PROJECT}'")
     print(f"  Live log (LOG_WITH = {cfg.LOG_WITH!r}): {where}")

@@ -114,9 +114,65 @@ def test_an_unknown_log_with_is_refused_before_any_model_loads(workdir, capsys, 
     assert not (workdir / "outputs").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
-def test_wandb_without_wandb_says_how_to_get_it_before_any_model_loads(workdir, capsys):
+def test_wandb_without_wandb_says_how_to_get_it_before_any_model_loads(workdir, capsys, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)  # (a computer without it)
     with pytest.raises(LessonError, match=r"LOG_WITH = 'wandb' needs Weights & Biases: 'pip install wandb'.* "
                                           r"or set LOG_WITH = 'tensorboard' or None \(--log-with none\)"):
         exercise3b_train_lora.train(["--model", "tiny", "--log-with", "wandb"])
     assert "[Step 1]" not in capsys.readouterr().out
+
+
+needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                                 reason="wandb (requirements-test.txt) is not installed")
+
+
+@pytest.fixture
+def fresh_wandb():
+    """W&B keeps its settings (the mode, from the environment) once per process: each test starts its own."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+@needs_wandb
+def test_3b_logs_into_wandb_offline_run_in_outputs(workdir, capfd, monkeypatch, fresh_wandb):
+    """LOG_WITH = "wandb" with WANDB_MODE=offline (the README's way to try it without an account): the run is
+    kept in OUTPUT_DIR/runs/wandb/, with every progress grid as the PNG beside it, and W&B's own summary
+    ends at the run's last losses."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(workdir / "elsewhere"))  # (our dir= wins: the run stays in outputs/)
+    result = exercise3b_train_lora.train(LORA + ["--max-train-steps", "4", "--sample-every", "2", "--log-with",
+                                                 "wandb"])
+    said = capfd.readouterr()
+    [run] = (workdir / "outputs/runs/wandb").glob("offline-run-*")
+    assert re.search(r"Live log \(LOG_WITH = 'wandb'\): W&B run 'exercise3b-\d{8}-\d{6}' in project "
+                     r"'dreambooth-fabric'", said.out)
+    media = sorted(run.glob("files/media/images/progress_grid_*.png"), key=lambda p: int(p.name.split("_")[2]))
+    assert [int(p.name.split("_")[2]) for p in media] == [0, 2, 4]
+    for path in media:
+        step = int(path.name.split("_")[2])
+        saved = Image.open(workdir / f"outputs/training_progress_lora/step_{step:05d}.png").convert("RGB")
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(saved))
+    summary = dict(re.findall(r"wandb: +(total|instance|prior) ([-\d.e]+)", said.out + said.err))
+    assert {k: float(v) for k, v in summary.items()} == pytest.approx(
+        {k: result.history[k][-1] for k in ("total", "instance", "prior")}, rel=1e-4)
+
+
+@needs_wandb
+def test_wandb_without_an_account_says_how_to_log_in(workdir, monkeypatch, fresh_wandb):
+    """Not logged in, and no terminal to ask in (a notebook, a job): one message with the three ways on."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(workdir / "home"))  # (no ~/.netrc, no W&B settings)
+    monkeypatch.setenv("NETRC", str(workdir / "home" / ".netrc"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(LessonError) as refused:
+        exercise3b_train_lora.train(LORA + ["--max-train-steps", "2", "--log-with", "wandb"])
+    said = str(refused.value)
+    assert said.startswith("LOG_WITH = 'wandb': W&B could not start the run (")
+    assert "'wandb login'" in said and "WANDB_MODE=offline" in said and "--log-with none" in said
+    assert not (workdir / "models/fabric_lora/pytorch_lora_weights.safetensors").exists()
