@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 5's GPU figures in one run that fits 10 minutes on one CUDA GPU (sd15-shapes, 512 px, fp16):
+#   0. the lesson scripts themselves, end to end on the tiny model, in fp16 and bf16/auto (pass or fail);
 #   1. training: our 3b step vs the floor and the course's loop, with gradient checkpointing, peak allocated
 #      memory, and the 3a step; seconds for an 800-step 3b run, extrapolated from the measured steps;
 #   2. generation: morph frames/s vs one pipeline call per frame (25 steps, the script's batch of 8), the
 #      450-frame morph in seconds (extrapolated), exercise 1, class images and FAST_MODE.
-# Results: bench/results/ (or $OUT when set): gpu-summary.txt, two JSON records, two logs
-# and profiles.tar.gz (six files).
+# Results: bench/results/ (or $OUT when set): gpu-summary.txt (with one line per lesson script run in step 0),
+# two JSON records, three logs and profiles.tar.gz (seven files).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
-#   ARCH=tiny DEVICE=cpu RES=64 PRECISION=no bash bench/gpu_check.sh    # a dry run of the plumbing, anywhere
+#   ARCH=tiny DEVICE=cpu RES=64 PRECISION=no SCRIPT_PRECISIONS="bf16 no" bash bench/gpu_check.sh
+#                                           # a dry run of the plumbing, anywhere
 #
 # Where diffusers is missing but its wheel (and importlib_metadata's) lies in .whl/, they are installed into
 # /tmp/site first (for machines that cannot reach the package index).
@@ -36,6 +38,26 @@ ARCH="${ARCH:-sd15-shapes}" DEVICE="${DEVICE:-cuda}" RES="${RES:-512}" PRECISION
 COMMON=(--arch "$ARCH" --device "$DEVICE" --resolution "$RES" --precision "$PRECISION" --results-dir "$RESULTS")
 TRAIN="gpu-train-$ARCH-$RES-$PRECISION-gc" GENERATE="gpu-generate-$ARCH-$RES-$PRECISION"
 status=0
+
+# 0. The lessons themselves on the GPU (~1 min): each script as a student runs it, on the built-in tiny model, in
+#    fp16 and in the card's own choice (auto: bf16 where supported). What the CPU tests cannot reach: half
+#    precision on CUDA (the CPU tests run bf16), models moved between the GPU and the CPU. One line each below.
+for mp in ${SCRIPT_PRECISIONS:-fp16 auto}; do
+  D=(--model tiny --device "$DEVICE" --mixed-precision "$mp")
+  L="models/gpu-check-$mp" O="outputs/gpu-check-$mp"
+  for run in "exercise3b_train_lora.py --max-train-steps 4 --sample-every 2 --num-class-images 4 --lora-dir $L --output-dir $O --class-data-dir class_images/gpu-check-$mp" \
+             "exercise3a_train_textual_inversion.py --max-train-steps 4 --sample-every 2 --lora-dir $L --embedding-dir $L-ti --output-dir $O" \
+             "exercise1_generate.py --lora-path $L --embedding-path $L-ti --output-dir $O" \
+             "exercise2_explore.py --lora-path $L --output-dir $O" \
+             "generate_dreambooth_morph.py --lora-path $L --duration-seconds 2 --fps 8 --output-dir $O"; do
+    # shellcheck disable=SC2086
+    timeout 120 "$PY" $run "${D[@]}" > "$RESULTS/gpu-scripts.log.tmp" 2>&1; rc=$?
+    cat "$RESULTS/gpu-scripts.log.tmp" >> "$RESULTS/gpu-scripts.log"
+    echo "script ${run%% *} --mixed-precision $mp: rc $rc $(tr '\r' '\n' < "$RESULTS/gpu-scripts.log.tmp" | grep -E '^ERROR|Done' | tail -1)" | tee -a "$SUMMARY"
+    [ "$rc" = 0 ] || status=1
+  done
+done
+rm -f "$RESULTS/gpu-scripts.log.tmp"
 
 # 1. Training (~1-2 min): 2 warm-ups + 10 timed steps per variant, round-robin; --profile for the 3b/3a reasons.
 timeout 240 "$PY" bench/bench_train.py "${COMMON[@]}" --gradient-checkpointing --warmup 2 --steps 10 \
