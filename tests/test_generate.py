@@ -153,14 +153,17 @@ def fast_weights(tiny_dir, tmp_path):
     return ["--lcm-lora-id", str(lcm), "--tiny-vae-id", str(tmp_path / "taesd")]
 
 
-def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weights, workdir, capsys):
+@pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_fast_mode_stacks_the_lcm_lora_on_the_fabric_lora(fabric_lora, fast_weights, workdir, capsys, precision, dtype):
+    """(In half precision too, as on a GPU: the tiny autoencoder follows the pipeline's dtype, the adapters stack.)"""
     from diffusers import AutoencoderTiny, LCMScheduler
 
     result = exercise1_generate.generate(
         QUICK + fast_weights + ["--fast-mode", "--fast-steps", "3", "--lora-scale", "0.5",
-                                "--no-compare-without-token"])
+                                "--no-compare-without-token", "--mixed-precision", precision])
     pipe = result.pipe
     assert isinstance(pipe.scheduler, LCMScheduler) and isinstance(pipe.vae, AutoencoderTiny)
+    assert pipe.unet.dtype == pipe.vae.dtype == dtype
     assert result.settings.num_inference_steps == 3 and result.settings.guidance_scale == 1.0
     assert set(pipe.get_active_adapters()) == {lora.ADAPTER_NAME, "lcm"}
     layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
