@@ -302,7 +302,6 @@ def test_the_pocket_model_trains_on_the_crops_its_card_asks_for(workdir, capsys)
         exercise3b_train_lora.train(args + ["--crop-fraction", "0.25", "--max-train-steps", "2", "--resume"])
 
 
-
 TI_FAST = FAST[:2] + FAST[4:] + ["--lora-dir", "models/no_lora_here"]  # (3a draws no class images)
 
 
