@@ -3,7 +3,7 @@
 import json
 import math
 
-from bench import bench_generate, bench_judge, bench_threads, bench_train
+from bench import bench_generate, bench_judge, bench_pocket_build, bench_threads, bench_train
 
 
 def _record(path):
@@ -79,3 +79,17 @@ def test_bench_judge_times_both_searches_and_they_agree(tmp_path):
     assert all(_positive(record["results"][v]["median_s"]) for v in ("kept", "recomputed"))
     assert _positive(record["results"]["kept_over_recomputed"])
     assert subject_judge.nearest is before  # the benchmark puts the search back
+
+
+def test_bench_pocket_build_times_every_stage_in_both_precisions(tmp_path):
+    assert bench_pocket_build.main(["--rounds", "1", "--steps", "1", "--quality-steps", "0", "--num-world-images",
+                                    "32", "--vae-textiles", "2", "--name", "pocket-test",
+                                    "--results-dir", str(tmp_path / "results")]) == 0
+    record = _record(tmp_path / "results" / "pocket-test.json")
+    results = record["results"]
+    assert record["benchmark"] == "pocket-build" and set(bench_pocket_build.STAGES) < set(results)
+    for stage in bench_pocket_build.STAGES:
+        timing = results[stage]
+        assert _positive(timing["fp32_s_per_step"]) and _positive(timing["bf16_s_per_step"])
+        assert len(timing["fp32_times"]) == len(timing["bf16_times"]) == 1
+    # (the quality runs, --quality-steps, train the vae and unet stages from scratch: minutes, not run here)

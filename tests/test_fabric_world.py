@@ -160,6 +160,7 @@ def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
                                            **script.TEXT_CONFIG))
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     cfg = types.SimpleNamespace(CARRY_STEPS=4, CARRY_LEARNING_RATE=1e-3, CARRY_DISTANCE=0.4, CHECKPOINT_EVERY=2,
+                                MIXED_PRECISION="fp32",
                                 RANDOM_SEED=0, WORK_DIR=str(tmp_path / "build"))
     trained, info = script.train_carry(cfg, torch.device("cpu"), encoder, tokenizer)
     after = trained.state_dict()
@@ -181,6 +182,64 @@ def test_carry_stage_trains_the_encoder_not_the_words(tmp_path):
         other.state_dict()["encoder.layers.0.mlp.fc1.weight"] += 0.01
     script.train_carry(cfg, torch.device("cpu"), other, tokenizer)
     assert not torch.equal(other.state_dict()["encoder.layers.0.mlp.fc1.weight"], after["encoder.layers.0.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("stage", ["vae", "unet"])
+def test_pocket_trainer_in_bf16_runs_its_forward_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch, stage):
+    """MIXED_PRECISION = "bf16": the stage's layers compute in bfloat16 (autocast), while its weights, checkpoint and
+    optimizer stay fp32, and a bf16 run resumes like an fp32 one."""
+    import types
+
+    from common import tiny_model
+    from tools import train_pocket_model as script
+
+    constants = {k: v for k, v in vars(script).items() if k.isupper()}
+    cfg = types.SimpleNamespace(**{**constants, "WORK_DIR": str(tmp_path / "build"), "MIXED_PRECISION": "bf16",
+                                   "VAE_STEPS": 2, "VAE_TEXTILES": 2, "UNET_STEPS": 2, "UNET_BATCH_SIZE": 4,
+                                   "NUM_WORLD_IMAGES": 16, "CHECKPOINT_EVERY": 1})
+    cpu = torch.device("cpu")
+    if stage == "unet":
+        vae, tokenizer = script.build_vae(cfg), tiny_model.build_tokenizer(tmp_path / "tokenizer", script.VOCABULARY)
+        train = lambda: script.train_unet(cfg, cpu, vae, tokenizer)[0]  # noqa: E731
+    else:
+        train = lambda: script.train_vae(cfg, cpu)[0]  # noqa: E731
+    original = torch.nn.Conv2d.forward
+
+    def dtypes_computed_in():
+        """Train; return the dtypes every convolution of the stage computed in."""
+        seen = []
+
+        def spy(self, x):
+            out = original(self, x)
+            seen.append(out.dtype)
+            return out
+
+        monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+        model = train()
+        monkeypatch.setattr(torch.nn.Conv2d, "forward", original)
+        return model, set(seen)
+
+    model, seen = dtypes_computed_in()
+    assert torch.bfloat16 in seen  # the forward ran under autocast
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(tmp_path / "build" / stage / "state.pt", weights_only=True)
+    weights = state["model" if stage == "vae" else "unet"]
+    assert state["step"] == 2 and all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+    # resumed in fp32 from the bf16 checkpoint: one more step, every convolution in fp32
+    cfg.MIXED_PRECISION, cfg.VAE_STEPS, cfg.UNET_STEPS = "fp32", 3, 3
+    _, seen = dtypes_computed_in()
+    assert seen == {torch.float32}
+    assert torch.load(tmp_path / "build" / stage / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_pocket_trainer_refuses_a_precision_it_does_not_train_in(tmp_path, monkeypatch, capsys):
+    from common.errors import LessonError
+    from tools import train_pocket_model as script
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LessonError, match="MIXED_PRECISION"):
+        script.build(["--mixed-precision", "fp16"])
+    assert not (tmp_path / "models").exists()  # refused before anything was built
 
 
 def test_pocket_trainer_runs_every_stage(tmp_path, monkeypatch, capsys):

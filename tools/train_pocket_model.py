@@ -71,6 +71,7 @@ EVAL_INFERENCE_STEPS = 25  # DPM-Solver++ steps for those samples
 CHECKPOINT_EVERY = 250  # steps between stage checkpoints
 RANDOM_SEED = 0  # same seed, same model
 DEVICE = "auto"  # auto, cuda, mps or cpu
+MIXED_PRECISION = "fp32"  # fp32 or bf16 (autocast: forward passes in bfloat16, weights and optimizer fp32)
 # =======================================================================
 
 # Attention only at 8x8 and 4x4, with 4 heads: on a CPU, self-attention over the 256 positions of the
@@ -220,6 +221,13 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+def autocast(cfg, device):
+    """The forward pass in MIXED_PRECISION: bfloat16 autocast keeps the weights, gradients and optimizer in fp32
+    and runs matrix products and convolutions in bf16, which CPUs with native bf16 (AVX512-BF16, AMX) and
+    recent GPUs do faster (bench/bench_pocket_build.py). Losses are taken in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.MIXED_PRECISION == "bf16")
+
+
 def train_loop(name, cfg, total, stage, optimizer, lr, step_fn, warmup: int = 200):
     """The shared loop: learning-rate schedule, periodic checkpoints, a progress line."""
     started, before = time.perf_counter(), stage.seconds
@@ -265,10 +273,11 @@ def train_classifier(cfg, device):
         scenes = fill_with_collage(scenes, names, rng, 0.3)
         kind_labels = torch.tensor([fabric_world.KINDS.index(k) for k, _, _ in truths])
         object_labels = torch.tensor([fabric_world.OBJECTS.index(o) for o in names])
-        loss = F.cross_entropy(classifier(pixel_values=soften(to_pixels(world), rng).to(device)).logits,
-                               kind_labels.to(device)) + \
-            F.cross_entropy(objects(pixel_values=soften(to_pixels(scenes), rng).to(device)).logits,
-                            object_labels.to(device))
+        with autocast(cfg, device):
+            kind_logits = classifier(pixel_values=soften(to_pixels(world), rng).to(device)).logits
+            object_logits = objects(pixel_values=soften(to_pixels(scenes), rng).to(device)).logits
+        loss = F.cross_entropy(kind_logits.float(), kind_labels.to(device)) + \
+            F.cross_entropy(object_logits.float(), object_labels.to(device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -304,8 +313,9 @@ def train_vae(cfg, device):
         rng = np.random.default_rng([cfg.RANDOM_SEED, 2, step])
         world = scene_batch(cfg.RANDOM_SEED + 2, step, 12, with_held_out=True)[0]
         pixels = to_pixels(np.concatenate([world, textile_crops(bank, rng, 8), collage(rng, 4)])).to(device)
-        posterior = vae.encode(pixels).latent_dist
-        recon = vae.decode(posterior.sample(generator=None)).sample
+        with autocast(cfg, device):
+            posterior = vae.encode(pixels).latent_dist
+            recon = vae.decode(posterior.sample(generator=None)).sample.float()
         loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
         loss.backward()
         optimizer.step()
@@ -314,7 +324,7 @@ def train_vae(cfg, device):
 
     seconds = train_loop("vae", cfg, cfg.VAE_STEPS, stage, optimizer, cfg.VAE_LEARNING_RATE, step_fn)
     vae.eval()
-    return vae, {"vae_seconds": seconds, **vae_fidelity(vae.cpu())}
+    return vae, {"vae_seconds": seconds}
 
 
 def train_decoder(cfg, device, vae):
@@ -336,9 +346,10 @@ def train_decoder(cfg, device, vae):
         rng = np.random.default_rng([cfg.RANDOM_SEED, 9, step])
         world = scene_batch(cfg.RANDOM_SEED + 2, step, 12, with_held_out=True)[0]
         pixels = to_pixels(np.concatenate([world, textile_crops(bank, rng, 12, zoom=(0.18, 0.4))])).to(device)
-        with torch.no_grad():
-            latents = tuned.encode(pixels).latent_dist.sample()
-        recon = tuned.decode(latents).sample
+        with autocast(cfg, device):
+            with torch.no_grad():
+                latents = tuned.encode(pixels).latent_dist.sample()
+            recon = tuned.decode(latents).sample.float()
         loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
         loss.backward()
         optimizer.step()
@@ -348,7 +359,7 @@ def train_decoder(cfg, device, vae):
     seconds = train_loop("decoder", cfg, cfg.DECODER_STEPS, stage, optimizer, cfg.DECODER_LEARNING_RATE, step_fn,
                          warmup=50)
     tuned.eval()
-    return tuned, {"decoder_seconds": seconds, **vae_fidelity(tuned.cpu(), prefix="decoder")}
+    return tuned, {"decoder_seconds": seconds}
 
 
 @torch.no_grad()
@@ -427,7 +438,9 @@ def train_unet(cfg, device, vae, tokenizer):
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(device)
-        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids.to(device))[0]).sample
+        with autocast(cfg, device):
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps,
+                        text_encoder(ids.to(device))[0]).sample.float()
         # Min-SNR weighting: easy, almost noise-free timesteps stop dominating the gradient.
         snr = compute_snr(scheduler, timesteps)
         weights = torch.clamp(snr, max=cfg.MIN_SNR_GAMMA) / snr
@@ -500,10 +513,12 @@ def train_carry(cfg, device, text_encoder, tokenizer):
             after[k, at + 1:] = 1
         plain, without, with_word = (torch.tensor([i + [pad] * (77 - len(i)) for i in batch], device=device)
                                      for batch in (plain, without, with_word))
-        with torch.no_grad():
-            target = teacher(plain)[0]
-        keep = F.mse_loss(text_encoder(plain)[0], target)
-        a, b = text_encoder(without)[0] * after.to(device), text_encoder(with_word)[0] * after.to(device)
+        with autocast(cfg, device):
+            with torch.no_grad():
+                target = teacher(plain)[0].float()
+            answers, a, b = (text_encoder(ids)[0].float() for ids in (plain, without, with_word))
+        keep = F.mse_loss(answers, target)
+        a, b = a * after.to(device), b * after.to(device)
         distance = 1 - F.cosine_similarity(a.flatten(1), b.flatten(1))
         band = (F.relu(cfg.CARRY_DISTANCE - 0.1 - distance) + F.relu(distance - cfg.CARRY_DISTANCE - 0.1)).mean()
         loss = 10 * keep + band
@@ -705,6 +720,7 @@ def build(argv=None) -> dict:
     lesson.require_float(cfg, "CARRY_DISTANCE", minimum=0.1, maximum=1.9)
     lesson.require_int(cfg, "NAMED_PER_BATCH", minimum=0, maximum=cfg.UNET_BATCH_SIZE - 1)
     lesson.require_float(cfg, "NAME_NORM", above=True)
+    lesson.require_choice(cfg, "MIXED_PRECISION", ["fp32", "bf16"])
     runtime = devices.pick_runtime(cfg.DEVICE, "no", training=True)
     device, work = runtime.device, Path(cfg.WORK_DIR)
     card_path = work / "card.json"
@@ -732,11 +748,11 @@ def build(argv=None) -> dict:
     if {"vae", "decoder", "unet", "carry", "export"} & set(todo):
         lesson.step(2, "Autoencoder")
         vae, info = train_vae(cfg, device)
-        remember(info)
+        remember({**info, **vae_fidelity(vae.cpu())})
     if {"decoder", "export"} & set(todo):
         lesson.step(2, "The autoencoder's decoder, sharpened (its encoder, and so the latents, unchanged)")
         tuned_vae, info = train_decoder(cfg, device, vae)
-        remember(info)
+        remember({**info, **vae_fidelity(tuned_vae.cpu(), prefix="decoder")})
     if {"unet", "carry", "export"} & set(todo):
         lesson.step(3, "UNet and text encoder")
         unet, text_encoder, info = train_unet(cfg, device, vae, tokenizer)
