@@ -19,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import LessonError, warn
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+# What PIL reads everywhere, with the names browsers and scanners give them (Chrome on Windows saves JPEGs as .jfif).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SUFFIX_LIST = "/".join(sorted(IMAGE_SUFFIXES))
 
 

@@ -31,6 +31,16 @@ def test_modes_and_formats_become_rgb_squares(tmp_path, capsys):
     assert by_name["e"].getpixel((5, 5))[0] > 200  # CMYK red -> RGB red
 
 
+def test_pictures_saved_by_browsers_and_scanners_are_read(tmp_path):
+    """Chrome on Windows saves a JPEG as .jfif; scanners and print shops write TIFF (RGB or CMYK)."""
+    _save(Image.new("RGB", (64, 64), (10, 200, 30)), tmp_path / "download.jfif", format="JPEG")
+    _save(Image.new("RGB", (64, 64), (200, 10, 30)), tmp_path / "scan.TIF", format="TIFF")
+    _save(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), tmp_path / "print.tiff", format="TIFF")
+    out = images.load_instance_images(tmp_path, 32)
+    assert [im.getpixel((5, 5))[1] > 150 for im in out] == [True, False, False]  # in name order, all three
+    assert all(im.mode == "RGB" and im.size == (32, 32) for im in out)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     img = Image.new("RGB", (80, 40), (0, 0, 255))
     exif = Image.Exif()
