@@ -359,6 +359,11 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
     run.id, run.resume_from = saved.get("id"), latest
     run.saved_state = _read_json(latest / STATE_FILE, f"Delete the folder '{latest}' to resume from the one before, "
                                                       f"or {afresh}.")
+    done = run.saved_state.get("step")
+    if isinstance(done, int) and done > cfg.MAX_TRAIN_STEPS:  # (nothing to train, and its weights are not step M's)
+        raise LessonError(f"--resume: the run in '{root}/' has already trained {done} steps, more than "
+                          f"MAX_TRAIN_STEPS = {cfg.MAX_TRAIN_STEPS}. Pass --max-train-steps {done} or more to "
+                          f"train it further (its weights at step {done} are in '{latest}'), or {afresh}.")
     before = run.saved_state.get("settings", {})
     news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
     if news:

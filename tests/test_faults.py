@@ -417,6 +417,13 @@ CASES = _constant_cases() + [
     Case("3a-resume-other-num-vectors", A, TRAIN[A] + ["--resume", "--max-train-steps", "3", "--num-vectors", "2"],
          r"cannot change mid-run: NUM_VECTORS 1 -> 2\.", r"or run without --resume to start afresh",
          before_model=True),
+    Case("3b-resume-past-max-train-steps", B, TRAIN[B] + ["--resume", "--max-train-steps", "1"],
+         r"--resume: the run in 'models/fabric_lora/checkpoints/' has already trained 2 steps, more than "
+         r"MAX_TRAIN_STEPS = 1\.",
+         r"Pass --max-train-steps 2 or more to train it further", before_model=True),
+    Case("3a-resume-past-max-train-steps", A, TRAIN[A] + ["--resume", "--max-train-steps", "1"],
+         r"has already trained 2 steps, more than MAX_TRAIN_STEPS = 1\.", r"or run without --resume to start afresh",
+         before_model=True),
     # ---------------------------------------------------------------- training faults
     Case("3b-nan-loss", B, TRAIN[B] + ["--resume", "--max-train-steps", "4"], r"The loss became nan at step 3",
          r"Lower LEARNING_RATE.*--resume", env={NAN_AT_STEP_ENV: "3"}),
