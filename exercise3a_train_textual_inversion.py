@@ -111,6 +111,7 @@ def validate(cfg):
     lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
     lesson.require_path(cfg, "LORA_DIR", allow_none=True)
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "EMBEDDING_DIR")
+    ti.a1111_file(cfg.PLACEHOLDER_TOKEN, cfg.EMBEDDING_DIR)  # (the word names a file too: it must make one of its own)
     lesson.require_model_id(cfg)
     for name in ("OUTPUT_DIR", "EMBEDDING_DIR"):
         lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
@@ -293,7 +294,7 @@ def train(argv=None):
         written.append(figures.plot_curves({"loss": state.history.get("loss", [])},
                                            out_dir / "exercise3a_loss_curve.png", "Textual Inversion loss"))
         # The same vectors as AUTOMATIC1111 and ComfyUI read them, and a model card (README.md).
-        a1111 = ti.export_a1111(embedding.vectors, embedding_dir / f"{cfg.PLACEHOLDER_TOKEN.strip('<>')}.safetensors")
+        a1111 = ti.export_a1111(embedding.vectors, ti.a1111_file(cfg.PLACEHOLDER_TOKEN, embedding_dir))
         written += [a1111, model_card.write_embedding_card(embedding_dir, run_settings, a1111,
                                                            preview=progress_dir / f"step_{state.step:05d}.png")]
 

@@ -158,6 +158,37 @@ def save_embedding(vectors: torch.Tensor, placeholder: str, path, settings: dict
     return path
 
 
+# The names of the files the course writes into a model folder (a LoRA and an embedding may share one), which the
+# AUTOMATIC1111 copy must not take; and the names Windows keeps for its devices.
+_TAKEN_NAMES = ("learned_embeds", "pytorch_lora_weights", "adapter_model")
+_DEVICE_NAMES = {"con", "prn", "aux", "nul", *(f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10))}
+
+
+def a1111_file(placeholder: str, folder) -> Path:
+    """Where exercise 3a writes the AUTOMATIC1111 copy of the embedding: ``folder/<word>.safetensors``, the word
+    being PLACEHOLDER_TOKEN without its angle brackets (AUTOMATIC1111 and ComfyUI name the word after the file).
+    Refuses a word that would not make a file of its own in ``folder`` (checked before any model loads): one
+    that climbs out of it or into a subfolder ("<../x>", "<a/b>"), a hidden or empty name, a name Windows cannot
+    create, or the name of another file there (learned_embeds, a LoRA), which the copy would overwrite."""
+    name = placeholder.strip("<>")
+    path = Path(folder) / f"{name}.safetensors"
+    why = ("it is empty without its angle brackets" if not name
+           else "it holds a character a file name cannot ('/', '\\', ':', '*', '?', '\"', '<', '>', '|')"
+           if any(c in '/\\:*?"<>|' or ord(c) < 32 for c in name)
+           else "a name starting with '.' is hidden" if name.startswith(".")
+           else "Windows keeps that name for a device" if name.split(".")[0].lower() in _DEVICE_NAMES
+           else "that is the name of another file of the course, which it would overwrite"
+           if name.lower() in _TAKEN_NAMES or name.lower().endswith("_kohya")
+           else f"'{path}' is a LoRA, which it would overwrite" if path.is_file() and adapter_kind(path) == "lora"
+           else None)
+    if why:
+        raise LessonError(f"PLACEHOLDER_TOKEN {placeholder!r} cannot name the AUTOMATIC1111 copy of the embedding, "
+                          f"which exercise 3a writes beside {WEIGHT_NAME} as '{name}.safetensors' (AUTOMATIC1111 and "
+                          f"ComfyUI take the word from the file's name): {why}. Use a word of letters, digits, '-' "
+                          "and '_', such as '<my-fabric>'.")
+    return path
+
+
 def export_a1111(vectors: torch.Tensor, path) -> Path:
     """The same vectors as AUTOMATIC1111 and ComfyUI read them: one ``emb_params`` tensor, the word being the
     file's name (so the file is named after the placeholder, without its angle brackets)."""

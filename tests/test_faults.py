@@ -893,6 +893,16 @@ INPUT_CASES = [
     Case("morph-edited-DEVICE-number", MORPH, GENERATE[MORPH], r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or "
          r"'cpu', got '0'", r"DEVICE = 'auto' picks", setup=_edited(MORPH, "DEVICE", "0"),
          env={"PYTHONPATH": str(ROOT)}),
+    # ------------------------------------ 3a's word names a file too (its AUTOMATIC1111 copy, <word>.safetensors)
+    # (was written two folders up, outside models/; or over the LoRA in a folder the two share)
+    Case("3a-placeholder-climbs-out", A, TRAIN[A] + ["--placeholder-token", "<../../escaped>"],
+         r"PLACEHOLDER_TOKEN '<\.\./\.\./escaped>' cannot name the AUTOMATIC1111 copy of the embedding.*it holds a "
+         r"character a file name cannot", r"Use a word of letters, digits, '-' and '_', such as '<my-fabric>'",
+         before_model=True),
+    Case("3a-placeholder-names-the-lora", A, TRAIN[A] + ["--embedding-dir", "models/fabric_lora",
+                                                         "--placeholder-token", "<pytorch_lora_weights>"],
+         r"as 'pytorch_lora_weights.safetensors' .*the name of another file of the course, which it would overwrite",
+         r"such as '<my-fabric>'", before_model=True),
     # ---------------------------------------------------------------- NaN or inf weights
     Case("1-lora-with-nan", E1, QUICK + ["--lora-path", "models/nan_lora/pytorch_lora_weights.safetensors"],
          r"'models/nan_lora/pytorch_lora_weights.safetensors' holds 1 value\(s\) that are NaN or inf "

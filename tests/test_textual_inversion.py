@@ -189,6 +189,28 @@ def test_script_refuses_bad_placeholder_before_loading(workdir):
         script.train(FAST + ["--initializer-token", "zebra"])
 
 
+@pytest.mark.parametrize("placeholder, says", [
+    ("<../../escaped>", "a character a file name cannot"),  # was written two folders up, outside models/
+    ("<a/b>", "a character a file name cannot"),  # was written into a subfolder a/
+    ("<my:fabric>", "a character a file name cannot"),  # (no file of that name on Windows)
+    ("<>", "empty without its angle brackets"),  # was '.safetensors', a hidden file
+    ("<.fabric>", "starting with '.' is hidden"),
+    ("<nul>", "Windows keeps that name"),
+    ("<learned_embeds>", "another file of the course"),  # was written over the embedding itself
+    ("<pytorch_lora_weights>", "another file of the course"),  # over 3b's LoRA, in a folder they share
+    ("<fabric_lora_kohya>", "another file of the course"),
+    ("<my-lora>", r"'.*my-lora.safetensors' is a LoRA, which it would overwrite"),
+])
+def test_a_placeholder_that_cannot_name_its_own_automatic1111_file_is_refused(placeholder, says, tmp_path):
+    lora_weights = {f"unet.down.to_q.lora_{ab}.weight": torch.zeros(4, 4) for ab in "AB"}
+    safetensors.torch.save_file(lora_weights, str(tmp_path / "my-lora.safetensors"))  # a student's own LoRA
+    with pytest.raises(LessonError, match=rf"^PLACEHOLDER_TOKEN '{re.escape(placeholder)}' cannot name the "
+                                          rf"AUTOMATIC1111 copy.*{says}.*such as '<my-fabric>'"):
+        ti.a1111_file(placeholder, tmp_path)
+    assert ti.a1111_file("<african-fabric_2>", tmp_path) == tmp_path / "african-fabric_2.safetensors"
+    assert ti.a1111_file("<布>", tmp_path) == tmp_path / "布.safetensors"
+
+
 @pytest.mark.parametrize("state, message", [
     ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, r"SDXL embedding .*768 and 1280.* 32 wide"),
     ({"<sd2>": torch.zeros(2, 1024)}, r"1024-wide vectors \(made for Stable Diffusion 2.x\).* 32 wide"),
