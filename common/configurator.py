@@ -73,9 +73,11 @@ def parse_value(text: str, like):
         return text
     for kind in (int, float):  # a number when it reads as one; validate() says if it must be whole
         try:
-            return kind(text)
+            number = kind(text)
         except ValueError:
-            pass
+            continue
+        # a whole number beyond any float ("1" and 400 zeros) is the infinity it is to arithmetic, as "1e400" is
+        return float(text) if kind is int and abs(number) > sys.float_info.max else number
     return text
 
 

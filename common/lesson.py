@@ -96,9 +96,23 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 # --------------------------------------------------------------------------- validation (before any model loads)
+def _shown(value) -> str:
+    """A value as a message shows it: a whole number of hundreds of digits by its length alone."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"a whole number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
 def _fail(cfg: Config, name: str, must: str):
     value = getattr(cfg, name)
-    raise LessonError(f"{name} {must}, got {value!r}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}.")
+    raise LessonError(f"{name} {must}, got {_shown(value)}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}.")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a whole number beyond any float ("1" and 400 zeros on the command line)
+        return False
 
 
 def _as_number(cfg: Config, name: str, kind):
@@ -108,8 +122,10 @@ def _as_number(cfg: Config, name: str, kind):
             value = kind(value)
         except ValueError:
             _fail(cfg, name, "must be a number")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(cfg, name, "must be a number")
+    if not _finite(value):
+        _fail(cfg, name, "must be a number" + (" of at most 308 digits" if isinstance(value, int) else ""))
     if kind is int and int(value) != value:
         _fail(cfg, name, "must be a whole number")
     setattr(cfg, name, kind(value))

@@ -68,6 +68,33 @@ def test_bad_constants_are_rejected_by_name_before_loading(args, constant, monke
         script.main(args)
 
 
+HUGE = "1" + "0" * 400  # a whole number that int() reads, beyond any float: was "unexpected OverflowError"
+
+
+@pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
+@pytest.mark.parametrize("args, says", [
+    (["--max-train-steps", HUGE], r"^MAX_TRAIN_STEPS must be a number, got inf\. Edit it"),
+    (["--learning-rate", "-" + HUGE], r"^LEARNING_RATE must be a number, got -inf\. Edit it"),
+    (["--random-seed", HUGE[:41]], rf"^RANDOM_SEED must be a whole number between 0 and 4294967295, got {HUGE[:41]}\."),
+])
+def test_a_number_beyond_any_float_is_refused_by_name(script, args, says, monkeypatch):
+    monkeypatch.setattr(script, "MODEL_ID", "no-such/model-anywhere")
+    with pytest.raises(LessonError, match=says):
+        script.main(args)
+
+
+@pytest.mark.parametrize("zeros", [310, 400])
+def test_a_number_beyond_any_float_written_in_the_file_is_refused_by_name(zeros, monkeypatch):
+    script, value, shown = exercise3b_train_lora, 10**zeros, f"about {zeros + 1} digits"
+    monkeypatch.setattr(script, "MODEL_ID", "no-such/model-anywhere")
+    for name in ("LORA_ALPHA", "SAMPLE_EVERY"):
+        with monkeypatch.context() as m:
+            m.setattr(script, name, value)
+            with pytest.raises(LessonError, match=rf"^{name} must be a number of at most 308 digits, got a whole "
+                                                  rf"number of {shown}\. Edit it at the top of"):
+                script.main([])
+
+
 def test_script_failure_is_one_readable_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "exercise3b_train_lora.py"), "--max-train-steps", "0"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
