@@ -223,7 +223,9 @@ def require_model_id(cfg: Config) -> None:
 
 
 def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:
-    """Each named constant names a file or folder: text (a number typed on the command line is read as a name)."""
+    """Each named constant names a file or folder: text (a number typed on the command line is read as a name).
+    A path starting with "~" is made the home folder's, as the shell would (in the script, or quoted on the
+    command line, Python would otherwise read and write a folder named "~" in the project)."""
     for name in names:
         value = getattr(cfg, name)
         if value is None and allow_none:
@@ -236,6 +238,8 @@ def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:
             setattr(cfg, name, value)
         if not isinstance(value, str) or not value.strip():
             _fail(cfg, name, "must be the name of a file or folder" + (" (or None)" if allow_none else ""))
+        if value.startswith("~"):
+            setattr(cfg, name, os.path.expanduser(value))
 
 
 def _writable_problem(folder: Path) -> str | None:

@@ -1028,6 +1028,26 @@ def test_ascii_console_trains_on_accented_file_names_and_prompts(student, projec
     assert "a sks tissu \\xe0 motifs \\u5e03" in result.out
 
 
+@pytest.mark.parametrize("script", [B, A])
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(script, student, project):
+    """TRAINING_IMAGES_DIR = "~/photos" in the script (or quoted on the command line) was looked for in the project
+    ("does not exist"), and "~/loras" made a folder named '~' there: a path starting with '~' is the home folder's,
+    as MODEL_ID's already was."""
+    home = project.parent / "home"
+    shutil.copytree(project / "training_images", home / "photos")
+    folder = {B: "--lora-dir", A: "--embedding-dir"}[script]
+    before = snapshot(project)
+    args = ["--max-train-steps", "1", "--training-images-dir", "~/photos", folder, "~/trained", "--output-dir", "~/out"]
+    args += ["--class-data-dir", "~/class"] if script == B else []
+    result = student.run(script, TRAIN[script] + args, project, env={"HOME": str(home), "USERPROFILE": str(home)})
+    assert result.rc == 0, str(result)
+    assert not (project / "~").exists()
+    assert (home / "trained" / (lora.WEIGHT_NAME if script == B else ti.WEIGHT_NAME)).is_file()
+    assert (home / "out" / "training_progress_lora" if script == B else home / "out" / "training_progress_ti").is_dir()
+    assert script == A or len(list((home / "class").glob("class_*.png"))) == 2
+    assert_writes_only_where_allowed(before, snapshot(project))
+
+
 def test_model_from_the_environment_is_named_in_the_summary(student, project):
     result = student.run(E1, _NO_MODEL + ["--no-compare-without-token"], project, env={"DREAMBOOTH_MODEL": "tiny"})
     assert result.rc == 0, str(result)
