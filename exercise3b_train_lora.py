@@ -85,7 +85,7 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "CROP_FRACTION", "INSTANCE_PROMPT",
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    from common import images, training
+    from common import images, sampling, training
 
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
@@ -110,7 +110,7 @@ def validate(cfg):
     training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
         lesson.require_int(cfg, "NUM_CLASS_IMAGES")  # prior preservation needs class images
-    if cfg.SUBJECT_TOKEN not in cfg.INSTANCE_PROMPT.split():
+    if not sampling.mentions(cfg.INSTANCE_PROMPT, cfg.SUBJECT_TOKEN):
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")
     lesson.require_path(cfg, "TRAINING_IMAGES_DIR")

@@ -147,7 +147,7 @@ def warn_if_unused(prompts: list[str], loaded: Personalization, subject_token: s
     words = [subject_token] if loaded.lora_file is not None else []
     words += loaded.tokens
     for word in words:
-        if not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", p) for p in prompts):
+        if not any(sampling.mentions(p, word) for p in prompts):
             warn(f"no prompt contains {word!r}: the pictures will barely show what it learned.")
 
 

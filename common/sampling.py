@@ -8,6 +8,7 @@ This module also holds SLERP, the interpolation the morph animation walks along.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,14 @@ def use_multistep_solver(pipe) -> None:
 
 
 _warned_prompts: set[str] = set()
+
+
+def mentions(prompt: str, word: str) -> bool:
+    """Whether ``word`` is a word of ``prompt`` as CLIP reads it: in any case (it lower-cases every prompt), and
+    beside punctuation ("a sks, dress" holds "sks"; "asks" does not; "<x>s" holds "<x>")."""
+    before = r"(?<!\w)" if re.match(r"\w", word) else ""
+    after = r"(?!\w)" if re.search(r"\w$", word) else ""
+    return re.search(before + re.escape(word) + after, prompt, re.IGNORECASE) is not None
 
 
 def warn_if_truncated(tokenizer, prompt: str, shown: str | None = None) -> bool:

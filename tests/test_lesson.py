@@ -113,6 +113,21 @@ def test_instance_prompt_without_token_warns(capsys):
     assert "does not contain SUBJECT_TOKEN" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args, warns", [
+    (["--instance-prompt", "a sks, african fabric"], False),  # (CLIP reads "sks" and ","): warned before
+    (["--instance-prompt", "sks."], False),
+    (["--instance-prompt", "a photo of (sks) fabric"], False),
+    (["--instance-prompt", "a SKS fabric"], False),  # CLIP lower-cases every prompt
+    (["--subject-token", "my fabric", "--instance-prompt", "a my fabric pattern"], False),  # a token of two words
+    (["--instance-prompt", "asks for a fabric pattern"], True),  # "asks" is not "sks"
+    (["--instance-prompt", "a sks_fabric pattern"], True),
+])
+def test_instance_prompt_holds_the_token_as_clip_reads_it(args, warns, capsys):
+    script = exercise3b_train_lora
+    script.validate(lesson.configure(vars(script), args))
+    assert ("does not contain SUBJECT_TOKEN" in capsys.readouterr().out) is warns
+
+
 @pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
 @pytest.mark.parametrize("args, said", [
     (["--lr-warmup-steps", "50"], "'constant' has no warm-up"),  # (the default schedule ignores a warm-up)

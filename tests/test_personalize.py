@@ -1,5 +1,7 @@
 """Personalising a pipeline: every LoRA layout changes the pictures, embeddings add their token."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -86,6 +88,15 @@ def test_without_token_removes_only_the_word():
         "a dress made of african fabric,"
     assert personalize.without_token("tasks for sks", "sks") == "tasks for"
     assert personalize.without_token("sks african fabric pattern", "sks") == "african fabric pattern"
+
+
+def test_a_prompt_holds_the_word_as_clip_reads_it_in_any_case_and_beside_punctuation(capsys):
+    loaded = personalize.Personalization(lora_file=Path("models/fabric_lora"), tokens=["<african-fabric>"])
+    personalize.warn_if_unused(["a SKS dress, in <African-Fabric>."], loaded, "sks")
+    assert "no prompt contains" not in capsys.readouterr().out
+    personalize.warn_if_unused(["asks for a dress", "<african-fabric>s"], loaded, "sks")
+    said = capsys.readouterr().out
+    assert "no prompt contains 'sks'" in said and "no prompt contains '<african-fabric>'" not in said
 
 
 def test_an_adapter_is_found_once_and_each_header_read_once(tiny_pipe, tmp_path, monkeypatch):
