@@ -113,6 +113,10 @@ def validate(cfg):
     if not sampling.mentions(cfg.INSTANCE_PROMPT, cfg.SUBJECT_TOKEN):
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")
+    if cfg.PRIOR_PRESERVATION and sampling.mentions(cfg.CLASS_PROMPT, cfg.SUBJECT_TOKEN):
+        warn(f"CLASS_PROMPT {cfg.CLASS_PROMPT!r} contains SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: prior preservation "
+             "would teach that word the base model's own pictures, against yours. Write the class alone, "
+             "without the word (the course's: 'a fabric pattern').")
     lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "LORA_DIR", *(["CLASS_DATA_DIR"] if cfg.PRIOR_PRESERVATION else []))
     lesson.require_model_id(cfg)

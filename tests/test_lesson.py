@@ -128,6 +128,19 @@ def test_instance_prompt_holds_the_token_as_clip_reads_it(args, warns, capsys):
     assert ("does not contain SUBJECT_TOKEN" in capsys.readouterr().out) is warns
 
 
+@pytest.mark.parametrize("args, warns", [
+    (["--class-prompt", "a {} fabric pattern"], True),  # (copied from INSTANCE_PROMPT): trained silently before
+    (["--class-prompt", "a SKS fabric pattern"], True),
+    (["--class-prompt", "a {} fabric pattern", "--no-prior-preservation"], False),  # (no class images are drawn)
+    (["--class-prompt", "asks for a fabric pattern"], False),
+])
+def test_class_prompt_holding_the_subject_token_warns(args, warns, capsys):
+    script = exercise3b_train_lora
+    script.validate(lesson.configure(vars(script), args))
+    out = capsys.readouterr().out
+    assert ("contains SUBJECT_TOKEN 'sks': prior preservation would teach that word" in out) is warns, out
+
+
 @pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
 @pytest.mark.parametrize("args, said", [
     (["--lr-warmup-steps", "50"], "'constant' has no warm-up"),  # (the default schedule ignores a warm-up)
