@@ -64,13 +64,14 @@ REFLECTION = [
 def validate(cfg):
     """Every constant checked, and the LoRA found, before any model loads."""
     from common import personalize
+    from common.animation import MAX_FPS, MIN_FPS
 
     lesson.require_text(cfg, "PROMPT")
     lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2)
     lesson.require_int(cfg, "GIF_COLORS", minimum=2)
     lesson.require_int(cfg, "GIF_SIZE", minimum=16, maximum=4096, allow_none=True)
     lesson.require_float(cfg, "DURATION_SECONDS", above=True)
-    lesson.require_float(cfg, "FPS", above=True, maximum=100)  # a GIF counts its delays in hundredths of a second
+    lesson.require_float(cfg, "FPS", minimum=MIN_FPS, maximum=MAX_FPS)  # (a GIF's delays: 0.01 s to 655 s a frame)
     frames = cfg.DURATION_SECONDS * cfg.FPS
     if frames > MAX_FRAMES:  # every frame is denoised and kept in memory until the GIF is written
         raise LessonError(f"DURATION_SECONDS x FPS gives {frames:.3g} frames, more than {MAX_FRAMES} (for example "

@@ -18,6 +18,11 @@ from PIL import Image
 
 from common.files import atomic_path
 
+# A GIF stores each frame's delay as a 16-bit count of hundredths of a second: at most 655.35 s a frame. Below
+# 0.01 fps (a frame every 100 s) the delay would not fit, and the GIF, written last, would fail after every
+# frame had been denoised. Above 100 fps a frame would last less than the hundredth a GIF can count.
+MIN_FPS, MAX_FPS = 0.01, 100
+
 
 def gif_durations_ms(num_frames: int, fps: float) -> list[int]:
     """Per-frame delays in ms, multiples of 10 (GIF's unit), summing to num_frames / fps seconds."""

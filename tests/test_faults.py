@@ -856,7 +856,9 @@ INPUT_CASES = [
            rf"pass {lesson.dashed(name)}", before_model=True) for script, name, value, says in [
         (E1, "RESOLUTION", "100000", r"must be a multiple of 8 between 8 and 2048 .*got 100000"),
         (B, "RESOLUTION", "4096", r"must be a multiple of 8 between"),
-        (MORPH, "FPS", "1000", r"must be a number > 0 and <= 100, got 1000"),
+        (MORPH, "FPS", "1000", r"must be a number >= 0.01 and <= 100, got 1000"),
+        # a frame longer than a GIF's delay can hold (655 s): was "unexpected OverflowError" once every frame was drawn
+        (MORPH, "FPS", "0.001", r"must be a number >= 0.01, got 0.001"),
         (MORPH, "GIF_SIZE", "100000", r"must be a whole number between 16 and 4096, got 100000"),
         (A, "RANDOM_SEED", "-1", r"must be a whole number >= 0, got -1"),
         (E2, "RANDOM_SEED", str(2**63), rf"must be a whole number between 0 and 4294967295, got {2**63}"),
@@ -867,7 +869,7 @@ INPUT_CASES = [
         (B, "LEARNING_RATE", "1e300", r"must be a number > 0 and <= 1, got 1e\+300"),
         (E2, "GUIDANCE_SCALE", "1e300", r"must be a number >= 0 and <= 100, got 1e\+300"),
         (E1, "LORA_SCALE", "-1e-3", r"must be a number >= 0, got -0\.001"),
-        (MORPH, "FPS", "1e300", r"must be a number > 0 and <= 100, got 1e\+300"),
+        (MORPH, "FPS", "1e300", r"must be a number >= 0.01 and <= 100, got 1e\+300"),
         (B, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
         (A, "NUM_SAMPLE_SEEDS", "0", r"must be a whole number >= 1, got 0"),
         (B, "SAMPLE_PROMPTS", "", r"must be a list of non-empty texts"),
