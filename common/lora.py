@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from common import pickles
-from common.errors import LessonError
+from common.errors import LessonError, brief
 from common.files import adapter_kind, atomic_path, require_readable, require_suffix, safetensors_keys
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
@@ -170,7 +170,7 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
             raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
                               f"and {constant} to the LoRA folder.")
         if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
-            return "peft", path
+            return "peft", _check_peft_config(path)
         return _file_layout(path), path
     if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
         return _file_layout(require_readable(path / WEIGHT_NAME, TRAIN_SCRIPT)), path / WEIGHT_NAME
@@ -180,7 +180,7 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
         if not (path / PEFT_CONFIG).is_file():
             raise LessonError(f"'{path / PEFT_WEIGHTS}' needs its '{PEFT_CONFIG}' beside it (it holds the rank "
                               "and alpha). Download both files.")
-        return "peft", require_readable(path / PEFT_WEIGHTS, TRAIN_SCRIPT)
+        return "peft", _check_peft_config(require_readable(path / PEFT_WEIGHTS, TRAIN_SCRIPT))
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))  # (.x: unfinished saves)
     candidates = [p for p in files if adapter_kind(p) != "embedding"]
     if len(candidates) == 1:
@@ -192,6 +192,36 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
                           f"'python exercise3b_train_lora.py', or point {constant} at the right folder or file.")
     raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "
                       f"set {constant} to the one you mean.")
+
+
+def _check_peft_config(weights: Path) -> Path:
+    """A PEFT folder's adapter_config.json can be read, and its rank is the rank of the weights beside it (both
+    from the files' text and headers, before any model loads): a damaged config, or one from another LoRA, ended
+    in 'unexpected JSONDecodeError' or 'unexpected RuntimeError: ... size mismatch' once the model had loaded."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    config_file = weights.parent / PEFT_CONFIG
+    try:
+        if not isinstance(json.loads(config_file.read_text(encoding="utf-8")), dict):
+            raise ValueError("it is not a JSON object")
+        config = LoraConfig.from_pretrained(str(weights.parent))
+    except Exception as exc:  # noqa: BLE001 - any unreadable config gets the same advice
+        raise LessonError(f"'{config_file}' is not a readable PEFT config ({brief(exc, 100)}): it is damaged or "
+                          f"incompletely downloaded. Download both files of the LoRA again ('{PEFT_WEIGHTS}' and "
+                          f"'{PEFT_CONFIG}').") from exc
+    with safetensors.safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key:
+                continue
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            rank = f.get_slice(key).get_shape()[0]
+            said = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), module), config.r)
+            if rank != said:
+                raise LessonError(f"'{config_file}' says rank r = {said}, but '{weights}' holds rank {rank} (in "
+                                  f"'{module}'): the two files are not of one LoRA. Download both files of the "
+                                  f"LoRA again, together.")
+    return weights
 
 
 def fold_kohya_alphas(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

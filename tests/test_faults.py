@@ -258,6 +258,23 @@ def _peft_without_config(root):
     shutil.copy(root / "models/fabric_lora/pytorch_lora_weights.safetensors", folder / "adapter_model.safetensors")
 
 
+def _peft_folder(config_text=None, rank=None):
+    """models/course_lora/ in PEFT's layout (the course's), from the trained LoRA: its config as written, or PEFT's
+    own with another rank than the weights'."""
+    def setup(root):
+        folder = root / "models/course_lora"
+        folder.mkdir()
+        weights = safetensors.torch.load_file(str(root / "models/fabric_lora/pytorch_lora_weights.safetensors"))
+        safetensors.torch.save_file({f"base_model.model.{k.removeprefix('unet.')}": v for k, v in weights.items()},
+                                    str(folder / "adapter_model.safetensors"))
+        from peft import LoraConfig
+
+        LoraConfig(r=rank or 4, lora_alpha=32, target_modules=list(lora.TARGET_MODULES)).save_pretrained(str(folder))
+        if config_text is not None:
+            (folder / "adapter_config.json").write_text(config_text, encoding="utf-8")
+    return setup
+
+
 def _edited(script, constant, value):
     """The script as a student edited it: ``CONSTANT = value`` at the top, saved into the project folder."""
     def setup(root):
@@ -405,6 +422,16 @@ CASES = _constant_cases() + [
     Case("1-peft-without-config", E1, QUICK + ["--lora-path", "models/course_lora"],
          r"adapter_model.safetensors' needs its 'adapter_config.json' beside it", r"Download both files",
          setup=_peft_without_config, before_model=True),
+    # a PEFT folder whose config is cut short, or belongs to another LoRA: was "unexpected JSONDecodeError" /
+    # "unexpected RuntimeError: Error(s) in loading state_dict", after the model had loaded
+    Case("1-peft-config-damaged", E1, QUICK + ["--lora-path", "models/course_lora"],
+         r"'models/course_lora/adapter_config.json' is not a readable PEFT config \(JSONDecodeError",
+         r"Download both files of the LoRA again", setup=_peft_folder(config_text='{"r": 4, "lora_al'),
+         before_model=True),
+    Case("morph-peft-config-of-another-rank", MORPH, GENERATE[MORPH] + ["--lora-path", "models/course_lora"],
+         r"adapter_config.json' says rank r = 8, but 'models/course_lora/adapter_model.safetensors' holds rank 4",
+         r"the two files are not of one LoRA. Download both files of the LoRA again, together",
+         setup=_peft_folder(rank=8), before_model=True),
     Case("2-fast-mode-offline", E2, QUICK + ["--part", "a", "--fast-mode"], r"FAST_MODE needs the LCM-LoRA "
          r"'latent-consistency/lcm-lora-sdv1-5' \(LCM_LORA_ID\)", r"hf download .*or run without FAST_MODE"),
     # ---------------------------------------------------------------- resuming
