@@ -113,7 +113,7 @@ def explore(argv=None):
     steps, guidance = loaded.steps, loaded.guidance
     settings = sampling.SamplingSettings(steps, guidance, cfg.NEGATIVE_PROMPT, resolution, resolution,
                                          cfg.BATCH_SIZE)
-    personalize.warn_if_unused([cfg.PROMPT] + style_prompts, loaded, cfg.SUBJECT_TOKEN)
+    personalize.warn_if_unused(chosen, loaded, cfg.SUBJECT_TOKEN)  # (the prompts of the parts that run)
     # Every prompt of the chosen parts is encoded once, with the negative prompt, and reused by all calls.
     embeddings = sampling.encode_prompts(pipe, chosen, cfg.NEGATIVE_PROMPT)
     flags, count, seconds, written = [], 0, 0.0, []

@@ -21,6 +21,7 @@ LoRA was missing, and a student then studied pictures that had never seen their 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,12 +143,32 @@ def without_token(prompt: str, token: str) -> str:
     return re.sub(r"\s+", " ", re.sub(rf"(?<!\S){re.escape(token)}(?!\S)", "", prompt)).strip()
 
 
+def trained_word(lora_file) -> str | None:
+    """The SUBJECT_TOKEN exercise 3b trained ``lora_file`` with (kept in its header), or None where it does not say
+    (a LoRA from elsewhere, a .bin file)."""
+    try:
+        word = lora.read_settings(lora_file).get("SUBJECT_TOKEN")
+    except Exception:  # noqa: BLE001 - no header, or not ours: nothing to compare with
+        return None
+    return word if isinstance(word, str) and word.strip() else None
+
+
 def warn_if_unused(prompts: list[str], loaded: Personalization, subject_token: str) -> None:
-    """A personalisation only shows where its word is in the prompt: say so when none of them use it."""
+    """A personalisation only shows where its word is in the prompt: say so when none of them use it, and when
+    the LoRA was trained on another word than SUBJECT_TOKEN (3b run with --subject-token ohwx, 1 with 'sks')."""
+    def used(word):
+        return any(sampling.mentions(p, word) for p in prompts)
+
+    trained = trained_word(loaded.lora_file) if loaded.lora_file is not None else None
+    if trained is not None and trained != subject_token and not used(trained):
+        warn(f"the LoRA '{loaded.lora_file}' was trained on the word {trained!r} (exercise 3b's SUBJECT_TOKEN, "
+             f"kept in the file), but SUBJECT_TOKEN here is {subject_token!r} and no prompt contains {trained!r}: "
+             f"the pictures will barely show what it learned. Set SUBJECT_TOKEN = {trained!r} "
+             f"(--subject-token {shlex.quote(trained)}).")
     words = [subject_token] if loaded.lora_file is not None else []
     words += loaded.tokens
     for word in words:
-        if not any(sampling.mentions(p, word) for p in prompts):
+        if not used(word):
             warn(f"no prompt contains {word!r}: the pictures will barely show what it learned.")
 
 

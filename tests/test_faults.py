@@ -542,6 +542,22 @@ def test_long_prompt_and_negative_prompt_warn_in_generation(student, project):
     assert "is 80 tokens long" in cut[1] and "never sees 'blurry blurry blurry blurry blurry'" in cut[1]
 
 
+def test_generation_warns_when_the_prompts_miss_the_word_the_lora_was_trained_on(student, project):
+    """The project's LoRA was trained on 'sks' (its header says so). Before, exercise 1 with another SUBJECT_TOKEN
+    drew every picture without the LoRA's word and said nothing, and exercise 2 checked the prompts of every part,
+    so a part run alone whose prompts lacked the word passed unwarned."""
+    result = student.run(E1, QUICK + ["--subject-token", "ohwx"], project)
+    assert result.rc == 0, str(result)
+    assert any(re.search(r"LoRA 'models/fabric_lora/pytorch_lora_weights.safetensors' was trained on the word 'sks' "
+                         r".*SUBJECT_TOKEN here is 'ohwx' and no prompt contains 'sks'.*Set SUBJECT_TOKEN = 'sks' "
+                         r"\(--subject-token sks\)", w) for w in warnings_in(result)), warnings_in(result)
+    result = student.run(E1, QUICK + ["--subject-token", "ohwx", "--prompts", "a sks scarf"], project)
+    assert result.rc == 0 and not any("was trained on the word" in w for w in warnings_in(result)), str(result)
+    result = student.run(E2, QUICK + ["--part", "b", "--style-prompt", "{style} pattern"], project)
+    assert result.rc == 0, str(result)
+    assert "Warning: no prompt contains 'sks'" in result.out, str(result)
+
+
 def test_mixed_folder_picks_the_lora_for_lora_path_and_the_embedding_for_embedding_path(student, project):
     mixed = project / "models/mixed"
     mixed.mkdir()
