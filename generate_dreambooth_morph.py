@@ -133,7 +133,7 @@ def morph(argv=None):
         written.append(animation.save_mp4(frames, stem.with_suffix(".mp4"), cfg.FPS))
     elif cfg.WRITE_MP4:
         print("  MP4 skipped: no video encoder. 'pip install imageio-ffmpeg' adds one.")
-    key_index = [round(k * num_frames / cfg.NUM_KEYFRAMES) for k in range(cfg.NUM_KEYFRAMES)]
+    key_index = sampling.keyframe_frames(cfg.NUM_KEYFRAMES, num_frames)  # the frames that are the keyframes
     written.append(figures.save_grid(
         [frames[i] for i in key_index], out_dir / "dreambooth_fabric_morph_keyframes.png", cols=len(key_index),
         labels=[f"frame {i}, seed {s}" for i, s in zip(key_index, key_seeds)], title=f"Keyframes of '{cfg.PROMPT}'"))

@@ -232,20 +232,26 @@ def keyframe_latents(pipe, seeds: list[int], height: int, width: int) -> torch.T
     return torch.cat([torch.randn(shape, generator=generator(s), dtype=torch.float32) for s in seeds])
 
 
+def keyframe_frames(num_keyframes: int, num_frames: int) -> list[int]:
+    """The frame that is keyframe k itself, for each k, in a loop of ``num_frames`` (``loop_latents``): keyframes
+    spread evenly, k * num_frames // num_keyframes (every num_frames / K-th frame when K divides num_frames)."""
+    return [k * num_frames // num_keyframes for k in range(num_keyframes)]
+
+
 def loop_latents(keyframes: torch.Tensor, num_frames: int) -> torch.Tensor:
     """``num_frames`` latents walking keyframe 0 -> 1 -> ... -> K-1 -> back to 0 by SLERP.
 
-    Frames are spread evenly around the loop (frame i sits at i*K/num_frames keyframes along), so every
-    keyframe is a frame when num_frames is a multiple of K, and the last frame stops one step short of
-    keyframe 0: played on repeat, the loop never shows a frame twice.
+    Keyframe k is frame ``keyframe_frames(K, num_frames)[k]`` exactly, whether or not K divides num_frames (the
+    morph's keyframe strip shows and names those frames); the frames between two keyframes are spread evenly
+    along their arc, and the last frame stops one step short of keyframe 0: played on repeat, the loop never
+    shows a frame twice.
     """
     count = len(keyframes)
-    position = torch.arange(num_frames, dtype=torch.float64) * count / num_frames
-    segment = position.floor().long().clamp(max=count - 1)
-    frac = (position - segment).float()
+    starts = keyframe_frames(count, num_frames) + [num_frames]
     frames = torch.empty(num_frames, *keyframes.shape[1:], dtype=keyframes.dtype)
     for k in range(count):
-        picked = segment == k
-        if picked.any():
-            frames[picked] = slerp(keyframes[k], keyframes[(k + 1) % count], frac[picked])
+        first, end = starts[k], starts[k + 1]
+        if end > first:  # (more keyframes than frames: some are skipped)
+            frac = (torch.arange(end - first, dtype=torch.float64) / (end - first)).float()
+            frames[first:end] = slerp(keyframes[k], keyframes[(k + 1) % count], frac)
     return frames

@@ -88,6 +88,12 @@ def test_loop_latents_visit_every_keyframe_and_close_the_loop():
     assert steps.max() < 2.0 * steps.min()  # even speed: no jump anywhere in the loop
     uneven = sampling.loop_latents(keys, 7)  # frame counts that do not divide evenly work too
     assert uneven.shape == (7, 4, 8, 8) and torch.equal(uneven[0], keys[0])
+    # and every keyframe is still a frame: the one the morph's keyframe strip shows with that keyframe's seed (before,
+    # only keyframe 0 was: the strip showed frames between two keyframes under one keyframe's seed)
+    assert sampling.keyframe_frames(5, 7) == [0, 1, 2, 4, 5]
+    for k, i in enumerate(sampling.keyframe_frames(5, 7)):
+        assert torch.equal(uneven[i], keys[k]), k
+    assert sampling.keyframe_frames(5, 450) == [0, 90, 180, 270, 360]
 
 
 def test_keyframe_latents_are_the_noise_the_pipeline_draws_for_that_seed(tiny_pipe):
