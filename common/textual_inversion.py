@@ -301,7 +301,20 @@ def load_embedding(pipe, path, token: str | None = None) -> str:
                           "text encoder it was trained with: use one made for this MODEL_ID, or train your own "
                           "with exercise 3a.")
     num_vectors = vectors.shape[0] if vectors.ndim > 1 else 1
+    named_by_file = token is None and list(state) == ["emb_params"]  # (AUTOMATIC1111's: the word is the file's name)
+    if not word.strip() or any(c.isspace() for c in word):
+        raise LessonError(f"'{file}' names its word {word!r}, which a prompt cannot hold as one word (it is empty "
+                          "or has spaces). " + ("Rename the file: its name is the word (e.g. 'my-fabric.safetensors')."
+                                                if named_by_file else "Use an embedding whose word is one word, such "
+                                                "as exercise 3a's '<african-fabric>'."))
+    # The scripts load an embedding once per run: a word the tokenizer knows comes from the file (or a second load
+    # in one Python session). Only the file can be changed from a script: say how, for each layout.
     _require_new(pipe.tokenizer, placeholder_tokens(word, num_vectors), "The embedding's token",
-                 "Was it loaded already? Load each embedding once, or give it another word (token=...).")
+                 "Loading it would change what that word means in every prompt. "
+                 + ("Rename the file: AUTOMATIC1111's embeddings take their word from the file's name (e.g. "
+                    f"'my-{file.stem}{file.suffix}')." if named_by_file else
+                    "Use an embedding trained on a new word (exercise 3a's PLACEHOLDER_TOKEN, such as "
+                    "'<my-fabric>'); in Python, load_embedding(pipe, path, token='<my-fabric>') gives it another "
+                    "word, and loads each embedding once."))
     pipe.load_textual_inversion(state, token=word)  # diffusers reads the layout itself; we chose the word
     return word

@@ -432,6 +432,20 @@ CASES = _constant_cases() + [
          r"adapter_config.json' says rank r = 8, but 'models/course_lora/adapter_model.safetensors' holds rank 4",
          r"the two files are not of one LoRA. Download both files of the LoRA again, together",
          setup=_peft_folder(rank=8), before_model=True),
+    # an embedding whose word the model already knows, or that no prompt can hold: the advice was "Was it loaded
+    # already? ... give it another word (token=...)", which no script can do; an empty word loaded, unusable
+    Case("1-embedding-of-a-known-word", E1, QUICK + ["--embedding-path", "models/fabric.safetensors"],
+         r"The embedding's token 'fabric' is already a word of this model's tokenizer",
+         r"Use an embedding trained on a new word \(exercise 3a's PLACEHOLDER_TOKEN",
+         setup=_tensors("models/fabric.safetensors", {"fabric": torch.randn(1, 32)})),
+    Case("2-a1111-embedding-named-after-a-word", E2, QUICK + ["--part", "a", "--embedding-path",
+                                                              "models/pattern.safetensors"],
+         r"The embedding's token 'pattern' is already a word", r"Rename the file: AUTOMATIC1111's embeddings take "
+         r"their word from the file's name \(e.g. 'my-pattern.safetensors'\)",
+         setup=_tensors("models/pattern.safetensors", {"emb_params": torch.randn(1, 32)})),
+    Case("morph-embedding-of-an-empty-word", MORPH, GENERATE[MORPH] + ["--embedding-path", "models/blank.safetensors"],
+         r"'models/blank.safetensors' names its word '', which a prompt cannot hold as one word",
+         r"Use an embedding whose word is one word", setup=_tensors("models/blank.safetensors", {"": torch.randn(1, 32)})),
     Case("2-fast-mode-offline", E2, QUICK + ["--part", "a", "--fast-mode"], r"FAST_MODE needs the LCM-LoRA "
          r"'latent-consistency/lcm-lora-sdv1-5' \(LCM_LORA_ID\)", r"hf download .*or run without FAST_MODE"),
     # ---------------------------------------------------------------- resuming
