@@ -40,10 +40,32 @@ def commit(tmp, path) -> None:
         os.replace(tmp, path)
 
 
+_SAVING: set[Path] = set()  # this process's temporary files and folders not yet renamed into place
+
+
+def _prefix(path: Path) -> str:
+    """A temporary copy's name starts ".name.PID-": the next save of ``path`` deletes the copies of processes that
+    are gone (killed mid-save), never one that another run still writes (the same script twice at once)."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _still_saving(leftover: Path, path: Path) -> bool:
+    if leftover in _SAVING:
+        return True
+    pid = leftover.name[len(path.name) + 2:].partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():  # (a copy named before PIDs were, or this process's own)
+        return False
+    import psutil  # (installed with accelerate)
+
+    return psutil.pid_exists(int(pid))
+
+
 def _remove_leftovers(path: Path) -> None:
-    """Delete the temporary copies of ``path`` (".name.xxxx") that an interrupted save left behind.
-    Called only once a new ``path`` is in place. (Only one process saves a given file.)"""
+    """Delete the temporary copies of ``path`` (".name.PID-xxxx") that an interrupted save left behind, except those
+    of saves still running (another process's, or this one's). Called only once a new ``path`` is in place."""
     for old in map(Path, glob.glob(str(path.parent / f".{glob.escape(path.name)}.*"))):
+        if _still_saving(old, path):
+            continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -55,8 +77,9 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
+    _SAVING.add(Path(tmp))
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual permissions
@@ -64,6 +87,8 @@ def atomic_path(path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _SAVING.discard(Path(tmp))
     _remove_leftovers(path)
 
 
@@ -72,14 +97,17 @@ def atomic_dir(path):
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes folders private; give them the usual permissions
+    _SAVING.add(tmp)
     try:
         yield tmp
         commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _SAVING.discard(tmp)
     _remove_leftovers(path)
 
 

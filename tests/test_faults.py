@@ -1076,6 +1076,35 @@ def test_disk_full_during_a_save_ends_in_one_line(student, project):
     assert not list((project / "outputs").glob(".x.safetensors*"))  # the half-written file is gone
 
 
+def test_two_runs_saving_one_file_at_once_both_finish_and_a_killed_saves_copy_is_cleaned_up(tmp_path):
+    """The same script twice at once (two terminals, or a notebook beside a terminal) saves the same files. The first
+    save to finish deleted every ".name.*" beside its file as a killed save's leftover, the other run's unfinished
+    copy too, and that run ended in 'unexpected FileNotFoundError'. Now a copy carries its process's PID."""
+    from common.files import atomic_path, save_image
+
+    target = tmp_path / "outputs/exercise1_output.png"
+    target.parent.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a run killed mid-save: its process is gone
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another run, still saving
+    try:
+        killed = target.parent / f".{target.name}.{ended.pid}-k1ll.png"
+        theirs = target.parent / f".{target.name}.{running.pid}-s4ve.png"
+        killed.write_bytes(b"half")
+        theirs.write_bytes(b"half")
+        with atomic_path(target) as mine:  # this run, in the middle of its own save, while an earlier one finishes
+            mine.write_bytes(b"second")
+            save_image(Image.new("RGB", (8, 8)), target)
+            assert mine.is_file() and theirs.is_file() and not killed.exists()
+        assert target.read_bytes() == b"second"
+        assert sorted(p.name for p in target.parent.iterdir()) == sorted([target.name, theirs.name])
+    finally:
+        running.kill()
+        running.wait()
+    save_image(Image.new("RGB", (8, 8)), target)  # once that run is gone, its copy is a leftover like any other
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
 def test_ascii_console_trains_on_accented_file_names_and_prompts(student, project):
     (project / "training_images" / "tissé_布_broken.jpg").write_bytes(b"")  # a warning names it
     prompt = "a sks tissu à motifs 布"
