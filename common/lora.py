@@ -199,7 +199,6 @@ def _check_peft_config(weights: Path) -> Path:
     from the files' text and headers, before any model loads): a damaged config, or one from another LoRA, ended
     in 'unexpected JSONDecodeError' or 'unexpected RuntimeError: ... size mismatch' once the model had loaded."""
     from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
 
     config_file = weights.parent / PEFT_CONFIG
     try:
@@ -210,13 +209,14 @@ def _check_peft_config(weights: Path) -> Path:
         raise LessonError(f"'{config_file}' is not a readable PEFT config ({brief(exc, 100)}): it is damaged or "
                           f"incompletely downloaded. Download both files of the LoRA again ('{PEFT_WEIGHTS}' and "
                           f"'{PEFT_CONFIG}').") from exc
+    if config.rank_pattern:  # (ranks per layer, by patterns PEFT resolves when it loads: left to it)
+        return weights
     with safetensors.safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             if ".lora_A." not in key:
                 continue
             module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-            rank = f.get_slice(key).get_shape()[0]
-            said = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), module), config.r)
+            rank, said = f.get_slice(key).get_shape()[0], config.r
             if rank != said:
                 raise LessonError(f"'{config_file}' says rank r = {said}, but '{weights}' holds rank {rank} (in "
                                   f"'{module}'): the two files are not of one LoRA. Download both files of the "

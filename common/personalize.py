@@ -139,8 +139,11 @@ def personalize(pipe, cfg) -> Personalization:
 
 
 def without_token(prompt: str, token: str) -> str:
-    """The prompt with the subject token removed: "a dress of sks african fabric" -> "a dress of african fabric"."""
-    return re.sub(r"\s+", " ", re.sub(rf"(?<!\S){re.escape(token)}(?!\S)", "", prompt)).strip()
+    """The prompt with the subject token removed wherever CLIP reads it as a word (``sampling.word_pattern``: any
+    case, beside punctuation): "a dress of sks african fabric" -> "a dress of african fabric", "sks, a dress" ->
+    "a dress"."""
+    text = re.sub(r"\s+", " ", sampling.word_pattern(token).sub("", prompt))
+    return re.sub(r"\s+([,.;:!?])", r"\1", text).strip().lstrip(",.;:!? ")
 
 
 def trained_word(lora_file) -> str | None:

@@ -40,12 +40,17 @@ def use_multistep_solver(pipe) -> None:
 _warned_prompts: set[str] = set()
 
 
-def mentions(prompt: str, word: str) -> bool:
-    """Whether ``word`` is a word of ``prompt`` as CLIP reads it: in any case (it lower-cases every prompt), and
-    beside punctuation ("a sks, dress" holds "sks"; "asks" does not; "<x>s" holds "<x>")."""
+def word_pattern(word: str) -> re.Pattern:
+    """``word`` as CLIP reads it in a prompt: in any case (it lower-cases every prompt), and beside punctuation
+    ("a sks, dress" holds "sks"; "asks" does not; "<x>s" holds "<x>")."""
     before = r"(?<!\w)" if re.match(r"\w", word) else ""
     after = r"(?!\w)" if re.search(r"\w$", word) else ""
-    return re.search(before + re.escape(word) + after, prompt, re.IGNORECASE) is not None
+    return re.compile(before + re.escape(word) + after, re.IGNORECASE)
+
+
+def mentions(prompt: str, word: str) -> bool:
+    """Whether ``word`` is a word of ``prompt`` as CLIP reads it (``word_pattern``)."""
+    return word_pattern(word).search(prompt) is not None
 
 
 def warn_if_truncated(tokenizer, prompt: str, shown: str | None = None) -> bool:

@@ -88,6 +88,10 @@ def test_without_token_removes_only_the_word():
         "a dress made of african fabric,"
     assert personalize.without_token("tasks for sks", "sks") == "tasks for"
     assert personalize.without_token("sks african fabric pattern", "sks") == "african fabric pattern"
+    # as CLIP reads the word: beside punctuation, in any case (the comparison prompt must really lack it)
+    assert personalize.without_token("a dress of sks, fashion photography", "sks") == \
+        "a dress of, fashion photography"
+    assert personalize.without_token("SKS. a vase of Sks fabric", "sks") == "a vase of fabric"
 
 
 def test_a_prompt_holds_the_word_as_clip_reads_it_in_any_case_and_beside_punctuation(capsys):
