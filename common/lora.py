@@ -253,8 +253,13 @@ def _lora_layers(pipe, adapter_name: str):
 
 
 def _file_layout(path: Path) -> str:
-    """kohya/AUTOMATIC1111 files name their layers ``lora_unet_...`` / ``lora_te_...``; diffusers' do not."""
-    keys = safetensors_keys(path) or []
+    """kohya/AUTOMATIC1111 files name their layers ``lora_unet_...`` / ``lora_te_...``; diffusers' do not.
+    A .safetensors file with no tensors at all is refused here, before any model loads."""
+    keys = safetensors_keys(path)
+    if keys == []:
+        raise LessonError(f"'{path}' holds no weights (a .safetensors file with no tensors in it): it was saved "
+                          f"empty or cut short. Get the LoRA again, or train your own with {TRAIN_SCRIPT}.")
+    keys = keys or []
     return "kohya" if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
 
 
