@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from common import pickles
-from common.errors import LessonError, brief
+from common.errors import LessonError, brief, warn
 from common.files import adapter_kind, atomic_path, require_readable, require_suffix, safetensors_keys
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
@@ -173,6 +173,9 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
             return "peft", _check_peft_config(path)
         return _file_layout(path), path
     if (path / WEIGHT_NAME).is_file():  # what exercise 3b writes (and what load_lora_weights picks)
+        if (path / PEFT_WEIGHTS).is_file():  # (the course's LoRA downloaded into the folder 3b trains into)
+            warn(f"'{path}' holds two LoRAs: exercise 3b's {WEIGHT_NAME} (used) and {PEFT_WEIGHTS} (the course's "
+                 f"layout). To use the other one, set {constant} to '{path / PEFT_WEIGHTS}'.")
         return _file_layout(require_readable(path / WEIGHT_NAME, TRAIN_SCRIPT)), path / WEIGHT_NAME
     if (path / LEGACY_WEIGHT_NAME).is_file():  # what diffusers' DreamBooth-LoRA example wrote until 0.19
         return "diffusers", path / LEGACY_WEIGHT_NAME

@@ -245,3 +245,16 @@ def test_a_file_with_another_ending_is_not_read_as_a_damaged_lora(tmp_path):
         lora.find_lora_file(tmp_path / "notes.txt")
     (tmp_path / "LORA.SAFETENSORS").rename(tmp_path / "lora.safetensors")
     assert lora.find_lora_file(tmp_path / "lora.safetensors") == ("diffusers", tmp_path / "lora.safetensors")
+
+
+def test_a_folder_holding_3bs_lora_and_the_courses_uses_3bs_and_says_how_to_pick_the_other(tmp_path, capsys):
+    """The course's LoRA downloaded into models/fabric_lora/, where 3b trains: both are LoRAs, one is used."""
+    safetensors.torch.save_file({"unet.a.lora_A.weight": torch.zeros(4, 8)}, str(tmp_path / lora.WEIGHT_NAME))
+    safetensors.torch.save_file({"base_model.model.a.lora_A.weight": torch.zeros(4, 8)},
+                                str(tmp_path / lora.PEFT_WEIGHTS))
+    (tmp_path / lora.PEFT_CONFIG).write_text('{"r": 4}')
+    assert lora.find_lora_file(tmp_path) == ("diffusers", tmp_path / lora.WEIGHT_NAME)
+    said = capsys.readouterr().out
+    assert f"holds two LoRAs: exercise 3b's {lora.WEIGHT_NAME} (used)" in said
+    assert f"set LORA_PATH to '{tmp_path / lora.PEFT_WEIGHTS}'" in said
+    assert lora.find_lora_file(tmp_path / lora.PEFT_WEIGHTS)[0] == "peft"  # (which it then loads)
