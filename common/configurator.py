@@ -119,6 +119,9 @@ class _Parser(argparse.ArgumentParser):
         hints = [f"Did you mean {close[0]} instead of {flag}?" for flag in re.findall(r"--[\w-]+", message)
                  for close in [difflib.get_close_matches(flag.split("=")[0], options, n=1)]
                  if close and close[0] != flag.split("=")[0]]  # (a known option given a wrong value needs no hint)
+        flag = re.match(r"argument (--[\w-]+)", message)
+        if flag and "expected one argument" in message:  # (the value left out, or one that starts with "-")
+            hints.append(f"Give it a value; a value that starts with '-' is joined to it: {flag[1]}=-value.")
         raise LessonError(f"command line: {message}. {' '.join(hints + [''])}"
                           f"'python {self.prog} --help' lists every option.")
 

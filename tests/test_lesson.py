@@ -238,6 +238,15 @@ def test_a_yes_no_constant_refuses_other_words_in_one_line_without_a_useless_hin
     assert "Did you mean" not in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("args", [["--negative-prompt", "-blurry"], ["--negative-prompt"]])
+def test_an_option_without_its_value_says_how_to_give_one_that_starts_with_a_dash(args):
+    with pytest.raises(LessonError, match=r"--negative-prompt: expected one argument\. .*joined to it: "
+                                          r"--negative-prompt=-value\. 'python exercise2_explore.py --help'"):
+        lesson.configure(vars(exercise2_explore), args)
+    # ... and the value so joined is read as written
+    assert lesson.configure(vars(exercise2_explore), ["--negative-prompt=-blurry"]).NEGATIVE_PROMPT == "-blurry"
+
+
 def test_a_yes_no_constant_written_in_quotes_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(exercise3b_train_lora, "PRIOR_PRESERVATION", "False")  # truthy text: it would train with it
     with pytest.raises(LessonError, match=r"PRIOR_PRESERVATION = 'False' is text in quotes.*True or False"):
