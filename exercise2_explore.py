@@ -81,11 +81,12 @@ def validate(cfg):
                           "For example: '{} african fabric pattern, {style} style' ({} = SUBJECT_TOKEN).")
     scales = cfg.GUIDANCE_SCALES if isinstance(cfg.GUIDANCE_SCALES, (tuple, list)) else (cfg.GUIDANCE_SCALES,)
     cfg.GUIDANCE_SCALES = tuple(scales)  # one number alone is a list of one
-    if not scales or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
-                             and 0 <= g <= lesson.MAX_GUIDANCE for g in scales):
-        raise LessonError(f"GUIDANCE_SCALES must be a list of numbers >= 0 and <= {lesson.MAX_GUIDANCE} (on the "
-                          f"command line: --guidance-scales 1.5,7.5,12), got {cfg.GUIDANCE_SCALES!r}.")
-    lesson.require_int(cfg, "NUM_SEEDS", maximum=100)  # part C's grid: one picture per seed
+    if not 1 <= len(scales) <= lesson.MAX_LIST or not all(
+            isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+            and 0 <= g <= lesson.MAX_GUIDANCE for g in scales):
+        lesson.fail(cfg, "GUIDANCE_SCALES", f"must be a list of 1 to {lesson.MAX_LIST} numbers >= 0 and <= "
+                                            f"{lesson.MAX_GUIDANCE} (on the command line: --guidance-scales 1.5,7.5,12)")
+    lesson.require_int(cfg, "NUM_SEEDS", maximum=lesson.MAX_LIST)  # part C's grid: one picture per seed
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
 
 

@@ -67,7 +67,7 @@ def validate(cfg):
     from common.animation import MAX_FPS, MIN_FPS
 
     lesson.require_text(cfg, "PROMPT")
-    lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2)
+    lesson.require_int(cfg, "NUM_KEYFRAMES", minimum=2, maximum=lesson.MAX_LIST)  # (one tile each in the strip)
     lesson.require_int(cfg, "GIF_COLORS", minimum=2)
     lesson.require_int(cfg, "GIF_SIZE", minimum=16, maximum=4096, allow_none=True)
     lesson.require_float(cfg, "DURATION_SECONDS", above=True)

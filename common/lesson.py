@@ -97,13 +97,16 @@ def _quiet_libraries(debug: bool) -> None:
 
 # --------------------------------------------------------------------------- validation (before any model loads)
 def _shown(value) -> str:
-    """A value as a message shows it: a whole number of hundreds of digits by its length alone."""
+    """A value as a message shows it: a whole number of hundreds of digits, or a long list, by its length alone."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
         return f"a whole number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, (tuple, list)) and len(value) > 12:
+        return f"a list of {len(value)}"
     return repr(value)
 
 
-def _fail(cfg: Config, name: str, must: str):
+def fail(cfg: Config, name: str, must: str):
+    """Refuse the constant ``name``: what it must be, what it is, and where to change it."""
     value = getattr(cfg, name)
     raise LessonError(f"{name} {must}, got {_shown(value)}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}.")
 
@@ -121,13 +124,13 @@ def _as_number(cfg: Config, name: str, kind):
         try:
             value = kind(value)
         except ValueError:
-            _fail(cfg, name, "must be a number")
+            fail(cfg, name, "must be a number")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(cfg, name, "must be a number")
+        fail(cfg, name, "must be a number")
     if not _finite(value):
-        _fail(cfg, name, "must be a number" + (" of at most 308 digits" if isinstance(value, int) else ""))
+        fail(cfg, name, "must be a number" + (" of at most 308 digits" if isinstance(value, int) else ""))
     if kind is int and int(value) != value:
-        _fail(cfg, name, "must be a whole number")
+        fail(cfg, name, "must be a whole number")
     setattr(cfg, name, kind(value))
     return kind(value)
 
@@ -140,9 +143,9 @@ def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None 
             continue
         value = _as_number(cfg, name, int)
         if value < minimum:
-            _fail(cfg, name, f"must be a whole number >= {minimum}")
+            fail(cfg, name, f"must be a whole number >= {minimum}")
         if maximum is not None and value > maximum:
-            _fail(cfg, name, f"must be a whole number between {minimum} and {maximum}")
+            fail(cfg, name, f"must be a whole number between {minimum} and {maximum}")
 
 
 def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False,
@@ -154,9 +157,9 @@ def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = 
             continue
         value = _as_number(cfg, name, float)
         if value < minimum or (above and value == minimum):
-            _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")
+            fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g}")
         if maximum is not None and value > maximum:
-            _fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g} and <= {maximum:g}")
+            fail(cfg, name, f"must be a number {'>' if above else '>='} {minimum:g} and <= {maximum:g}")
 
 
 # Seeds go to torch.Generator.manual_seed, which takes 64 bits, and scripts add small offsets to them.
@@ -172,6 +175,9 @@ MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distil
 MAX_GUIDANCE = 100  # the course uses 1.5 to 20
 MAX_LORA_SCALE = 100  # 1 = as trained
 MAX_LEARNING_RATE = 1.0  # the course uses 1e-4 (LoRA) and 5e-4 (Textual Inversion)
+# Items of a list constant (PROMPTS, STYLES, GUIDANCE_SCALES, keyframes): each is a tile or a row of a figure, and a
+# figure of hundreds of them is too big to look at (or, one row of 512-px tiles, to hold in memory).
+MAX_LIST = 100
 
 
 def require_seed(cfg: Config, *names: str) -> None:
@@ -184,26 +190,26 @@ def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = 
         return
     require_int(cfg, name, minimum=factor)
     if getattr(cfg, name) % factor:
-        _fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
+        fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
     if getattr(cfg, name) > maximum:
-        _fail(cfg, name, f"must be a multiple of {factor} between {factor} and {maximum} (512 for SD v1.5; "
+        fail(cfg, name, f"must be a multiple of {factor} between {factor} and {maximum} (512 for SD v1.5; "
                          "larger pictures need more memory than any GPU has)")
 
 
 def require_choice(cfg: Config, name: str, choices) -> None:
     if getattr(cfg, name) not in choices:
-        _fail(cfg, name, "must be one of " + ", ".join(map(repr, choices)))
+        fail(cfg, name, "must be one of " + ", ".join(map(repr, choices)))
 
 
 def require_text(cfg: Config, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if not isinstance(value, str) or not value.strip():
-            _fail(cfg, name, "must be non-empty text")
+            fail(cfg, name, "must be non-empty text")
 
 
 def require_text_list(cfg: Config, *names: str) -> None:
-    """Each named constant is a non-empty list (or tuple) of non-empty texts, e.g. PROMPTS."""
+    """Each named constant is a non-empty list (or tuple) of at most MAX_LIST non-empty texts, e.g. PROMPTS."""
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, str):  # one prompt given on its own: a list of one
@@ -211,7 +217,9 @@ def require_text_list(cfg: Config, *names: str) -> None:
             setattr(cfg, name, value)
         if not isinstance(value, (tuple, list)) or not value or not all(
                 isinstance(v, str) and v.strip() for v in value):
-            _fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
+            fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
+        if len(value) > MAX_LIST:
+            fail(cfg, name, f"must be a list of at most {MAX_LIST} texts (one picture each)")
 
 
 def require_model_id(cfg: Config) -> None:
@@ -237,7 +245,7 @@ def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:
             value = os.fspath(value)
             setattr(cfg, name, value)
         if not isinstance(value, str) or not value.strip():
-            _fail(cfg, name, "must be the name of a file or folder" + (" (or None)" if allow_none else ""))
+            fail(cfg, name, "must be the name of a file or folder" + (" (or None)" if allow_none else ""))
         if value.startswith("~"):
             setattr(cfg, name, os.path.expanduser(value))
 
