@@ -223,11 +223,19 @@ def require_text_list(cfg: Config, *names: str) -> None:
 
 
 def require_model_id(cfg: Config) -> None:
-    """MODEL_ID names something loadable (a typo'd path or a web address is refused before anything loads)."""
+    """MODEL_ID names something loadable (a typo'd path or a web address is refused before anything loads).
+    Spellings of one model become one ('TINY' -> 'tiny', './models/my-sd/' -> 'models/my-sd'), so that --resume
+    and the class images' cache know it for the same."""
     from common.models import resolve
 
     require_text(cfg, "MODEL_ID")
-    resolve(cfg.MODEL_ID)
+    source = resolve(cfg.MODEL_ID)
+    if source.kind in ("tiny", "pocket"):
+        cfg.MODEL_ID = source.kind
+    elif source.kind in ("folder", "single_file"):
+        cfg.MODEL_ID = Path(source.location).as_posix()
+    else:
+        cfg.MODEL_ID = cfg.MODEL_ID.strip()
 
 
 def require_path(cfg: Config, *names: str, allow_none: bool = False) -> None:

@@ -247,6 +247,16 @@ def test_an_option_without_its_value_says_how_to_give_one_that_starts_with_a_das
     assert lesson.configure(vars(exercise2_explore), ["--negative-prompt=-blurry"]).NEGATIVE_PROMPT == "-blurry"
 
 
+@pytest.mark.parametrize("spelling, kind", [("TINY", "tiny"), (" Pocket", "pocket"), ("{}/my-sd/", "{}/my-sd"),
+                                            ("{}/./my-sd", "{}/my-sd")])
+def test_spellings_of_one_model_id_become_one(tmp_path, spelling, kind):
+    (tmp_path / "my-sd").mkdir()
+    (tmp_path / "my-sd/model_index.json").write_text("{}")
+    cfg = lesson.configure(vars(exercise1_generate), ["--model", spelling.format(tmp_path.as_posix())])
+    lesson.require_model_id(cfg)
+    assert cfg.MODEL_ID == kind.format(tmp_path.as_posix())
+
+
 def test_a_yes_no_constant_written_in_quotes_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(exercise3b_train_lora, "PRIOR_PRESERVATION", "False")  # truthy text: it would train with it
     with pytest.raises(LessonError, match=r"PRIOR_PRESERVATION = 'False' is text in quotes.*True or False"):

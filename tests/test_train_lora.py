@@ -79,7 +79,8 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir, capsys):
 def test_resume_continues_at_the_right_step(workdir, capsys):
     script = exercise3b_train_lora
     script.train(FAST + ["--max-train-steps", "3", "--sample-every", "100"])
-    result = script.train(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume"])
+    # (MODEL_ID spelt another way names the same model: not "a change of settings")
+    result = script.train(FAST + ["--max-train-steps", "5", "--sample-every", "100", "--resume", "--model", "TINY"])
     said = capsys.readouterr().out
     assert "Resumed from 'models/fabric_lora/checkpoints/checkpoint-000003' at step 3" in said
     assert len(result.history["total"]) == 5  # 3 from the first run (restored) + 2 new steps
