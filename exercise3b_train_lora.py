@@ -312,7 +312,7 @@ def train(argv=None):
     if accelerator.is_main_process:
         written.append(lora.save_lora(trained, lora_dir, lora_config, run_settings))
         # The same LoRA as AUTOMATIC1111 and ComfyUI read it (kohya's layout), beside it.
-        kohya = lora.export_kohya(trained, lora_dir / f"{lora_dir.name}_kohya.safetensors", lora_config)
+        kohya = lora.export_kohya(trained, lora.kohya_path(lora_dir), lora_config)
         curves = {"total loss": state.history.get("total", []), "instance loss": state.history.get("instance", [])}
         if cfg.PRIOR_PRESERVATION:
             curves["prior loss"] = state.history.get("prior", [])

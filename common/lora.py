@@ -95,6 +95,13 @@ def save_lora(unet, folder, config, settings: dict | None = None) -> Path:
     return Path(folder) / WEIGHT_NAME
 
 
+def kohya_path(lora_dir) -> Path:
+    """Where the kohya copy goes: in the LoRA's folder, named after it (LORA_DIR "." or "models/x/.." is named
+    after the folder it stands for, not "")."""
+    lora_dir = Path(lora_dir)
+    return lora_dir / f"{lora_dir.resolve().name or 'lora'}_kohya.safetensors"
+
+
 def export_kohya(unet, path, config) -> Path:
     """A single file with kohya-style keys and alphas, for AUTOMATIC1111 and ComfyUI."""
     weights = {f"unet.{k}": v for k, v in lora_state_dict(unet).items()}

@@ -258,3 +258,12 @@ def test_a_folder_holding_3bs_lora_and_the_courses_uses_3bs_and_says_how_to_pick
     assert f"holds two LoRAs: exercise 3b's {lora.WEIGHT_NAME} (used)" in said
     assert f"set LORA_PATH to '{tmp_path / lora.PEFT_WEIGHTS}'" in said
     assert lora.find_lora_file(tmp_path / lora.PEFT_WEIGHTS)[0] == "peft"  # (which it then loads)
+
+
+@pytest.mark.parametrize("lora_dir, name", [("models/fabric_lora", "models/fabric_lora/fabric_lora_kohya.safetensors"),
+                                            (".", "course_kohya.safetensors"),
+                                            ("models/x/..", "models/x/../models_kohya.safetensors")])
+def test_the_kohya_copy_is_named_after_the_folder_lora_dir_stands_for(tmp_path, monkeypatch, lora_dir, name):
+    (tmp_path / "course/models/x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "course")  # (LORA_DIR "." named it "_kohya.safetensors", a hidden-looking file)
+    assert lora.kohya_path(lora_dir).as_posix() == name
