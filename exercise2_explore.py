@@ -85,7 +85,7 @@ def validate(cfg):
             isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
             and 0 <= g <= lesson.MAX_GUIDANCE for g in scales):
         lesson.fail(cfg, "GUIDANCE_SCALES", f"must be a list of 1 to {lesson.MAX_LIST} numbers >= 0 and <= "
-                                            f"{lesson.MAX_GUIDANCE} (on the command line: --guidance-scales 1.5,7.5,12)")
+                    f"{lesson.MAX_GUIDANCE} (on the command line: --guidance-scales 1.5,7.5,12)")
     lesson.require_int(cfg, "NUM_SEEDS", maximum=lesson.MAX_LIST)  # part C's grid: one picture per seed
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
 

@@ -313,7 +313,8 @@ def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None
 
 
 def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, found=None) -> int:
-    """Load a LoRA (any layout above) into ``pipe.unet`` at ``scale``; return how many layers it patched.
+    """Load a LoRA (any layout above) into ``pipe.unet`` (and ``pipe.text_encoder``, when it has layers for it) at
+    ``scale``; return how many layers it patched, in both.
 
     ``found``: what ``find_lora_file(path)`` already answered, so the folder is not searched again.
     Refuses to continue when nothing was patched, instead of quietly running the base model.
@@ -357,9 +358,9 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
         if layout == "kohya":  # each layer's alpha/rank is in its up matrix now: every layer at scale 1
             for module in _lora_layers(pipe, adapter_name):
                 module.lora_alpha[adapter_name] = module.r[adapter_name]
-    patched = len(lora_layer_names(pipe.unet, adapter_name))
+    patched = sum(1 for _ in _lora_layers(pipe, adapter_name))  # (a kohya LoRA may train the text encoder alone)
     if patched == 0:
-        raise LessonError(f"'{file}' patched 0 layers of the UNet: its keys do not match this model. "
-                          f"Use a LoRA trained on this MODEL_ID (retrain with {TRAIN_SCRIPT}).")
+        raise LessonError(f"'{file}' patched 0 layers of the UNet or the text encoder: its keys do not match this "
+                          f"model. Use a LoRA trained on this MODEL_ID (retrain with {TRAIN_SCRIPT}).")
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
     return patched

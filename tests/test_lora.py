@@ -192,7 +192,8 @@ def test_kohya_alphas_that_differ_per_layer_load_at_kohyas_strength(tiny_dir, tm
     rule = _kohya_file_with_mixed_alphas_and_ranks(loaded, tmp_path / "resized.safetensors")
     expected = _merged_pipeline(tiny_dir, rule)
     assert lora.find_lora_file(tmp_path / "resized.safetensors")[0] == "kohya"
-    assert lora.load_lora(loaded, tmp_path / "resized.safetensors") == 56
+    assert lora.load_lora(loaded, tmp_path / "resized.safetensors") == 56 + 8  # (the UNet's and the text encoder's)
+    assert len(lora.lora_layer_names(loaded.unet)) == 56
 
     ids = loaded.tokenizer(["a sks african fabric pattern"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -267,3 +268,24 @@ def test_the_kohya_copy_is_named_after_the_folder_lora_dir_stands_for(tmp_path, 
     (tmp_path / "course/models/x").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "course")  # (LORA_DIR "." named it "_kohya.safetensors", a hidden-looking file)
     assert lora.kohya_path(lora_dir).as_posix() == name
+
+
+def test_a_lora_of_the_text_encoder_alone_loads_and_changes_what_the_unet_is_told(tiny_dir, tmp_path):
+    """kohya's trainers can train the text encoder alone: its layers load; it was refused as 'patched 0 layers
+    of the UNet', though it changes every picture."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    maker = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                       init_lora_weights=False), maker.text_encoder)
+    (tmp_path / "te").mkdir()
+    safetensors.torch.save_file({f"text_encoder.{k}": v.contiguous() for k, v in
+                                 get_peft_model_state_dict(maker.text_encoder).items()},
+                                tmp_path / "te/pytorch_lora_weights.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    before = pipe.encode_prompt("a sks pattern", "cpu", 1, False)[0]
+    layers = 2 * maker.text_encoder.config.num_hidden_layers  # (q and v of each)
+    assert lora.load_lora(pipe, tmp_path / "te") == layers and not lora.lora_layer_names(pipe.unet)
+    with torch.no_grad():
+        assert not torch.allclose(pipe.encode_prompt("a sks pattern", "cpu", 1, False)[0], before, atol=1e-3)
