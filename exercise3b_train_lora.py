@@ -209,7 +209,7 @@ def train(argv=None):
 
     lesson.step(1, "Choose the device and load the base model")
     # Through accelerate (one GPU, or several); noise_scheduler is the forward process the loss trains against.
-    accelerator, pipe, noise_scheduler, resolution = training.load_base_model(cfg)
+    accelerator, pipe, noise_scheduler, resolution = training.load_base_model(cfg, run)
     device, weight_dtype = accelerator.device, training.weight_dtype(accelerator)  # (dtype of the frozen models)
     unet, vae = pipe.unet, pipe.vae
     settings = sampling.SamplingSettings(cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE, height=resolution,

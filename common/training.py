@@ -42,13 +42,13 @@ from common.lesson import dashed
 
 
 # --------------------------------------------------------------------------- step 1
-def load_base_model(cfg):
+def load_base_model(cfg, run: Run | None = None):
     """Step 1 of both training scripts: the device and precision (DEVICE, MIXED_PRECISION) as an accelerate
     ``Accelerator`` (one GPU, or several under ``accelerate launch``; its trackers log to LOG_WITH, in
     OUTPUT_DIR/runs/), then MODEL_ID on it, its frozen parts in the training dtype, and the noise scheduler
     the loss trains against: DDPM, the forward process (a model whose prediction type the loss cannot train is
     refused now, not after minutes). Returns ``(accelerator, pipe, noise_scheduler, resolution)``: RESOLUTION
-    or the model's own."""
+    or the model's own, which ``run`` (``begin_run``) keeps, and a resumed run must match."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
@@ -69,7 +69,10 @@ def load_base_model(cfg):
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # (before the sampler replaces it)
     prediction_type(noise_scheduler)
     sampling.use_multistep_solver(pipe)  # (for the progress grids)
-    return accelerator, pipe, noise_scheduler, cfg.RESOLUTION or models.native_resolution(pipe)
+    resolution = cfg.RESOLUTION or models.native_resolution(pipe)
+    if run is not None and "RESOLUTION" in run.fixed:
+        _settle_resolution(run, resolution, models.native_resolution(pipe))
+    return accelerator, pipe, noise_scheduler, resolution
 
 
 # --------------------------------------------------------------------------- computed once, before the loop
@@ -306,6 +309,18 @@ class Run:
     settings: dict  # every setting of this session, as JSON stores it
     resume_from: Path | None = None  # the checkpoint --resume continues (None: start at step 0)
     saved_state: dict = field(default_factory=dict)  # its train_state.json
+    # RESOLUTION None is the model's own size, known once it has loaded: a resumed run's, to compare then
+    resolution_was: list = field(default_factory=list)  # ([its RESOLUTION] when only the model can tell)
+
+
+def _settle_resolution(run: Run, resolution: int, native: int) -> None:
+    """Keep the size the run trains at (run.json), and refuse a --resume at another size than its run's.
+    None and the model's own size are one size: 64 after None on a 64 px model resumes."""
+    if run.resolution_was and (run.resolution_was[0] or native) != resolution:
+        raise LessonError(f"--resume: the run in '{run.root}/' was trained at another size, which cannot change "
+                          f"mid-run: RESOLUTION {run.resolution_was[0] or native} -> {resolution} (the model's own "
+                          f"size is {native}). Change it back to resume it, or {AFRESH}.")
+    run.fixed["RESOLUTION"] = resolution
 
 
 def _as_json(value):
@@ -322,6 +337,9 @@ def _read_json(path: Path, advice: str) -> dict:
         raise LessonError(f"--resume could not read '{path}' ({brief(exc)}). {advice}") from exc
 
 
+AFRESH = "run without --resume to start afresh (the old checkpoints are then moved aside, not deleted)"
+
+
 def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
     """Claim the checkpoints folder ``root`` (one training at a time) and decide what --resume continues.
 
@@ -334,38 +352,49 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
         folder_lock.claim(root, cfg.SCRIPT, folder_option)
     settings = _as_json({k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEBUG")})
     run = Run(root, cfg.SCRIPT, uuid.uuid4().hex[:12], {k: settings[k] for k in fixed}, settings)
+    own_crop = None
+    if "CROP_FRACTION" in run.fixed:  # None is the model's own (the pocket card's 0.25): one crop, however written
+        from common.models import native_crop_fraction
+
+        own_crop = native_crop_fraction(cfg.MODEL_ID)
+        run.fixed["CROP_FRACTION"] = run.fixed["CROP_FRACTION"] or own_crop
     found = checkpoint_dirs(root) if cfg.RESUME else []
     if cfg.RESUME and not found:
         print(f"  --resume: no checkpoint in '{root}/' yet; starting from step 0.")
     if not found:
         return run
     latest = found[-1]
-    afresh = "run without --resume to start afresh (the old checkpoints are then moved aside, not deleted)"
     old = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl")) + [
         f"no {p.name}" for p in (root / RUN_FILE, latest / STATE_FILE) if not p.is_file()]
     if old:  # (never handed to accelerate, which would unpickle custom_checkpoint_0.pkl)
         raise LessonError(f"--resume refused '{latest}' for safety: it is a checkpoint in the old layout "
                           f"({', '.join(old)}), which keeps its step counter in a pickle that could run code when "
-                          f"loaded, so nothing in it was read. Please {afresh}.")
-    saved = _read_json(root / RUN_FILE, f"Please {afresh}.")
+                          f"loaded, so nothing in it was read. Please {AFRESH}.")
+    saved = _read_json(root / RUN_FILE, f"Please {AFRESH}.")
     if saved.get("script") != cfg.SCRIPT:
         raise LessonError(f"The checkpoints in '{root}/' were made by {saved.get('script')}, not {cfg.SCRIPT}. Set "
                           f"{folder_option} to a folder of its own ({dashed(folder_option)}).")
     was = saved.get("fixed", {})
-    changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in run.fixed.items() if was.get(k) != v]
+    if own_crop is not None:  # (a run.json of before kept None)
+        was = {**was, "CROP_FRACTION": was.get("CROP_FRACTION") or own_crop}
+    if "RESOLUTION" in run.fixed and (run.fixed["RESOLUTION"] is None) != (was.get("RESOLUTION") is None):
+        run.resolution_was = [was.get("RESOLUTION")]  # (None: the model's own; load_base_model compares the two)
+    changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in run.fixed.items()
+               if was.get(k) != v and not (k == "RESOLUTION" and run.resolution_was)]
     if changed:
         raise LessonError(f"--resume: the run in '{root}/' was trained with other settings, which cannot change "
-                          f"mid-run: {', '.join(changed)}. Change them back to resume it, or {afresh}.")
+                          f"mid-run: {', '.join(changed)}. Change them back to resume it, or {AFRESH}.")
     run.id, run.resume_from = saved.get("id"), latest
     run.saved_state = _read_json(latest / STATE_FILE, f"Delete the folder '{latest}' to resume from the one before, "
-                                                      f"or {afresh}.")
+                                                      f"or {AFRESH}.")
     done = run.saved_state.get("step")
     if isinstance(done, int) and done > cfg.MAX_TRAIN_STEPS:  # (nothing to train, and its weights are not step M's)
         raise LessonError(f"--resume: the run in '{root}/' has already trained {done} steps, more than "
                           f"MAX_TRAIN_STEPS = {cfg.MAX_TRAIN_STEPS}. Pass --max-train-steps {done} or more to "
-                          f"train it further (its weights at step {done} are in '{latest}'), or {afresh}.")
+                          f"train it further (its weights at step {done} are in '{latest}'), or {AFRESH}.")
     before = run.saved_state.get("settings", {})
-    news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
+    news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items()
+            if k in before and before[k] != v and k not in run.fixed]  # (the fixed ones are the same, or refused)
     if news:
         print(f"  --resume with new settings (in effect after step {run.saved_state.get('step')}): {', '.join(news)}")
     return run

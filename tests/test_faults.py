@@ -1312,7 +1312,7 @@ CHECKPOINT_CASES = [
          r"pattern' -> 'a sks kente pattern', LORA_ALPHA 32\.0 -> 8\.0\.",
          r"Change them back to resume it, or run without --resume to start afresh", before_model=True),
     Case("3b-resume-changed-resolution", B, RESUME[B] + ["--resolution", "32"], r"cannot change mid-run: RESOLUTION "
-         r"None -> 32\.", r"Change them back", before_model=True),
+         r"64 -> 32\.", r"Change them back", before_model=True),
     Case("3a-resume-changed-placeholder", A, RESUME[A] + ["--placeholder-token", "<kente>"],
          r"cannot change mid-run: PLACEHOLDER_TOKEN '<african-fabric>' -> '<kente>'\.", r"Change them back",
          before_model=True),

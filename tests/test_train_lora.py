@@ -86,6 +86,29 @@ def test_resume_continues_at_the_right_step(workdir, capsys):
     assert len(result.history["total"]) == 5  # 3 from the first run (restored) + 2 new steps
 
 
+def test_resume_reads_none_as_the_models_own_size_and_crop_and_refuses_another(workdir, capsys):
+    """RESOLUTION None is the model's own size (64 for tiny), CROP_FRACTION None its own crop (1.0): written either
+    way, the run resumes. --resume refused 'RESOLUTION None -> 64' for the very same size."""
+    from common.errors import LessonError
+
+    script, quiet = exercise3b_train_lora, FAST + ["--sample-every", "100", "--checkpoint-every", "1"]
+    script.train(quiet + ["--max-train-steps", "2"])
+    run_json = workdir / "models/fabric_lora/checkpoints/run.json"
+    assert {k: json.loads(run_json.read_text())["fixed"][k] for k in ("RESOLUTION", "CROP_FRACTION")} == {
+        "RESOLUTION": 64, "CROP_FRACTION": 1.0}  # (what it trained at)
+    script.train(quiet + ["--max-train-steps", "3", "--resume", "--resolution", "64", "--crop-fraction", "1"])
+    assert "at step 2." in capsys.readouterr().out
+    with pytest.raises(LessonError, match=r"cannot change mid-run: RESOLUTION 64 -> 32\. Change them back"):
+        script.train(quiet + ["--max-train-steps", "4", "--resume", "--resolution", "32"])
+
+    script.train(quiet + ["--max-train-steps", "1", "--resolution", "32"])  # a new run, at 32
+    with pytest.raises(LessonError, match=r"at another size, .*RESOLUTION 32 -> 64 \(the model's own size is 64\)\. "
+                                          r"Change it back"):
+        script.train(quiet + ["--max-train-steps", "2", "--resume"])  # (None: the model's own, 64)
+    script.train(quiet + ["--max-train-steps", "2", "--resume", "--resolution", "32"])
+    assert "at step 1." in capsys.readouterr().out
+
+
 def test_resume_passes_over_checkpoint_folders_that_are_not_ours(workdir, capsys):
     """A 'checkpoint-final' copy or diffusers' 'checkpoint-500' sorted after checkpoint-000003, so --resume
     refused it as 'a checkpoint in the old layout' (and keeping the newest could delete ours beside it)."""
