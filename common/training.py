@@ -496,6 +496,9 @@ def resume(accelerator, run: Run, state: TrainState, optimizer, lr_scheduler, le
             if file.suffix in pickles.PICKLE_SUFFIXES:
                 pickles.load(file, advice)
         accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        # accelerate restores its count of micro-batches and updates whenever it divides by GRADIENT_ACCUMULATION: a
+        # checkpoint lies between two updates, so the count starts again, whatever accumulation made it
+        accelerator.step = 0
         state.load_state_dict(run.saved_state)
     except LessonError:
         raise

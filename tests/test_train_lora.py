@@ -142,6 +142,26 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(workdir, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_resume_with_another_gradient_accumulation_updates_after_each_steps_micro_batches(workdir, monkeypatch):
+    """A resumed run whose GRADIENT_ACCUMULATION changed (the out-of-memory advice: a smaller TRAIN_BATCH_SIZE, a
+    larger accumulation) updates once per step, after that step's micro-batches. accelerate restores its count of
+    micro-batches from the checkpoint and updates whenever it divides by the new accumulation: resumed at step 2
+    of 1 micro-batch each, with 3, step 3 updated after its first micro-batch, step 4 after step 3's other two
+    and its own first, and step 4's last two micro-batches never reached the LoRA."""
+    args = FAST + ["--max-train-steps", "2", "--sample-every", "100", "--checkpoint-every", "1",
+                   "--no-prior-preservation", "--gradient-accumulation", "1"]
+    exercise3b_train_lora.train(args)
+    seen = []
+    step_generator, adamw_step = training.step_generator, torch.optim.AdamW.step
+    monkeypatch.setattr(training, "step_generator", lambda seed, step, process=0, micro=0: (
+        seen.append((step, micro)), step_generator(seed, step, process, micro))[1])
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append("update"),
+                                                                         adamw_step(self, *a, **k))[1])
+    exercise3b_train_lora.train(args[:-1] + ["3", "--max-train-steps", "4", "--resume"])
+    seen = seen[seen.index((3, 0)):]  # (the memory check's forward passes came first, on a Linux CPU)
+    assert seen == [(3, 0), (3, 1), (3, 2), "update", (4, 0), (4, 1), (4, 2), "update"]
+
+
 def test_no_prior_preservation_trains_on_instances_only(workdir):
     result = exercise3b_train_lora.train(
         FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
