@@ -89,8 +89,8 @@ def validate(cfg):
 
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
-    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
-                       "SAMPLE_EVERY", "CHECKPOINT_EVERY")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "SAMPLE_EVERY", "CHECKPOINT_EVERY")
+    lesson.require_int(cfg, "GRADIENT_ACCUMULATION", maximum=lesson.MAX_ACCUMULATION)
     lesson.require_int(cfg, "SAMPLE_BATCH_SIZE", maximum=lesson.MAX_BATCH)
     lesson.require_int(cfg, "LORA_RANK", maximum=1024)
     lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)

@@ -169,6 +169,9 @@ MAX_RESOLUTION = 2048  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's me
 # stopped by the kernel without a word (where a GPU's error lets generation halve its batch and go on).
 MAX_BATCH = 64
 MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
+# Micro-batches summed into one update (the course's 4): a larger mean gradient of 5-20 pictures is no better, an update
+# of millions never ends (Ctrl-C waits for it), and beyond 2**63 accelerate's division overflows.
+MAX_ACCUMULATION = 256
 MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from
 # Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without
 # overflow") or only ever give black pictures and NaN losses.

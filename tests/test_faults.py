@@ -925,6 +925,10 @@ INPUT_CASES = [
         (E2, "RANDOM_SEED", str(2**63), rf"must be a whole number between 0 and 4294967295, got {2**63}"),
         (B, "NUM_INFERENCE_STEPS", "100000", r"must be a whole number between 1 and 1000"),
         (B, "NUM_CLASS_IMAGES", "10000000", r"must be a whole number between 0 and 10000"),
+        # micro-batches summed into one update: was "unexpected OverflowError" after the model had loaded (1e30), or an
+        # update that never ends (10**11), and Ctrl-C waits for the update
+        (B, "GRADIENT_ACCUMULATION", "1e30", r"must be a whole number between 1 and 256, got 1000000000000000019"),
+        (A, "GRADIENT_ACCUMULATION", "100000000000", r"must be a whole number between 1 and 256, got 100000000000"),
         (A, "NUM_VECTORS", "500", r"must be a whole number between 1 and 64"),
         (E2, "NUM_SEEDS", "100000000000", r"must be a whole number between 1 and 100"),
         (B, "LEARNING_RATE", "1e300", r"must be a number > 0 and <= 1, got 1e\+300"),
