@@ -663,7 +663,15 @@ def continue_command(script: str, argv: list[str] | None) -> str:
     import shlex
     import subprocess
 
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--no-resume")]
+    from common.configurator import NO, YES
+
+    given, args = list(sys.argv[1:] if argv is None else argv), []
+    for i, arg in enumerate(given):
+        if arg.split("=")[0] in ("--resume", "--no-resume"):
+            continue
+        if i and given[i - 1] in ("--resume", "--no-resume") and arg.strip().lower() in YES + NO:
+            continue  # (its value: "--resume true", as every yes/no option takes one)
+        args.append(arg)
     words = ["python", script, *args, "--resume"]
     return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
 

@@ -162,6 +162,16 @@ def test_resume_with_another_gradient_accumulation_updates_after_each_steps_micr
     assert seen == [(3, 0), (3, 1), (3, 2), "update", (4, 0), (4, 1), (4, 2), "update"]
 
 
+@pytest.mark.parametrize("argv", [["--model", "tiny", "--resume", "true"], ["--resume", "false", "--model", "tiny"],
+                                  ["--model", "tiny", "--resume=yes"], ["--no-resume", "--model", "tiny"],
+                                  ["--model", "tiny", "--resume", "ON"]])
+def test_the_command_that_continues_drops_resume_with_its_value(argv):
+    """--resume takes a value ('--resume true', as every yes/no option): the command printed after Ctrl-C dropped
+    the flag and kept its value, 'python ... --model tiny true --resume', which the script refused."""
+    command = training.continue_command("exercise3b_train_lora.py", argv)
+    assert command == "python exercise3b_train_lora.py --model tiny --resume"
+
+
 def test_no_prior_preservation_trains_on_instances_only(workdir):
     result = exercise3b_train_lora.train(
         FAST + ["--max-train-steps", "2", "--no-prior-preservation", "--sample-every", "100"])
