@@ -124,6 +124,7 @@ def validate(cfg):
         lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")
     if cfg.PRIOR_PRESERVATION:  # before anything is set aside: the class folder must not hold the student's pictures
         lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
+        lesson.require_apart(cfg, "CLASS_DATA_DIR", "OUTPUT_DIR")  # (nor the pictures of every exercise)
     images.check_instance_folder(cfg.TRAINING_IMAGES_DIR)  # (decoded after the model loads; found before)
 
 

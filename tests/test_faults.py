@@ -873,6 +873,11 @@ INPUT_CASES = [
     Case("3b-class-dir-symlink-to-training-images", B, TRAIN[B] + ["--class-data-dir", "my_class_images"],
          r"CLASS_DATA_DIR 'my_class_images' is the same folder as TRAINING_IMAGES_DIR",
          _OWN_CLASS_FOLDER, setup=_symlink_to_training_images, before_model=True),
+    # the class folder's pictures without a manifest are moved aside: was the student's outputs/*.png (exercise 1's
+    # pictures, 3b's curves) moved to outputs/replaced-1/, "not made for this run"
+    Case("3b-class-dir-is-output-dir", B, TRAIN[B] + ["--class-data-dir", "outputs/"],
+         r"CLASS_DATA_DIR 'outputs/' is the same folder as OUTPUT_DIR 'outputs'", _OWN_CLASS_FOLDER,
+         before_model=True),
     Case("3a-output-dir-is-training-images", A, TRAIN[A] + ["--output-dir", "./training_images/"],
          r"OUTPUT_DIR '\./training_images/' is the same folder as TRAINING_IMAGES_DIR 'training_images': what this "
          r"script writes there would be mixed with your pictures", r"pass --output-dir", before_model=True),
