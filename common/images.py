@@ -28,7 +28,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparency is composited over white (how a fabric photo is usually shown)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
+        # 16-bit pictures go to 65535; float ones (mode F) mostly to 1.0 (scientific and HDR software), else to 255
+        top = 65535.0 if array.max() > 255 else 1.0 if image.mode == "F" and array.max() <= 1.0 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

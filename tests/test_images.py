@@ -31,6 +31,18 @@ def test_modes_and_formats_become_rgb_squares(tmp_path, capsys):
     assert by_name["e"].getpixel((5, 5))[0] > 200  # CMYK red -> RGB red
 
 
+def test_a_float_tiff_of_zero_to_one_keeps_its_shades(tmp_path):
+    """A 32-bit float TIFF (scientific and HDR software write 0.0 = black, 1.0 = white) was read on the 0-255 scale,
+    so every picture of it came out black and was trained on without a word."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    _save(Image.fromarray(ramp, mode="F"), tmp_path / "ramp.tif")
+    _save(Image.fromarray(ramp * 255, mode="F"), tmp_path / "ramp255.tif")  # (0-255 floats stay as they were)
+    for name in ("ramp.tif", "ramp255.tif"):
+        pixels = np.asarray(images.open_image(tmp_path / name))
+        assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[0, -1].tolist() == [255, 255, 255], name
+        assert abs(int(pixels[0, 32, 0]) - 130) <= 2, name
+
+
 def test_pictures_saved_by_browsers_and_scanners_are_read(tmp_path):
     """Chrome on Windows saves a JPEG as .jfif; scanners and print shops write TIFF (RGB or CMYK)."""
     _save(Image.new("RGB", (64, 64), (10, 200, 30)), tmp_path / "download.jfif", format="JPEG")
