@@ -8,6 +8,7 @@ training settings, a preview, and how to load the file in diffusers, AUTOMATIC11
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,11 @@ SHOWN_SETTINGS = ("MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "PLACEHOLDER_TO
                   "NUM_VECTORS", "RESOLUTION", "LORA_RANK", "LORA_ALPHA", "LEARNING_RATE", "MAX_TRAIN_STEPS",
                   "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION", "PRIOR_PRESERVATION", "NUM_CLASS_IMAGES",
                   "PRIOR_LOSS_WEIGHT", "RANDOM_SEED", "training_seconds")
+
+
+def _literal(text) -> str:
+    """``text`` as a Python string in the card's snippet: a prompt with a quote in it still makes code that runs."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 def _front_matter(settings: dict, tags: list[str], prompt: str) -> str:
@@ -85,9 +91,9 @@ Trained with `exercise3b_train_lora.py` (DreamBooth + LoRA with prior preservati
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{settings.get("MODEL_ID", "")}")
-pipe.load_lora_weights("{folder.as_posix()}")  # reads pytorch_lora_weights.safetensors
-image = pipe("{prompt}").images[0]
+pipe = StableDiffusionPipeline.from_pretrained({_literal(settings.get("MODEL_ID", ""))})
+pipe.load_lora_weights({_literal(folder.as_posix())})  # reads pytorch_lora_weights.safetensors
+image = pipe({_literal(prompt)}).images[0]
 ```
 
 **AUTOMATIC1111**: copy `{kohya_file.name}` into `stable-diffusion-webui/models/Lora/`, then prompt
@@ -119,9 +125,9 @@ model changed. Write it in a prompt: `{prompt}`.
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{settings.get("MODEL_ID", "")}")
-pipe.load_textual_inversion("{(folder / "learned_embeds.safetensors").as_posix()}")
-image = pipe("{prompt}").images[0]
+pipe = StableDiffusionPipeline.from_pretrained({_literal(settings.get("MODEL_ID", ""))})
+pipe.load_textual_inversion({_literal((folder / "learned_embeds.safetensors").as_posix())})
+image = pipe({_literal(prompt)}).images[0]
 ```
 
 **AUTOMATIC1111**: copy `{a1111_file.name}` into `stable-diffusion-webui/embeddings/`, then write

@@ -53,3 +53,19 @@ def test_a_readme_that_is_not_our_card_is_kept(tmp_path):
     first = model_card.write_lora_card(folder, SETTINGS, folder / "fabric_lora_kohya.safetensors")
     again = model_card.write_lora_card(folder, {**SETTINGS, "LORA_RANK": 8}, folder / "fabric_lora_kohya.safetensors")
     assert first == again == folder / "README.md" and "| `LORA_RANK` | `8` |" in again.read_text(encoding="utf-8")
+
+
+def test_the_cards_snippet_is_python_that_says_the_prompt_whatever_its_quotes(tmp_path):
+    """A prompt with quotes (or a backslash) was pasted between quotes: the card's code did not run."""
+    import ast
+
+    prompt = 'a sks "kente" pattern, 5\' wide \\ woven'
+    folder = tmp_path / "fabric_lora"
+    folder.mkdir()
+    card = ModelCard.load(model_card.write_lora_card(folder, {**SETTINGS, "INSTANCE_PROMPT": prompt},
+                                                     folder / "fabric_lora_kohya.safetensors"))
+    code = card.text.split("```python\n")[1].split("```")[0]
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id: ast.literal_eval(node.args[0])
+             for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call) and node.args}
+    assert calls["from_pretrained"] == SETTINGS["MODEL_ID"] and calls["pipe"] == prompt
+    assert calls["load_lora_weights"] == folder.as_posix()
