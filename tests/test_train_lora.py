@@ -352,8 +352,10 @@ def test_the_pocket_model_trains_on_the_crops_its_card_asks_for(workdir, capsys)
     assert "10 instance images -> 40 crops of 50% of each picture's side" in said
     exercise3b_train_lora.train(args + ["--crop-fraction", "1", "--lora-dir", "models/whole"])  # SD v1.5's way
     assert "  10 instance images\n" in capsys.readouterr().out
-    with pytest.raises(LessonError, match=r"cannot change mid-run: CROP_FRACTION None -> 0.25"):
+    with pytest.raises(LessonError, match=r"cannot change mid-run: CROP_FRACTION 0.5 -> 0.25"):  # (None: the card's)
         exercise3b_train_lora.train(args + ["--crop-fraction", "0.25", "--max-train-steps", "2", "--resume"])
+    exercise3b_train_lora.train(args + ["--crop-fraction", "0.5", "--max-train-steps", "2", "--resume"])  # the same
+    assert "at step 1." in capsys.readouterr().out
 
 
 TI_FAST = FAST[:2] + FAST[4:] + ["--lora-dir", "models/no_lora_here"]  # (3a draws no class images)
