@@ -179,12 +179,37 @@ def require_readable(path, script: str) -> Path:
 
 def adapter_kind(path) -> str | None:
     """What a .safetensors file holds, from its header: "lora" (``lora_`` layers or kohya ``.alpha`` values),
+    "model" (a model's own layers, ``<layer>.weight``: a whole checkpoint, or one part of a diffusers folder),
     "embedding" (Textual Inversion: a tensor per token, or AUTOMATIC1111's ``emb_params``), or None
     (unreadable, empty, or not .safetensors)."""
     keys = safetensors_keys(path) if Path(path).suffix == ".safetensors" else None
     if not keys:
         return None
-    return "lora" if any("lora" in k or k.endswith(".alpha") for k in keys) else "embedding"
+    if any("lora" in k or k.endswith(".alpha") for k in keys):
+        return "lora"
+    # (an embedding's names are its words; a model's are its layers' parameters)
+    return "model" if any(k.endswith((".weight", ".bias")) for k in keys) else "embedding"
+
+
+# Where a whole Stable Diffusion checkpoint (one file, as model sites publish them) keeps its three models.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def model_file_advice(path) -> str:
+    """What a file of a model's own weights (``adapter_kind`` "model") is, and where it goes ("is ...", to follow
+    its name): a whole checkpoint is a MODEL_ID; one part of a diffusers folder (unet/, vae/, text_encoder/) is not,
+    but the folder is."""
+    path = Path(path)
+    keys = safetensors_keys(path) or []
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
+        return "is a whole Stable Diffusion checkpoint (a base model): set MODEL_ID to it."
+    folder = path.resolve().parent.parent
+    if (folder / "model_index.json").is_file():
+        return (f"is only the {path.parent.name} of the diffusers model in '{path.parent.parent}': set "
+                f"MODEL_ID to that folder (the one holding model_index.json).")
+    return (f"holds one part of a model ({len(keys)} layer weights such as '{keys[0]}'), not a whole base "
+            "model: set MODEL_ID to the diffusers folder it came from (the one holding model_index.json), or to a "
+            "whole .safetensors checkpoint.")
 
 
 def human_size(num_bytes: int) -> str:

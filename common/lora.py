@@ -25,7 +25,8 @@ import torch
 
 from common import pickles
 from common.errors import LessonError, brief, warn
-from common.files import adapter_kind, atomic_path, require_readable, require_suffix, safetensors_keys
+from common.files import (adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix,
+                          safetensors_keys)
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -176,6 +177,9 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
         if adapter_kind(path) == "embedding":
             raise LessonError(f"'{path}' is a Textual Inversion embedding, not a LoRA. Set EMBEDDING_PATH to it, "
                               f"and {constant} to the LoRA folder.")
+        if adapter_kind(path) == "model":
+            raise LessonError(f"'{path}' is not a LoRA: it {model_file_advice(path)} Set {constant} to a LoRA file "
+                              f"or its folder (exercise 3b writes {WEIGHT_NAME}).")
         if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
             return "peft", _check_peft_config(path)
         return _file_layout(path), path
@@ -192,12 +196,13 @@ def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
                               "and alpha). Download both files.")
         return "peft", _check_peft_config(require_readable(path / PEFT_WEIGHTS, TRAIN_SCRIPT))
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))  # (.x: unfinished saves)
-    candidates = [p for p in files if adapter_kind(p) != "embedding"]
+    candidates = [p for p in files if adapter_kind(p) not in ("embedding", "model")]
     if len(candidates) == 1:
         return _file_layout(require_readable(candidates[0], TRAIN_SCRIPT)), candidates[0]
     if not candidates:
-        embeddings = f" It holds only a Textual Inversion embedding ({files[0].name}): set EMBEDDING_PATH to it." \
-            if files else ""
+        embeddings = [p for p in files if adapter_kind(p) == "embedding"]
+        embeddings = f" It holds only a Textual Inversion embedding ({embeddings[0].name}): set EMBEDDING_PATH to " \
+            "it." if embeddings else ""
         raise LessonError(f"The folder '{path}' holds no LoRA weights (.safetensors).{embeddings} Train a LoRA with "
                           f"'python exercise3b_train_lora.py', or point {constant} at the right folder or file.")
     raise LessonError(f"The folder '{path}' holds several LoRA files ({', '.join(p.name for p in candidates)}); "

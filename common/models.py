@@ -97,17 +97,19 @@ def _web_address_advice(url: str) -> str:
 
 
 def _refuse_adapter(path: Path) -> None:
-    """A LoRA or an embedding is not a base model: say where it goes instead (headers only are read)."""
+    """A LoRA, an embedding or one part of a diffusers model (its unet/ file) is not a base model: say where it goes
+    instead (headers only are read)."""
     from common import files
 
     keys = files.safetensors_keys(path) if path.suffix.lower() == ".safetensors" else None
     if not keys or len(keys) > 2000:  # a whole model has ~1000 tensors; an adapter a few hundred at most
         return
-    if any(k.startswith(("unet.", "text_encoder.", "vae.", "model.diffusion_model.", "first_stage_model.",
-                         "cond_stage_model.")) and "lora" not in k for k in keys):
-        return
-    kind, constant = (("a LoRA", "LORA_PATH") if files.adapter_kind(path) == "lora"
-                      else ("a Textual Inversion embedding", "EMBEDDING_PATH"))
+    kind = files.adapter_kind(path)
+    if kind == "model":
+        if any(k.startswith(files.CHECKPOINT_PREFIXES + ("unet.", "text_encoder.", "vae.")) for k in keys):
+            return  # (a whole model in one file: from_single_file says whether it can read it)
+        raise LessonError(f"MODEL_ID file '{path}' {files.model_file_advice(path)}")
+    kind, constant = ("a LoRA", "LORA_PATH") if kind == "lora" else ("a Textual Inversion embedding", "EMBEDDING_PATH")
     raise LessonError(f"MODEL_ID file '{path}' is {kind}, not a base model. Set {constant} to it, and MODEL_ID to the "
                       "model it was trained on ('stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny').")
 

@@ -26,7 +26,7 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import adapter_kind, atomic_path, require_readable, require_suffix
+from common.files import adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix
 from common.lora import SETTINGS_KEY, require_finite
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
@@ -226,9 +226,9 @@ def find_embedding_file(path) -> Path:
     if found is None:
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file()
                        and not p.name.startswith("."))
-        candidates = [p for p in files if adapter_kind(p) != "lora"]
+        candidates = [p for p in files if adapter_kind(p) not in ("lora", "model")]
         if len(candidates) != 1:
-            loras = [p.name for p in files if p not in candidates]
+            loras = [p.name for p in files if adapter_kind(p) == "lora"]
             raise LessonError(f"The folder '{path}' holds {len(candidates) or 'no'} embedding files"
                               + (f" ({', '.join(p.name for p in candidates)})" if candidates else "")
                               + (f" (and the LoRA {'files ' if len(loras) > 1 else ''}{', '.join(loras)}, which "
@@ -239,6 +239,9 @@ def find_embedding_file(path) -> Path:
     if adapter_kind(found) == "lora":
         raise LessonError(f"'{found}' is a LoRA, not a Textual Inversion embedding. Set LORA_PATH to it, and "
                           "EMBEDDING_PATH to an embedding (or None).")
+    if adapter_kind(found) == "model":
+        raise LessonError(f"'{found}' is not a Textual Inversion embedding: it {model_file_advice(found)} Set "
+                          f"EMBEDDING_PATH to an embedding (exercise 3a writes {WEIGHT_NAME}), or None.")
     return found
 
 

@@ -1021,6 +1021,25 @@ INPUT_CASES = [
     Case("3a-embedding-as-model", A,
          TRAIN[A] + ["--model", "models/fabric_textual_inversion/learned_embeds.safetensors"],
          r"is a Textual Inversion embedding, not a base model", r"Set EMBEDDING_PATH to it", before_model=True),
+    # a model's own weights where a model, a LoRA or an embedding goes: a file of a diffusers folder (its unet/) or a
+    # whole checkpoint was called 'a Textual Inversion embedding' (every file without LoRA layers was one), with
+    # advice to set EMBEDDING_PATH to it; as EMBEDDING_PATH it was read whole once the model had loaded
+    Case("1-unet-file-as-model", E1, QUICK + ["--model", "models/tiny-sd/unet/diffusion_pytorch_model.safetensors"],
+         r"MODEL_ID file 'models/tiny-sd/unet/diffusion_pytorch_model.safetensors' is only the unet of the diffusers "
+         r"model in 'models/tiny-sd'", r"set MODEL_ID to that folder \(the one holding model_index.json\)",
+         before_model=True),
+    Case("morph-checkpoint-as-lora", MORPH, GENERATE[MORPH] + ["--lora-path", "models/v1-5-pruned.safetensors"],
+         r"'models/v1-5-pruned.safetensors' is not a LoRA: it is a whole Stable Diffusion checkpoint \(a base "
+         r"model\): set MODEL_ID to it", r"Set LORA_PATH to a LoRA file or its folder", before_model=True,
+         setup=_tensors("models/v1-5-pruned.safetensors", {
+             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+             "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3),
+             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 8)})),
+    Case("2-vae-file-as-embedding", E2, QUICK + ["--part", "a", "--embedding-path",
+                                                 "models/tiny-sd/vae/diffusion_pytorch_model.safetensors"],
+         r"is not a Textual Inversion embedding: it is only the vae of the diffusers model in 'models/tiny-sd'",
+         r"Set EMBEDDING_PATH to an embedding \(exercise 3a writes learned_embeds.safetensors\), or None",
+         before_model=True),
     Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
          r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
     Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",
