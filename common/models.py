@@ -59,6 +59,7 @@ def resolve(model_id: str) -> ModelSource:
         if not (path / "model_index.json").is_file():
             raise LessonError(f"MODEL_ID folder '{path}' is not a diffusers model (it has no model_index.json). "
                               "Point it at the folder that holds model_index.json, or at a .safetensors file.")
+        _require_sd_pipeline(path)
         return ModelSource("folder", str(path))
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
@@ -79,6 +80,29 @@ def resolve(model_id: str) -> ModelSource:
         raise LessonError(f"MODEL_ID '{model_id}' is not a Hub id (owner/name), an existing folder or file, "
                           "or 'tiny'/'pocket'. The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     return ModelSource("hub", model_id)
+
+
+# The pipelines whose folders hold what StableDiffusionPipeline loads (SD v1.x and 2.x); and the names of others.
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+OTHER_PIPELINES = {"StableDiffusionXL": "SDXL", "StableDiffusion3": "Stable Diffusion 3", "Flux": "FLUX",
+                   "StableDiffusionInpaint": "an inpainting model", "LatentConsistencyModel": "an LCM-distilled model"}
+
+
+def _require_sd_pipeline(folder: Path) -> None:
+    """A diffusers folder of another kind of model (SDXL, SD 3, FLUX...) is refused by its model_index.json:
+    StableDiffusionPipeline loads its parts by name, the ones it does not know left out, and the run ended in
+    'unexpected TypeError' once the model had loaded (or, with a LoRA, in a refusal that blamed the LoRA)."""
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):  # (unreadable: loading it says what is wrong)
+        return
+    if not isinstance(name, str) or name in SD_PIPELINES:
+        return
+    what = next((f" ({v})" for k, v in OTHER_PIPELINES.items() if name.startswith(k)), "")
+    raise LessonError(f"MODEL_ID folder '{folder}' holds a {name} model{what}, but the scripts run Stable Diffusion "
+                      "v1.x and 2.x models (StableDiffusionPipeline in its model_index.json): this one is built "
+                      f"otherwise. Use an SD v1.x model, such as MODEL_ID = '{DEFAULT_MODEL_ID}' (the course's), "
+                      "or 'pocket' (built in).")
 
 
 def _web_address_advice(url: str) -> str:

@@ -239,6 +239,30 @@ def _sdxl_lora(path):
                            f"unet.{name}.lora.up.weight": torch.zeros(32, 4)})
 
 
+def _sdxl_model(path):
+    """An SDXL diffusers folder (model_index.json: StableDiffusionXLPipeline), tiny and random, with the tiny model's
+    tokenizer: what a student gets who downloads SDXL for the course."""
+    def setup(root):
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "models/tiny-sd/tokenizer"))
+        text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              vocab_size=len(tokenizer), projection_dim=32)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=64,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+        vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4)
+        StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+                                  text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=tokenizer,
+                                  scheduler=EulerDiscreteScheduler()).save_pretrained(str(root / path))
+    return setup
+
+
 def _lora_folder_with_only_an_embedding(root):
     shutil.rmtree(root / "models/fabric_lora")
     (root / "models/fabric_lora").mkdir()
@@ -1040,6 +1064,12 @@ INPUT_CASES = [
          r"is not a Textual Inversion embedding: it is only the vae of the diffusers model in 'models/tiny-sd'",
          r"Set EMBEDDING_PATH to an embedding \(exercise 3a writes learned_embeds.safetensors\), or None",
          before_model=True),
+    # a diffusers folder of another kind of model: was 'unexpected TypeError' once it had loaded (with a LoRA, a
+    # refusal that blamed the LoRA: 'made for another base model')
+    Case("1-model-sdxl-folder", E1, QUICK + ["--model", "models/sdxl-base"], r"MODEL_ID folder 'models/sdxl-base' "
+         r"holds a StableDiffusionXLPipeline model \(SDXL\), but the scripts run Stable Diffusion v1.x and 2.x",
+         r"Use an SD v1.x model, such as MODEL_ID = 'stable-diffusion-v1-5/stable-diffusion-v1-5'",
+         setup=_sdxl_model("models/sdxl-base"), before_model=True),
     Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
          r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
     Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",
