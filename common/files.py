@@ -219,14 +219,16 @@ def human_size(num_bytes: int) -> str:
         num_bytes /= 1024
 
 
-def slug(text: str, drop: tuple[str, ...] = (), max_words: int = 4) -> str:
+def slug(text: str, drop: tuple[str, ...] = (), max_words: int = 4, max_chars: int = 60) -> str:
     """A short file-name-safe name for a prompt: "a beautiful dress made of ..." -> "beautiful_dress_made".
 
-    Words in ``drop`` (e.g. the subject phrase every prompt shares) and short filler words are left out.
+    Words in ``drop`` (e.g. the subject phrase every prompt shares) and short filler words are left out. At most
+    ``max_chars`` characters: a long word (a pasted code, words run together) made names no file system holds
+    (255 bytes at most), with the save's own marks added.
     """
     import re
 
     filler = {"a", "an", "the", "of", "in", "on", "with", "and", "as", "by", "for", "to", "at", "from", "made"}
     skip = filler | {w.lower() for w in drop}
     words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in skip]
-    return "_".join(words[:max_words]) or "image"
+    return "_".join(words[:max_words])[:max_chars].rstrip("_") or "image"

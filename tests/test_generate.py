@@ -66,6 +66,16 @@ def test_exercise1_compares_with_and_without_the_subject_token_it_is_given(fabri
     assert (workdir / "outputs/exercise1_token_comparison.png").is_file()
 
 
+def test_exercise1_names_its_pictures_within_what_a_file_name_can_hold(fabric_lora, workdir):
+    """A picture is named after its prompt's words: one long word (a pasted code, words run together) made a name
+    longer than a file system allows, and the run ended in 'unexpected OSError: File name too long' after every
+    picture had been drawn."""
+    word = "kente" * 60  # 300 letters
+    exercise1_generate.generate(QUICK + ["--no-compare-without-token", "--prompts", f"a {{}} {word} pattern"])
+    files = [p.name for p in (workdir / "outputs/exercise1_variations").glob("*.png")]
+    assert len(files) == 1 and files[0].startswith("01_kentekente") and len(files[0]) <= 80, files
+
+
 def test_missing_lora_stops_with_how_to_get_one(workdir):
     with pytest.raises(LessonError, match=r"No LoRA at 'models/fabric_lora'.*exercise3b_train_lora\.py.*USE_LORA"):
         exercise1_generate.generate(QUICK)
