@@ -171,3 +171,21 @@ def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
     table = (workdir / "outputs/evaluation/results.md").read_text()
     assert "| LoRA + prior preservation |" in table and "| real images (training pictures) |" in table
     assert "0.668" in table and "0.885" in table  # the paper's figures beside ours
+
+
+@pytest.mark.parametrize("args, says", [
+    # no colours: was 'unexpected ZeroDivisionError' once every method had trained (10 minutes on pocket)
+    (["--colour-pairs", ""], r"COLOUR_PAIRS must be a list of non-empty texts"),
+    # a seed exercise 3b refuses: was its RANDOM_SEED message ('Edit it at the top of exercise3b_train_lora.py')
+    (["--training-seeds", "-1"], r"TRAINING_SEEDS must be one or more different whole numbers between 0 and "
+                                 r"4294967295 .*--training-seeds 42,43,44\), got \(-1,\)"),
+    # one seed twice: trained twice into one folder, and scored as two runs of one
+    (["--training-seeds", "42,42"], r"TRAINING_SEEDS must be one or more different whole numbers"),
+])
+def test_evaluate_refuses_odd_constants_before_anything_loads(workdir, monkeypatch, args, says):
+    from tools import evaluate_dreambooth
+
+    monkeypatch.setattr(evaluate_dreambooth, "train_all", lambda *a: pytest.fail("it trained"))
+    monkeypatch.setattr(evaluate_dreambooth.world_metrics, "load_classifier", lambda *a: pytest.fail("a judge loaded"))
+    with pytest.raises(LessonError, match=says):
+        evaluate_dreambooth.evaluate(["--model", "tiny", *args])

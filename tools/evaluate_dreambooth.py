@@ -245,9 +245,16 @@ def evaluate(argv=None) -> dict:
     cfg = lesson.configure(globals(), argv, __doc__)
     lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES",
                        "NUM_INFERENCE_STEPS")
-    if not cfg.TRAINING_SEEDS or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.TRAINING_SEEDS):
-        raise LessonError(f"TRAINING_SEEDS must be one or more whole numbers, like (42, 43, 44), not {cfg.TRAINING_SEEDS!r}.")
+    seeds = cfg.TRAINING_SEEDS if isinstance(cfg.TRAINING_SEEDS, (tuple, list)) else (cfg.TRAINING_SEEDS,)
+    # (each trains into a folder of its own, with exercise 3b's and 3a's RANDOM_SEED: their range, once each)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= lesson.MAX_SEED for s in seeds):
+        raise LessonError(f"TRAINING_SEEDS must be one or more different whole numbers between 0 and "
+                          f"{lesson.MAX_SEED} (like (42, 43, 44); on the command line: --training-seeds 42,43,44), "
+                          f"got {cfg.TRAINING_SEEDS!r}.")
+    cfg.TRAINING_SEEDS = tuple(seeds)
     lesson.require_float(cfg, "LORA_LEARNING_RATE", "TI_LEARNING_RATE", above=True)
+    lesson.require_text_list(cfg, "COLOUR_PAIRS")  # (the recoloured prompts take turns over them)
     for pair in cfg.COLOUR_PAIRS:
         names = pair.split(" and ")
         if len(names) != 2 or not set(names) <= set(fabric_world.COLOUR_NAMES):
