@@ -11,6 +11,7 @@ imageio-ffmpeg) keeps the full size and is far smaller.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from common.files import atomic_path
 # 0.01 fps (a frame every 100 s) the delay would not fit, and the GIF, written last, would fail after every
 # frame had been denoised. Above 100 fps a frame would last less than the hundredth a GIF can count.
 MIN_FPS, MAX_FPS = 0.01, 100
+# Browsers (Chrome, Firefox, Safari) show a GIF frame of 0 or 1 hundredth as 10 hundredths: at more than 50 fps
+# the loop would play several times slower than asked, and stutter. The GIF keeps every k-th frame instead.
+GIF_MAX_FPS = 50
 
 
 def gif_durations_ms(num_frames: int, fps: float) -> list[int]:
@@ -42,7 +46,11 @@ def shared_palette(frames: list[Image.Image], colors: int = 256, samples: int = 
 
 def save_gif(frames: list[Image.Image], path, fps: float, max_size: int | None = None, colors: int = 256,
              dither: bool = False) -> Path:
-    """A looping GIF; frames larger than ``max_size`` pixels are shrunk (aspect kept). Written atomically."""
+    """A looping GIF; frames larger than ``max_size`` pixels are shrunk (aspect kept). Written atomically.
+    Above ``GIF_MAX_FPS`` it keeps every k-th frame, at fps / k, so that it plays as long as asked."""
+    if fps > GIF_MAX_FPS:
+        step = math.ceil(fps / GIF_MAX_FPS)
+        frames, fps = frames[::step], fps / step
     if max_size and max(frames[0].size) > max_size:
         w, h = frames[0].size
         size = (max(1, round(w * max_size / max(w, h))), max(1, round(h * max_size / max(w, h))))

@@ -143,6 +143,21 @@ def test_gif_durations_add_up_to_the_duration():
     assert sum(animation.gif_durations_ms(7, 12)) == 580  # 7/12 s, to the hundredth
 
 
+def test_a_gif_above_50_fps_plays_as_long_as_asked_in_a_browser(tmp_path):
+    """Browsers show a GIF delay of 1 hundredth as 10: at --fps 100 (its limit) every frame was 10 ms, and a 2 s
+    loop played for 20 s. Above 50 fps the GIF keeps every k-th frame, each at least 20 ms, the same 2 s in all."""
+    frames = [Image.new("RGB", (16, 16), (0, 0, 0)) for _ in range(200)]
+    for i, frame in enumerate(frames):  # (each its own: a GIF merges a frame that repeats the one before)
+        frame.putpixel((i % 16, i // 16), (255, 255, 255))
+    for fps, count in [(100, 100), (60, 100), (51, 100), (50, 200)]:
+        gif = Image.open(animation.save_gif(frames, tmp_path / f"{fps}.gif", fps))
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        assert gif.n_frames == count and min(durations) >= 20 and abs(sum(durations) - 200_000 / fps) <= 10, fps
+
+
 # --------------------------------------------------------------------------- FAST_MODE
 @pytest.fixture
 def fast_weights(tiny_dir, tmp_path):
