@@ -22,6 +22,9 @@ from common.errors import LessonError, warn
 # What PIL reads everywhere, with the names browsers and scanners give them (Chrome on Windows saves JPEGs as .jfif).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SUFFIX_LIST = "/".join(sorted(IMAGE_SUFFIXES))
+# Exercises 3a and 3b's TRAINING_IMAGES_DIR as the course ships it: the generation scripts, which have no such
+# constant, keep their pictures out of it.
+COURSE_IMAGES_DIR = "training_images"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

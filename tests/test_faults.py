@@ -913,6 +913,13 @@ INPUT_CASES = [
     Case("1-output-dir-is-a-file", E1, QUICK + ["--output-dir", f"training_images/{FIRST_JPG}"],
          rf"OUTPUT_DIR 'training_images/{FIRST_JPG}' is a file, not a folder",
          _FOLDER.format("OUTPUT_DIR", E1, "--output-dir"), before_model=True),
+    # generated pictures in the training pictures' folder (the generation scripts have no TRAINING_IMAGES_DIR): were
+    # written there, and the next training took the grids, keyframes and the GIF's first frame for photos of the fabric
+    Case("morph-output-dir-is-training-images", MORPH, GENERATE[MORPH] + ["--output-dir", "./training_images/"],
+         r"OUTPUT_DIR '\./training_images/' is 'training_images/', the folder of your training pictures: exercises "
+         r"3a and 3b would train on the pictures this script writes there",
+         _FOLDER.format("OUTPUT_DIR", MORPH, "--output-dir").replace("to a folder you can write to", "to a folder of "
+                                                                     "its own"), before_model=True),
     Case("3a-embedding-dir-under-a-file", A, TRAIN[A] + ["--embedding-dir", "my_notes.txt/embedding"],
          r"EMBEDDING_DIR 'my_notes.txt/embedding' cannot be created: 'my_notes.txt' is a file, not a folder",
          _FOLDER.format("EMBEDDING_DIR", A, "--embedding-dir"), setup=_write("my_notes.txt", b"ideas"),
