@@ -358,8 +358,9 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
                     warnings.filterwarnings("ignore", message=".*alpha_pattern keys.*")
                     pipe.load_lora_weights(dict(weights), adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as exc:
-            raise LessonError(f"'{file}' could not be applied to this model ({str(exc)[:160]}). Is it a LoRA for "
-                              "Stable Diffusion v1.x?") from exc
+            raise LessonError(f"'{file}' could not be applied to this model ({str(exc)[:160]}): it was made for "
+                              "another kind of model (SD 3, FLUX...) or is not a LoRA. Use a LoRA trained on this "
+                              f"MODEL_ID (for SD v1.5, an SD 1.5 LoRA; or your own, with {TRAIN_SCRIPT}).") from exc
         if layout == "kohya":  # each layer's alpha/rank is in its up matrix now: every layer at scale 1
             for module in _lora_layers(pipe, adapter_name):
                 module.lora_alpha[adapter_name] = module.r[adapter_name]

@@ -406,6 +406,15 @@ CASES = _constant_cases() + [
     Case("1-lora-for-sdxl", E1, QUICK + ["--lora-path", "models/sdxl_lora.safetensors"],
          r"'sdxl_lora.safetensors' was made for another base model: .* width 2048, this model's takes 32",
          r"Use a LoRA trained on this MODEL_ID", setup=_sdxl_lora("models/sdxl_lora.safetensors")),
+    # a LoRA of another architecture (FLUX, in kohya's layout): the refusal ended in a question ('Is it a LoRA for
+    # Stable Diffusion v1.x?') instead of what to do
+    Case("2-flux-lora", E2, QUICK + ["--part", "a", "--lora-path", "models/flux_lora.safetensors"],
+         r"'models/flux_lora.safetensors' could not be applied to this model \(Target modules .*double.blocks.0.img."
+         r"attn.proj.* not found", r"Use a LoRA trained on this MODEL_ID \(for SD v1.5, an SD 1.5 LoRA; or your own, "
+         r"with exercise3b_train_lora.py\)", setup=_tensors("models/flux_lora.safetensors", {
+             "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(4, 3072),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(3072, 4),
+             "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(4.0)})),
     Case("2-embedding-for-sdxl", E2, QUICK + ["--part", "a", "--embedding-path", "models/sdxl.safetensors"],
          r"is an SDXL embedding \(vectors 768 and 1280 wide.*text encoder is 32 wide",
          r"Use an embedding made for this MODEL_ID",
