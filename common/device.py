@@ -30,7 +30,7 @@ class Runtime:
 def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: bool = False,
                  verbose: bool = True) -> Runtime:
     """Choose device and precision; print one line saying what was chosen."""
-    device = "auto" if device is None else str(device).lower()  # (a number typed by mistake is refused below)
+    device = "auto" if device is None else str(device).strip().lower()  # (a number typed by mistake is refused below)
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -58,7 +58,7 @@ def pick_runtime(device: str = "auto", mixed_precision: str = "auto", training: 
         raise LessonError(f"DEVICE is {device!r}, but PyTorch sees {torch.cuda.device_count()} NVIDIA GPU(s), numbered "
                           "from 0. Use 'cuda:0' (or 'cuda', or 'auto').")
 
-    mp = "auto" if mixed_precision is None else str(mixed_precision).lower()
+    mp = "auto" if mixed_precision is None else str(mixed_precision).strip().lower()
     if mp == "auto":
         if dev.type == "cuda":
             mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -200,7 +200,13 @@ def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = 
 
 
 def require_choice(cfg: Config, name: str, choices) -> None:
-    if getattr(cfg, name) not in choices:
+    """The named constant is one of ``choices``; text is read as written in any case, with spaces around it
+    (" Cosine" is "cosine")."""
+    value = getattr(cfg, name)
+    if isinstance(value, str):
+        value = next((c for c in choices if isinstance(c, str) and c.lower() == value.strip().lower()), value)
+        setattr(cfg, name, value)
+    if value not in choices:
         fail(cfg, name, "must be one of " + ", ".join(map(repr, choices)))
 
 

@@ -257,6 +257,19 @@ def test_spellings_of_one_model_id_become_one(tmp_path, spelling, kind):
     assert cfg.MODEL_ID == kind.format(tmp_path.as_posix())
 
 
+def test_a_choice_is_read_in_any_case_with_spaces_around_it():
+    """' Cosine' (a space after the quote, a capital) was refused as not one of 'cosine', ...; ' CPU ' as not a device."""
+    cfg = lesson.configure(vars(exercise3b_train_lora), ["--model", "tiny", "--lr-scheduler", " Cosine",
+                                                        "--log-with", "TensorBoard "])
+    exercise3b_train_lora.validate(cfg)
+    assert (cfg.LR_SCHEDULER, cfg.LOG_WITH) == ("cosine", "tensorboard")
+    runtime = device.pick_runtime(" CPU ", " No ", verbose=False)
+    assert runtime.device.type == "cpu" and runtime.mixed_precision == "no"
+    with pytest.raises(LessonError, match=r"LR_SCHEDULER must be one of 'constant', .*got 'cosine annealing'"):
+        exercise3b_train_lora.validate(lesson.configure(vars(exercise3b_train_lora),
+                                                        ["--lr-scheduler", "cosine annealing"]))
+
+
 def test_a_yes_no_constant_written_in_quotes_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(exercise3b_train_lora, "PRIOR_PRESERVATION", "False")  # truthy text: it would train with it
     with pytest.raises(LessonError, match=r"PRIOR_PRESERVATION = 'False' is text in quotes.*True or False"):
