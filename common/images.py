@@ -27,6 +27,18 @@ SUFFIX_LIST = "/".join(sorted(IMAGE_SUFFIXES))
 COURSE_IMAGES_DIR = "training_images"
 
 
+def require_apart_from_course_images(cfg, name: str) -> None:
+    """Folder constant ``name`` of a script without TRAINING_IMAGES_DIR is not the course's training pictures'
+    folder: exercises 3a and 3b would train on what this script writes there."""
+    from common.configurator import dashed
+
+    if Path(getattr(cfg, name)).expanduser().resolve() == Path(COURSE_IMAGES_DIR).resolve():
+        raise LessonError(f"{name} '{getattr(cfg, name)}' is '{COURSE_IMAGES_DIR}/', the folder of your training "
+                          "pictures: exercises 3a and 3b would train on the pictures this script writes there. Set "
+                          f"{name} to a folder of its own (edit it at the top of {cfg.SCRIPT} or pass "
+                          f"{dashed(name)}).")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparency is composited over white (how a fabric photo is usually shown)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -108,11 +108,7 @@ def check_constants(cfg) -> None:
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     lesson.require_path(cfg, "LORA_PATH", "EMBEDDING_PATH", allow_none=True)
     lesson.require_writable_dir(cfg, "OUTPUT_DIR")
-    if Path(cfg.OUTPUT_DIR).expanduser().resolve() == Path(images.COURSE_IMAGES_DIR).resolve():
-        raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' is '{images.COURSE_IMAGES_DIR}/', the folder of your "
-                          "training pictures: exercises 3a and 3b would train on the pictures this script writes "
-                          f"there. Set OUTPUT_DIR to a folder of its own (edit it at the top of {cfg.SCRIPT} or pass "
-                          "--output-dir).")
+    images.require_apart_from_course_images(cfg, "OUTPUT_DIR")
     lesson.require_model_id(cfg)
     check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
 

@@ -181,6 +181,10 @@ def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
                                  r"4294967295 .*--training-seeds 42,43,44\), got \(-1,\)"),
     # one seed twice: trained twice into one folder, and scored as two runs of one
     (["--training-seeds", "42,42"], r"TRAINING_SEEDS must be one or more different whole numbers"),
+    # the training pictures' folder: trained into it, and the next 3b run would train on the LoRAs' pictures
+    (["--work-dir", "training_images"], r"WORK_DIR 'training_images' is 'training_images/', the folder of your "
+                                        r"training pictures.*--work-dir\)\.$"),
+    (["--output-dir", "./training_images/"], r"OUTPUT_DIR '\./training_images/' is 'training_images/'"),
 ])
 def test_evaluate_refuses_odd_constants_before_anything_loads(workdir, monkeypatch, args, says):
     from tools import evaluate_dreambooth

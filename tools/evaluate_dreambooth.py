@@ -260,6 +260,9 @@ def evaluate(argv=None) -> dict:
         if len(names) != 2 or not set(names) <= set(fabric_world.COLOUR_NAMES):
             raise LessonError(f"COLOUR_PAIRS holds {pair!r}: each must be two world colours like 'red and blue' "
                               f"({', '.join(fabric_world.COLOUR_NAMES)}).")
+    lesson.require_writable_dir(cfg, "WORK_DIR", "OUTPUT_DIR")
+    for name in ("WORK_DIR", "OUTPUT_DIR"):  # (3a and 3b train on training_images/: nothing of ours goes there)
+        images.require_apart_from_course_images(cfg, name)
     metrics = chosen_metrics(cfg)
     shown = ["MODEL_ID", "METRICS", "LORA_STEPS", "LORA_LEARNING_RATE", "TI_STEPS", "TI_LEARNING_RATE",
              "TRAINING_SEEDS", "SAMPLES", "CONTEXT_SAMPLES"]
