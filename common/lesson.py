@@ -196,7 +196,7 @@ def require_multiple_of(cfg: Config, name: str, factor: int, allow_none: bool = 
         fail(cfg, name, f"must be a multiple of {factor} (the VAE shrinks images {factor}x)")
     if getattr(cfg, name) > maximum:
         fail(cfg, name, f"must be a multiple of {factor} between {factor} and {maximum} (512 for SD v1.5; "
-                         "larger pictures need more memory than any GPU has)")
+                        "larger pictures need more memory than any GPU has)")
 
 
 def require_choice(cfg: Config, name: str, choices) -> None:
