@@ -82,7 +82,8 @@ def validate(cfg):
     from common import images, training
     from common import textual_inversion as ti
 
-    lesson.require_text(cfg, "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "CLASS_WORDS")
+    lesson.require_text(cfg, "MODEL_ID", "INITIALIZER_TOKEN", "CLASS_WORDS")
+    lesson.require_token(cfg, "PLACEHOLDER_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
     lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "SAMPLE_EVERY", "CHECKPOINT_EVERY")
     lesson.require_int(cfg, "GRADIENT_ACCUMULATION", maximum=lesson.MAX_ACCUMULATION)

@@ -87,7 +87,8 @@ def validate(cfg):
     """Every constant checked before any model loads."""
     from common import images, sampling, training
 
-    lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT", "SUBJECT_TOKEN")
+    lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT")
+    lesson.require_token(cfg, "SUBJECT_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
     lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "SAMPLE_EVERY", "CHECKPOINT_EVERY")
     lesson.require_int(cfg, "GRADIENT_ACCUMULATION", maximum=lesson.MAX_ACCUMULATION)

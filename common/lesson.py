@@ -57,8 +57,10 @@ def fill_token(cfg: Config, token: str) -> None:
     "a {} african fabric pattern" with SUBJECT_TOKEN = "sks" reads "a sks african fabric pattern", so the
     word is typed once and ``--subject-token ohwx`` changes every prompt. Text without ``{}`` stays as written."""
     word = getattr(cfg, token)
-    if not isinstance(word, str):  # (validate() says what is wrong with it)
+    if not isinstance(word, str) or "{" in word or "}" in word:  # (require_token says what is wrong with it)
         return
+    word = tidy_token(word)
+    setattr(cfg, token, word)
     for name, value in cfg.as_dict().items():
         if isinstance(value, str):
             setattr(cfg, name, value.replace("{}", word))
@@ -229,6 +231,26 @@ def require_text_list(cfg: Config, *names: str) -> None:
             fail(cfg, name, "must be a list of non-empty texts (on the command line: separated by |)")
         if len(value) > MAX_LIST:
             fail(cfg, name, f"must be a list of at most {MAX_LIST} texts (one picture each)")
+
+
+def tidy_token(word: str) -> str:
+    """The subject's word as it goes into the prompts: " sks " and "my  fabric" become "sks" and "my fabric" (stray
+    spaces would otherwise be typed into every prompt, and a word with spaces around it names no file)."""
+    return " ".join(word.split())
+
+
+def require_token(cfg: Config, *names: str) -> None:
+    """The words that name the subject (SUBJECT_TOKEN, PLACEHOLDER_TOKEN) are the words written where ``{}``
+    stands in the prompts: text with a letter or digit in it, and no braces of its own ("{}" or "{style}" would
+    be read as another place to fill). Several words are allowed: the paper's identifier may be a few rare tokens."""
+    for name in names:
+        require_text(cfg, name)
+        setattr(cfg, name, tidy_token(getattr(cfg, name)))
+        word = getattr(cfg, name)
+        if "{" in word or "}" in word:
+            fail(cfg, name, "must not contain { or }, which mark in the prompts where the word goes (try 'sks')")
+        if not re.search(r"\w", word):
+            fail(cfg, name, "must contain a letter or a digit, so that it can be found in a prompt (try 'sks')")
 
 
 def require_model_id(cfg: Config) -> None:

@@ -98,7 +98,8 @@ def check_constants(cfg) -> None:
     """The constants every generation script shares, checked before any model loads (each script's
     ``validate()`` checks its own first): the model, the sampling settings, the output folder, and the
     LoRA and embedding files, which must exist now rather than after a 4 GB download."""
-    lesson.require_text(cfg, "MODEL_ID", "SUBJECT_TOKEN")
+    lesson.require_text(cfg, "MODEL_ID")
+    lesson.require_token(cfg, "SUBJECT_TOKEN")
     lesson.require_int(cfg, "BATCH_SIZE", maximum=lesson.MAX_BATCH)
     lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
     lesson.require_int(cfg, "FAST_STEPS", maximum=lesson.MAX_FAST_STEPS)

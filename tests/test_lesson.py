@@ -355,6 +355,41 @@ def test_a_prompt_without_braces_is_used_as_written(capsys):
     assert one.PROMPTS == ("a sks scarf", "a sks dress")
 
 
+def test_stray_spaces_around_the_subject_token_are_not_typed_into_the_prompts():
+    b = lesson.configure(vars(exercise3b_train_lora), ["--subject-token", "  sks\t"])
+    exercise3b_train_lora.validate(b)
+    assert b.SUBJECT_TOKEN == "sks" and b.INSTANCE_PROMPT == "a sks african fabric pattern"
+    two = lesson.configure(vars(exercise2_explore), ["--subject-token", " my   fabric "])  # several words: allowed
+    assert two.SUBJECT_TOKEN == "my fabric" and two.PROMPT == "a my fabric african fabric pattern"
+    a = lesson.configure(vars(exercise3a_train_textual_inversion), ["--placeholder-token", " <kente> "])
+    exercise3a_train_textual_inversion.validate(a)
+    assert a.PLACEHOLDER_TOKEN == "<kente>"
+
+
+@pytest.mark.parametrize("script, option, word", [
+    (exercise2_explore, "--subject-token", "{style}"),  # would have been filled in as the style's place
+    (exercise1_generate, "--subject-token", "{}"),
+    (exercise3b_train_lora, "--subject-token", "s{k}s"),
+    (generate_dreambooth_morph, "--subject-token", "{"),
+    (exercise3a_train_textual_inversion, "--placeholder-token", "{}"),
+])
+def test_a_subject_word_with_braces_is_refused_before_anything_loads(script, option, word):
+    cfg = lesson.configure(vars(script), [option, word])
+    name = option[2:].replace("-", "_").upper()
+    with pytest.raises(LessonError, match=rf"^{name} must not contain {{ or }}, which mark in the prompts where the "
+                                          rf"word goes \(try 'sks'\), got .*{option}"):
+        script.validate(cfg)
+
+
+@pytest.mark.parametrize("script, option", [(exercise1_generate, "--subject-token"),
+                                            (exercise3b_train_lora, "--subject-token"),
+                                            (exercise3a_train_textual_inversion, "--placeholder-token")])
+def test_a_subject_word_of_punctuation_alone_is_refused(script, option):
+    cfg = lesson.configure(vars(script), [option, ", ."])
+    with pytest.raises(LessonError, match=r"must contain a letter or a digit, so that it can be found in a prompt"):
+        script.validate(cfg)
+
+
 def test_style_prompt_needs_its_style_placeholder():
     cfg = lesson.configure(vars(exercise2_explore), ["--style-prompt", "{} african fabric pattern, {} style"])
     with pytest.raises(LessonError, match=r"STYLE_PROMPT must contain \{style\} where each style goes, got "
