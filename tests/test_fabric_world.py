@@ -342,3 +342,56 @@ def test_evaluate_script_runs_on_tiny(workdir, monkeypatch, subject_judge_of_tra
     assert "| LoRA + prior preservation |" in (workdir / "outputs/evaluation/results.md").read_text()
     assert (workdir / "outputs/evaluation/samples.png").is_file()
     assert len(asked) == 1
+
+
+# --------------------------------------------------------------------------- tools/make_training_images.py
+def _pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def test_make_training_images_draws_the_shipped_pictures_and_rewrites_nothing_next_time(tmp_path, monkeypatch):
+    from tools import make_training_images as tool
+
+    monkeypatch.chdir(tmp_path)
+    written = tool.make(["--output-dir", "copy"])
+    shipped = sorted((ROOT / "training_images").glob("fabric_*.jpg"))
+    assert sorted(p.name for p in written) == [p.name for p in shipped] and len(shipped) == 10
+    for path in shipped:  # the same pictures (up to JPEG rounding, should another libjpeg encode them)
+        assert np.abs(_pixels(tmp_path / "copy" / path.name) - _pixels(path)).mean() < 2.0, path.name
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "copy").iterdir()}
+    assert tool.make(["--output-dir", "copy"]) == []
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "copy").iterdir()} == stamps
+
+
+def test_make_training_images_never_replaces_a_photo_of_yours_unless_forced(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from common.errors import LessonError
+    from tools import make_training_images as tool
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "copy").mkdir()
+    photo = tmp_path / "copy" / "fabric_003_mudcloth.jpg"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(photo)
+    before = photo.read_bytes()
+    with pytest.raises(LessonError, match=r"'copy' already holds 1 other picture\(s\) under these names "
+                                          r"\(fabric_003_mudcloth.jpg\)\. Nothing was written\..*--force"):
+        tool.make(["--output-dir", "copy"])
+    assert photo.read_bytes() == before and [p.name for p in (tmp_path / "copy").iterdir()] == [photo.name]
+    assert len(tool.make(["--output-dir", "copy", "--force"])) == 10
+    assert np.abs(_pixels(photo) - _pixels(ROOT / "training_images" / photo.name)).mean() < 2.0
+
+
+def test_make_training_images_help_and_a_stray_argument_write_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    tool = str(ROOT / "tools" / "make_training_images.py")
+    shown = subprocess.run([sys.executable, tool, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and "--output-dir" in shown.stdout
+    stray = subprocess.run([sys.executable, tool, "my_photos"], cwd=tmp_path, capture_output=True, text=True)
+    assert stray.returncode == 1 and "unrecognized arguments: my_photos" in stray.stderr
+    assert list(tmp_path.iterdir()) == []  # (before, '--help' was a folder name: ten pictures went into it)
