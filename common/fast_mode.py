@@ -16,6 +16,7 @@ Both ids may point at local folders (downloaded once), which is how a classroom 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from common import lora
 from common.errors import LessonError
@@ -25,12 +26,37 @@ TINY_VAE_ID = "madebyollin/taesd"
 LCM_ADAPTER = "lcm"
 
 
-def _cannot_load(what: str, constant: str, location, default: str, exc: Exception) -> LessonError:
+# The add-ons' constants: what each is called in messages, and its Hub id.
+ADD_ONS = {"LCM_LORA_ID": ("the LCM-LoRA", LCM_LORA_ID), "TINY_VAE_ID": ("the tiny autoencoder", TINY_VAE_ID)}
+
+
+def _download_advice(constant: str) -> str:
+    default = ADD_ONS[constant][1]
+    return (f"Download it once while online ('hf download {default} --local-dir models/{default.split('/')[-1]}') "
+            f"and set {constant} to that folder, or run without FAST_MODE.")
+
+
+def _cannot_load(constant: str, location, exc: Exception) -> LessonError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-    return LessonError(
-        f"FAST_MODE needs {what} '{location}' ({constant}), which could not be loaded ({reason}). Download it once "
-        f"while online ('hf download {default} --local-dir models/{default.split('/')[-1]}') and set {constant} "
-        "to that folder, or run without FAST_MODE.")
+    return LessonError(f"FAST_MODE needs {ADD_ONS[constant][0]} '{location}' ({constant}), which could not be loaded "
+                       f"({reason}). {_download_advice(constant)}")
+
+
+def check_ids(cfg) -> None:
+    """Before any model loads: LCM_LORA_ID and TINY_VAE_ID are text, and one meant as a local path is there.
+
+    A mistyped folder ('models/lcm-lora-typo', './my_taesd') was found missing only once the base model had
+    loaded. A Hub id (owner/name) passes: whether the Hub has it, or a cache, is known only when it loads."""
+    from common import lesson, models
+
+    lesson.require_path(cfg, *ADD_ONS)
+    for constant in ADD_ONS:
+        location = getattr(cfg, constant).strip()
+        setattr(cfg, constant, location)
+        if not Path(location).exists() and models.looks_like_path(location):
+            raise LessonError(f"FAST_MODE needs {ADD_ONS[constant][0]} '{location}' ({constant}), which does not "
+                              f"exist on this computer (check the path: {models.where_relative(location)}). "
+                              + _download_advice(constant))
 
 
 def enable_fast_mode(pipe, keep: dict[str, float], lcm_lora=LCM_LORA_ID, tiny_vae=TINY_VAE_ID) -> str:
@@ -43,7 +69,7 @@ def enable_fast_mode(pipe, keep: dict[str, float], lcm_lora=LCM_LORA_ID, tiny_va
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             pipe.load_lora_weights(str(lcm_lora), adapter_name=LCM_ADAPTER)
     except Exception as exc:  # noqa: BLE001 - offline, missing, or not a LoRA: one message for all
-        raise _cannot_load("the LCM-LoRA", "LCM_LORA_ID", lcm_lora, LCM_LORA_ID, exc) from exc
+        raise _cannot_load("LCM_LORA_ID", lcm_lora, exc) from exc
     layers = len(lora.lora_layer_names(pipe.unet, LCM_ADAPTER))
     if layers == 0:
         raise LessonError(f"The LCM-LoRA '{lcm_lora}' (LCM_LORA_ID) patched 0 layers of this UNet: it was made "
@@ -55,7 +81,7 @@ def enable_fast_mode(pipe, keep: dict[str, float], lcm_lora=LCM_LORA_ID, tiny_va
     try:
         vae = AutoencoderTiny.from_pretrained(str(tiny_vae), torch_dtype=pipe.vae.dtype)
     except Exception as exc:  # noqa: BLE001
-        raise _cannot_load("the tiny autoencoder", "TINY_VAE_ID", tiny_vae, TINY_VAE_ID, exc) from exc
+        raise _cannot_load("TINY_VAE_ID", tiny_vae, exc) from exc
     factor = vae.config.upsampling_scaling_factor ** (len(vae.config.decoder_block_out_channels) - 1)
     if factor != pipe.vae_scale_factor or vae.config.latent_channels != pipe.vae.config.latent_channels:
         raise LessonError(f"The tiny autoencoder '{tiny_vae}' (TINY_VAE_ID) does not fit this model's latents "

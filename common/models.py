@@ -67,19 +67,34 @@ def resolve(model_id: str) -> ModelSource:
                               "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
         _refuse_adapter(path)
         return ModelSource("single_file", str(path))
-    first = model_id.replace("\\", "/").split("/")[0]
-    # "models/my-sd" reads like a Hub id (owner/name), but the project's models/ folder says it is a path.
-    local_parent = "/" in model_id and first in ("models", "outputs") and Path(first).is_dir()
-    looks_like_path = (model_id.startswith((".", "/", "~")) or "\\" in model_id or ":" in model_id
-                       or model_id.lower().endswith(CHECKPOINT_SUFFIXES) or model_id.count("/") > 1 or local_parent)
-    if looks_like_path:
+    if looks_like_path(model_id):
         raise LessonError(f"MODEL_ID '{model_id}' does not exist on this computer. Check the path "
-                          f"(relative paths start from {Path.cwd()}"
-                          + (f", where '{first}/' is a folder" if local_parent else "") + "), or use a Hub id, or 'tiny'.")
+                          f"({where_relative(model_id)}), or use a Hub id, or 'tiny'.")
     if model_id.count("/") != 1:
         raise LessonError(f"MODEL_ID '{model_id}' is not a Hub id (owner/name), an existing folder or file, "
                           "or 'tiny'/'pocket'. The course uses 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     return ModelSource("hub", model_id)
+
+
+def _local_parent(name: str) -> str | None:
+    """"models" for "models/my-sd": it reads like a Hub id (owner/name), but the project's models/ (or outputs/)
+    folder says it is a path."""
+    first = name.replace("\\", "/").split("/")[0]
+    return first if "/" in name and first in ("models", "outputs") and Path(first).is_dir() else None
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` (not found on this computer) was meant as a local path rather than a Hub id (owner/name):
+    it starts with . / or ~, holds a backslash or a colon, ends like a checkpoint, has more than one '/', or starts
+    in the project's models/ or outputs/ folder. Such a name is a typo, and is refused before anything loads."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or ":" in name
+            or name.lower().endswith(CHECKPOINT_SUFFIXES) or name.count("/") > 1 or _local_parent(name) is not None)
+
+
+def where_relative(name: str) -> str:
+    """Where a relative path starts from, for a message about ``name`` that does not exist."""
+    parent = _local_parent(name)
+    return f"relative paths start from {Path.cwd()}" + (f", where '{parent}/' is a folder" if parent else "")
 
 
 # The pipelines whose folders hold what StableDiffusionPipeline loads (SD v1.x and 2.x); and the names of others.

@@ -97,7 +97,8 @@ def load_adapters(pipe, lora_path=None, lora_scale: float = 1.0, embedding_path=
 def check_constants(cfg) -> None:
     """The constants every generation script shares, checked before any model loads (each script's
     ``validate()`` checks its own first): the model, the sampling settings, the output folder, and the
-    LoRA and embedding files, which must exist now rather than after a 4 GB download."""
+    LoRA and embedding files, which must exist now rather than after a 4 GB download (and FAST_MODE's
+    add-ons, where they are local paths)."""
     lesson.require_text(cfg, "MODEL_ID")
     lesson.require_token(cfg, "SUBJECT_TOKEN")
     lesson.require_int(cfg, "BATCH_SIZE", maximum=lesson.MAX_BATCH)
@@ -112,6 +113,8 @@ def check_constants(cfg) -> None:
     images.require_apart_from_course_images(cfg, "OUTPUT_DIR")
     lesson.require_model_id(cfg)
     check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
+    if cfg.FAST_MODE:
+        fast_mode.check_ids(cfg)
 
 
 def load_base_model(cfg):

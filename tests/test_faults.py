@@ -485,6 +485,16 @@ CASES = _constant_cases() + [
          r"Use an embedding whose word is one word", setup=_tensors("models/blank.safetensors", {"": torch.randn(1, 32)})),
     Case("2-fast-mode-offline", E2, QUICK + ["--part", "a", "--fast-mode"], r"FAST_MODE needs the LCM-LoRA "
          r"'latent-consistency/lcm-lora-sdv1-5' \(LCM_LORA_ID\)", r"hf download .*or run without FAST_MODE"),
+    # a mistyped local folder for FAST_MODE's add-ons was found missing only once the base model had loaded
+    Case("1-fast-mode-lcm-lora-typo", E1, QUICK + ["--fast-mode", "--lcm-lora-id", "models/lcm-lora-typo"],
+         r"FAST_MODE needs the LCM-LoRA 'models/lcm-lora-typo' \(LCM_LORA_ID\), which does not exist on this "
+         r"computer \(check the path: relative paths start from .*, where 'models/' is a folder\)",
+         r"hf download latent-consistency/lcm-lora-sdv1-5 --local-dir models/lcm-lora-sdv1-5'\) and set LCM_LORA_ID "
+         r"to that folder, or run without FAST_MODE", before_model=True),
+    Case("morph-fast-mode-tiny-vae-typo", MORPH, GENERATE[MORPH] + ["--fast-mode", "--tiny-vae-id", "./my_taesd"],
+         r"FAST_MODE needs the tiny autoencoder './my_taesd' \(TINY_VAE_ID\), which does not exist on this computer",
+         r"hf download madebyollin/taesd --local-dir models/taesd'\) and set TINY_VAE_ID to that folder",
+         before_model=True),
     # ---------------------------------------------------------------- resuming
     Case("3b-resume-damaged-checkpoint", B, TRAIN[B] + ["--resume", "--max-train-steps", "3"],
          r"--resume could not load the checkpoint 'models/fabric_lora/checkpoints/checkpoint-000002'",

@@ -207,6 +207,29 @@ def test_fast_mode_without_its_weights_names_what_to_download(fabric_lora, workd
         exercise1_generate.generate(QUICK + ["--fast-mode"])
 
 
+@pytest.mark.parametrize("lcm_lora, tiny_vae, refused", [
+    ("latent-consistency/lcm-lora-sdv1-5", "madebyollin/taesd", None),  # Hub ids: known only once they load
+    ("models/tiny-sd/unet", "models/tiny-sd/vae", None),  # local folders that are there
+    ("models/lcm-lora-typo", "madebyollin/taesd", "LCM_LORA_ID"),  # in the project's models/ folder
+    ("lcm-lora-sdv1-5.safetensors", "madebyollin/taesd", "LCM_LORA_ID"),
+    ("downloads/lcm/lora", "madebyollin/taesd", "LCM_LORA_ID"),  # more than one '/'
+    ("latent-consistency/lcm-lora-sdv1-5", "./my_taesd", "TINY_VAE_ID"),
+    ("latent-consistency/lcm-lora-sdv1-5", "models\\taesd", "TINY_VAE_ID"),
+])
+def test_fast_mode_refuses_a_missing_local_path_before_any_model_loads(workdir, lcm_lora, tiny_vae, refused):
+    from types import SimpleNamespace
+
+    from common import fast_mode
+
+    cfg = SimpleNamespace(LCM_LORA_ID=lcm_lora, TINY_VAE_ID=tiny_vae, SCRIPT="exercise1_generate.py")
+    if refused is None:
+        fast_mode.check_ids(cfg)
+        return
+    with pytest.raises(LessonError, match=rf"\({refused}\), which does not exist on this computer \(check the path.*"
+                                          rf"hf download .* and set {refused} to that folder"):
+        fast_mode.check_ids(cfg)
+
+
 # --------------------------------------------------------------------------- safety checker
 @pytest.fixture
 def model_with_checker(workdir, tiny_dir):
