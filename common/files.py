@@ -136,21 +136,27 @@ def safetensors_keys(path) -> list[str] | None:
 
     A generation run asks about the same LoRA or embedding several times (checked before the model loads,
     then loaded); each file's header is read once, while the file stays as it is."""
+    shapes = safetensors_shapes(path)
+    return list(shapes) if shapes is not None else None
+
+
+def safetensors_shapes(path) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's name and shape in a .safetensors file (its header only: no tensor is read), or None."""
     try:
         stat = Path(path).stat()
     except OSError:
         return None
-    keys = _header_keys(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    return list(keys) if keys is not None else None
+    header = _header(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return dict(header) if header is not None else None
 
 
 @functools.lru_cache(maxsize=64)
-def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
+def _header(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
     import safetensors
 
     try:
         with safetensors.safe_open(path, framework="pt") as f:
-            return tuple(f.keys())
+            return tuple((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
     except Exception:  # noqa: BLE001 - damaged, cut short, or not safetensors at all
         return None
 

@@ -66,6 +66,7 @@ def resolve(model_id: str) -> ModelSource:
             raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint. Point MODEL_ID at "
                               "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
         _refuse_adapter(path)
+        _require_sd_checkpoint(path)
         return ModelSource("single_file", str(path))
     if looks_like_path(model_id):
         raise LessonError(f"MODEL_ID '{model_id}' does not exist on this computer. Check the path "
@@ -118,6 +119,39 @@ def _require_sd_pipeline(folder: Path) -> None:
                       "v1.x and 2.x models (StableDiffusionPipeline in its model_index.json): this one is built "
                       f"otherwise. Use an SD v1.x model, such as MODEL_ID = '{DEFAULT_MODEL_ID}' (the course's), "
                       "or 'pocket' (built in).")
+
+
+# What diffusers' from_single_file takes a checkpoint for (its ``infer_diffusers_model_type``), where that is not
+# SD v1.x or 2.x ("v1", "v2"): the kind of model, by the start of diffusers' name for it.
+OTHER_CHECKPOINTS = {"xl_inpaint": "an SDXL inpainting model", "xl": "SDXL", "playground": "SDXL (Playground v2.5)",
+                     "sd35": "Stable Diffusion 3.5", "sd3": "Stable Diffusion 3", "flux": "FLUX",
+                     "inpainting": "an inpainting model", "controlnet": "a ControlNet", "upscale": "an upscaler"}
+
+
+def _require_sd_checkpoint(path: Path) -> None:
+    """A single-file checkpoint of another kind of model (SDXL, SD 3, FLUX...) is refused, as its diffusers folder is
+    by ``_require_sd_pipeline``: from_single_file read it as SD v1.x only once it had loaded, or, offline, asked
+    for the other model's configuration files from the Hub. Its kind is what diffusers makes of the tensors' names
+    and shapes in the file's header (no tensor is read); a .ckpt file (a pickle, no header) is left to loading."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from common import files
+
+    shapes = files.safetensors_shapes(path) if path.suffix.lower() == ".safetensors" else None
+    if not shapes:
+        return
+    try:
+        kind = infer_diffusers_model_type({k: SimpleNamespace(shape=v) for k, v in shapes.items()})
+    except Exception:  # noqa: BLE001 - a header diffusers cannot place (a damaged file): loading says what is wrong
+        return
+    if kind in ("v1", "v2"):
+        return
+    what = next((v for k, v in OTHER_CHECKPOINTS.items() if kind.startswith(k)), f"a '{kind}' model")
+    raise LessonError(f"MODEL_ID file '{path}' is a checkpoint of {what}, but the scripts run Stable Diffusion v1.x "
+                      f"and 2.x models: this one is built otherwise. Use an SD v1.x model, such as MODEL_ID = "
+                      f"'{DEFAULT_MODEL_ID}' (the course's), or 'pocket' (built in).")
 
 
 def _web_address_advice(url: str) -> str:

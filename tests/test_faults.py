@@ -1096,6 +1096,14 @@ INPUT_CASES = [
          r"holds a StableDiffusionXLPipeline model \(SDXL\), but the scripts run Stable Diffusion v1.x and 2.x",
          r"Use an SD v1.x model, such as MODEL_ID = 'stable-diffusion-v1-5/stable-diffusion-v1-5'",
          setup=_sdxl_model("models/sdxl-base"), before_model=True),
+    # ... and SDXL in one file: offline, 'Could not download the configuration files' for it, once it had loaded
+    Case("2-model-sdxl-single-file", E2, QUICK + ["--part", "a", "--model", "models/sdxl.safetensors"],
+         r"MODEL_ID file 'models/sdxl.safetensors' is a checkpoint of SDXL, but the scripts run Stable Diffusion v1.x",
+         r"Use an SD v1.x model, such as MODEL_ID = 'stable-diffusion-v1-5/stable-diffusion-v1-5'", before_model=True,
+         setup=_tensors("models/sdxl.safetensors", {
+             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8),
+             "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(8)})),
     Case("morph-DEVICE-cuda-x", MORPH, GENERATE[MORPH] + ["--device", "cuda:x"],
          r"DEVICE must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu', got 'cuda:x'", r"DEVICE = 'auto' picks"),
     Case("2-model-from-environment", E2, _NO_MODEL, r"MODEL_ID 'models/sd15-download' does not exist on this computer",

@@ -70,6 +70,43 @@ def test_folder_without_model_index_is_explained(tmp_path):
         models.resolve(str(tmp_path))
 
 
+SD15_KEYS = {  # a few of a whole SD v1.5 checkpoint's tensors, at toy size
+    "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+    "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (8, 16, 1, 1),
+    "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3),
+    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 8)}
+
+
+@pytest.mark.parametrize("tensors, kind", [
+    ({**SD15_KEYS, "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (8,),  # 2nd text encoder
+      "conditioner.embedders.1.model.positional_embedding": (77, 8)}, "SDXL"),
+    ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,),
+      "model.diffusion_model.guidance_in.in_layer.bias": (8,), "model.diffusion_model.img_in.weight": (8, 64)}, "FLUX"),
+    ({"model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight": (8, 8),
+      "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight": (77, 8)},
+     "Stable Diffusion 3.5"),
+    ({**SD15_KEYS, "model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3)}, "an inpainting model"),  # 9 inputs
+])
+def test_a_single_file_checkpoint_of_another_kind_of_model_is_refused_from_its_header(tmp_path, tensors, kind):
+    """As its diffusers folder is (by model_index.json): from_single_file took it for SD v1.x and failed once it had
+    loaded, or, offline, asked the Hub for the other model's configuration files."""
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(path))
+    with pytest.raises(LessonError, match=rf"MODEL_ID file '.*model.safetensors' is a checkpoint of {kind}, but the "
+                                          r"scripts run Stable Diffusion v1.x and 2.x models.*Use an SD v1.x model"):
+        models.resolve(str(path))
+
+
+def test_a_single_file_sd15_checkpoint_passes_the_header_check(tmp_path):
+    import safetensors.torch
+
+    path = tmp_path / "v1-5-pruned.safetensors"
+    safetensors.torch.save_file({k: torch.zeros(shape) for k, shape in SD15_KEYS.items()}, str(path))
+    assert models.resolve(str(path)).kind == "single_file"
+
+
 def test_unreachable_hub_gives_ways_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LessonError) as info:

@@ -112,12 +112,12 @@ def test_an_adapter_is_found_once_and_each_header_read_once(tiny_pipe, tmp_path,
     calls = []
     real = lora.find_lora_file
     monkeypatch.setattr(lora, "find_lora_file", lambda path: calls.append(path) or real(path))
-    files._header_keys.cache_clear()
+    files._header.cache_clear()
     personalize.check_adapter_files(folder)  # what validate() does, before any model loads
     loaded = personalize.load_adapters(tiny_pipe, folder)
     assert loaded.lora_layers == 56
     assert len(calls) == 2  # validate, then load (load_lora is handed the answer: no third search)
-    assert files._header_keys.cache_info().misses == 1  # one header read for the one file
+    assert files._header.cache_info().misses == 1  # one header read for the one file
     (folder / lora.WEIGHT_NAME).write_bytes(b"\0" * 100)  # a changed file is read again, not served stale
     with pytest.raises(LessonError, match="is not a readable .safetensors file"):
         personalize.check_adapter_files(folder)
