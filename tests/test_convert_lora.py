@@ -155,7 +155,23 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
     loha = tmp_path / "loha.safetensors"
     safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.ones(2, 4), "lora_unet_x.alpha": torch.tensor(2.)},
                                 str(loha))
+    # a damaged LoRA whose halves of a layer disagree on the rank (down 2 x 4, up 4 x 3) was converted as it was
+    mismatched = tmp_path / "mismatched.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4),
+                                 "lora_unet_x.lora_up.weight": torch.ones(4, 3), "lora_unet_x.alpha": torch.tensor(2.)},
+                                str(mismatched))
+    peft_mismatched = tmp_path / "peft_mismatched"
+    LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).save_pretrained(str(peft_mismatched))
+    layer = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    safetensors.torch.save_file({f"{layer}.lora_A.weight": torch.ones(2, 32),
+                                 f"{layer}.lora_B.weight": torch.ones(32, 3)}, str(peft_mismatched / lora.PEFT_WEIGHTS))
     cases = [
+        ([mismatched, tmp_path / "out", "--to", "diffusers"], r"'.*mismatched.safetensors' is damaged: its layer "
+         r"'lora_unet_x' has rank 2 in 'lora_unet_x.lora_down.weight' but rank 3 in 'lora_unet_x.lora_up.weight'.*"
+         r"Download or save it again"),
+        ([peft_mismatched, tmp_path / "out", "--to", "diffusers"], r"is damaged: its layer 'unet.down_blocks.0."
+         r"attentions.0.transformer_blocks.0.attn1.to_q' has rank 2 in '.*lora_A.weight' but rank 3 in "
+         r"'.*lora_B.weight'"),
         ([tmp_path / "missing", tmp_path / "out", "--to", "diffusers"], "No LoRA at"),
         ([embedding, tmp_path / "out", "--to", "diffusers"], "holds no LoRA layers .*Textual Inversion embedding"),
         ([loha, tmp_path / "out", "--to", "diffusers"], "not a plain LoRA layer"),

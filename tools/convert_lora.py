@@ -181,15 +181,24 @@ def to_peft(state: dict) -> dict:
             **convert_state_dict_to_peft(part("text_encoder"), original_type=StateDictType.DIFFUSERS_OLD)}
 
 
-def check_layers(file: Path, keys, down: str, up: str, *extra: str) -> None:
-    """Refuse what is not a plain LoRA layer (DoRA, LoHa, LoKr, biases), and a layer that lacks half its pair."""
-    for key in keys:
+def check_layers(file: Path, weights: dict, down: str, up: str, *extra: str) -> None:
+    """Refuse what is not a plain LoRA layer (DoRA, LoHa, LoKr, biases), a layer that lacks half its pair, and a
+    pair whose halves disagree on the rank (down is r x in, up is out x r): no library complained, and the file
+    written was as damaged as the one read."""
+    for key in weights:
         if not key.endswith((down, up, *extra)):
             raise LessonError(f"'{file}' holds '{key}', which is not a plain LoRA layer (DoRA, LoHa, LoKr and LoRA "
                               "biases are other kinds of adapter): this tool converts plain LoRA only.")
         pair = key.removesuffix(down) + up if key.endswith(down) else key.removesuffix(up) + down
-        if not key.endswith(extra) and pair not in keys:
+        if not key.endswith(extra) and pair not in weights:
             raise LessonError(f"'{file}' holds '{key}' without '{pair}': it is incomplete. Download or save it again.")
+        if key.endswith(down):
+            rank = weights[key].shape[0]
+            other = weights[pair].shape[1] if weights[pair].dim() > 1 else "none"  # (a conv's up: out x r x 1 x 1)
+            if rank != other:
+                raise LessonError(f"'{file}' is damaged: its layer '{key.removesuffix(down)}' has rank {rank} in "
+                                  f"'{key}' but rank {other} in '{pair}' (both halves of a layer have one rank). "
+                                  "Download or save it again.")
 
 
 def alpha_of(config, module: str, rank: int) -> float:
