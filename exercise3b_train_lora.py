@@ -230,10 +230,12 @@ def train(argv=None):
         recipe = prior.class_image_recipe(models.describe_source(cfg.MODEL_ID), cfg.CLASS_PROMPT, resolution,
                                           cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE,
                                           models.weights_fingerprint(cfg.MODEL_ID))  # (drawn by this very model)
-        files = prior.ensure_class_images(
-            cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator, batch_size=settings.batch_size,
-            generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, settings, "Class images")[0])
-        class_images = [images.center_crop_resize(images.open_image(p), resolution) for p in files]
+        with prior.holding(cfg.CLASS_DATA_DIR, accelerator):  # (another run sharing the folder waits its turn)
+            files = prior.ensure_class_images(
+                cfg.CLASS_DATA_DIR, recipe, cfg.NUM_CLASS_IMAGES, accelerator=accelerator,
+                batch_size=settings.batch_size,
+                generate_fn=lambda prompts, seeds: sampling.generate(pipe, prompts, seeds, settings, "Class images")[0])
+            class_images = [images.center_crop_resize(images.open_image(p), resolution) for p in files]
 
     lesson.step(4, "Encode images and prompts once (the VAE and text encoder then leave the GPU)")
     cache = SimpleNamespace(  # everything the training step reads, computed once

@@ -9,11 +9,13 @@ it (language drift), and it forgets the variety it knew (catastrophic forgetting
 
 The class images live in ``class_images/`` with a manifest that records how they were made (model,
 prompt, resolution, seeds), so images made by another model or for another prompt are never reused.
+Two runs sharing the folder take turns (``holding``): one draws and reads, the other waits, then reuses or redraws.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from common.errors import warn
 from common.files import save_image, save_json
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"  # (not a .png nor the manifest: set_aside leaves it where it is)
 
 
 def prior_preservation_loss(model_pred: torch.Tensor, target: torch.Tensor, num_instance: int,
@@ -115,6 +118,40 @@ def set_aside(folder, reason: str) -> None:
         p.replace(aside / p.name)
     warn(f"class images in '{folder}/' were not made for this run ({reason}); moved them to '{aside}/' "
          "and generating new ones.")
+
+
+@contextmanager
+def holding(folder, accelerator=None):
+    """Hold the class folder while this run decides, draws and reads its class images.
+
+    Another run with a different recipe (CLASS_PROMPT, MODEL_ID...) would otherwise set this run's images
+    aside, or draw into the folder, while this one reads it. The other run waits rather than failing: it
+    needs these images too, and once this one has read them it can reuse them (same recipe) or set them
+    aside and draw its own. The wait lasts the drawing, not the training. A lock of the operating system
+    (``filelock``): a run that is killed lets go of it. Under ``accelerate launch`` the main process holds
+    it until every process has read the images.
+    """
+    from filelock import FileLock, Timeout  # (installed with huggingface_hub)
+
+    if accelerator is not None and not accelerator.is_main_process:
+        yield
+        accelerator.wait_for_everyone()
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"  Another run is drawing or reading the class images in '{folder}/': waiting until it is done "
+              "with them (Ctrl-C to stop)...", flush=True)
+        lock.acquire()
+    try:
+        yield
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # (every process has read the images)
+    finally:
+        lock.release()
 
 
 def ensure_class_images(folder, recipe: dict, num_images: int, generate_fn, accelerator=None,

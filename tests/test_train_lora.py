@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -319,6 +320,51 @@ def test_two_processes_share_class_images(workdir):
     assert len(list((workdir / "class_images").glob("class_*.png"))) == 6
     assert out.count("Files written:") == 1  # only the main process talks
     assert (workdir / "models/fabric_lora/pytorch_lora_weights.safetensors").is_file()
+
+
+def _read_until(proc, text):
+    """What ``proc`` printed up to the line holding ``text`` (or to its end, if it never prints it)."""
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if text in line:
+            break
+    return seen
+
+
+def test_two_runs_sharing_a_class_folder_take_turns(workdir):
+    """Two runs with different CLASS_PROMPTs, one CLASS_DATA_DIR (their own LORA_DIR and OUTPUT_DIR): the second
+    waits while the first draws (it would otherwise set the first's images aside under it), then, once the first
+    lets go (here: Ctrl-C), sets the first's images aside whole and draws its own."""
+    script = str(ROOT / "exercise3b_train_lora.py")
+    first = _run([script] + FAST + ["--class-prompt", "a woven cloth", "--num-class-images", "10000",
+                                    "--num-inference-steps", "100", "--sample-batch-size", "1"], workdir)  # (for hours)
+    second = None
+    try:
+        seen = _read_until(first, "Generating 10000 class images")
+        while not (workdir / "class_images/manifest.json").is_file():  # its first batch, saved
+            assert first.poll() is None, seen
+            time.sleep(0.1)
+        second = _run([script] + FAST + ["--max-train-steps", "1", "--lora-dir", "models/other",
+                                         "--output-dir", "other_outputs"], workdir)
+        said = _read_until(second, "waiting until it is done with them")
+        assert "Another run is drawing or reading the class images in 'class_images/'" in said, said
+        assert first.poll() is None and not (workdir / "class_images/replaced-1").exists()  # untouched meanwhile
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode == 0, said + out
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert "were not made for this run (they were made with prompt='a woven cloth'," in out
+    aside = json.loads((workdir / "class_images/replaced-1/manifest.json").read_text())
+    assert aside["recipe"]["prompt"] == "a woven cloth"
+    assert all((workdir / "class_images/replaced-1" / name).is_file() for name in aside["files"])
+    mine = json.loads((workdir / "class_images/manifest.json").read_text())
+    assert mine["recipe"]["prompt"] == "a fabric pattern" and mine["files"] == [f"class_{i:05d}.png" for i in range(4)]
 
 
 # --------------------------------------------------------------------------- CROP_FRACTION (the pocket model's crops)
