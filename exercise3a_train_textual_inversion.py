@@ -85,7 +85,8 @@ def validate(cfg):
     lesson.require_text(cfg, "MODEL_ID", "INITIALIZER_TOKEN", "CLASS_WORDS")
     lesson.require_token(cfg, "PLACEHOLDER_TOKEN")
     lesson.require_text_list(cfg, "SAMPLE_PROMPTS")
-    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "SAMPLE_EVERY", "CHECKPOINT_EVERY")
+    lesson.require_int(cfg, "MAX_TRAIN_STEPS", "SAMPLE_EVERY", "CHECKPOINT_EVERY")
+    training.check_train_batch(cfg)
     lesson.require_int(cfg, "GRADIENT_ACCUMULATION", maximum=lesson.MAX_ACCUMULATION)
     lesson.require_int(cfg, "SAMPLE_BATCH_SIZE", maximum=lesson.MAX_BATCH)
     lesson.require_int(cfg, "NUM_VECTORS", maximum=64)  # CLIP reads 75 tokens: the captions need room too

@@ -107,10 +107,11 @@ def _shown(value) -> str:
     return repr(value)
 
 
-def fail(cfg: Config, name: str, must: str):
-    """Refuse the constant ``name``: what it must be, what it is, and where to change it."""
+def fail(cfg: Config, name: str, must: str, advice: str = ""):
+    """Refuse the constant ``name``: what it must be, what it is, and where to change it (then ``advice``)."""
     value = getattr(cfg, name)
-    raise LessonError(f"{name} {must}, got {_shown(value)}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}.")
+    raise LessonError(f"{name} {must}, got {_shown(value)}. Edit it at the top of {cfg.SCRIPT} or pass {dashed(name)}."
+                      + (f" {advice}" if advice else ""))
 
 
 def _finite(value) -> bool:
@@ -138,8 +139,9 @@ def _as_number(cfg: Config, name: str, kind):
 
 
 def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None = None,
-                allow_none: bool = False) -> None:
-    """Each named constant is a whole number >= minimum (and <= maximum; or None when allowed)."""
+                allow_none: bool = False, advice: str = "") -> None:
+    """Each named constant is a whole number >= minimum (and <= maximum, else ``advice`` follows the refusal;
+    or None when allowed)."""
     for name in names:
         if allow_none and getattr(cfg, name) is None:
             continue
@@ -147,7 +149,7 @@ def require_int(cfg: Config, *names: str, minimum: int = 1, maximum: int | None 
         if value < minimum:
             fail(cfg, name, f"must be a whole number >= {minimum}")
         if maximum is not None and value > maximum:
-            fail(cfg, name, f"must be a whole number between {minimum} and {maximum}")
+            fail(cfg, name, f"must be a whole number between {minimum} and {maximum}", advice)
 
 
 def require_float(cfg: Config, *names: str, minimum: float = 0.0, above: bool = False,
@@ -174,6 +176,10 @@ MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps th
 # Micro-batches summed into one update (the course's 4): a larger mean gradient of 5-20 pictures is no better, an update
 # of millions never ends (Ctrl-C waits for it), and beyond 2**63 accelerate's division overflows.
 MAX_ACCUMULATION = 256
+# Pictures in one training micro-batch (TRAIN_BATCH_SIZE; 3b adds as many class images): the course trains on 5-20, and
+# memory grows with every one; a larger effective batch is GRADIENT_ACCUMULATION's, in the memory of one micro-batch.
+# (The memory check, training.check_step_memory, measures only on a Linux CPU: a GPU or a Mac took 10**30.)
+MAX_TRAIN_BATCH = 64
 MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distilled from
 # Numbers far beyond these overflow float32 inside torch ("value cannot be converted to type float without
 # overflow") or only ever give black pictures and NaN losses.

@@ -532,6 +532,13 @@ LOG_WITH_CHOICES = ("tensorboard", "wandb", None)
 WANDB_PROJECT = "dreambooth-fabric"  # (W&B groups runs by project; TensorBoard by folder)
 
 
+def check_train_batch(cfg) -> None:
+    """TRAIN_BATCH_SIZE is at most ``lesson.MAX_TRAIN_BATCH``, on every computer, before any model loads."""
+    lesson.require_int(cfg, "TRAIN_BATCH_SIZE", maximum=lesson.MAX_TRAIN_BATCH, advice=(
+        f"For a larger effective batch, raise GRADIENT_ACCUMULATION instead ({dashed('GRADIENT_ACCUMULATION')} N): "
+        "it averages N micro-batches into one update, in the memory of one."))
+
+
 def check_schedule(cfg) -> None:
     """Warn, before any model loads, when the learning-rate constants will not do what they say: diffusers'
     "constant" schedule has no warm-up, and a warm-up as long as the run never reaches LEARNING_RATE."""

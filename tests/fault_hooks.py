@@ -1,6 +1,6 @@
 """The faults the tests inject into a training run, kept out of the lesson code.
 
-The lesson modules hold no test switch. ``install()`` wraps three of their functions, and the wrappers
+The lesson modules hold no test switch. ``install()`` wraps four of their functions, and the wrappers
 do nothing unless an environment variable asks for a fault:
 
 - ``DREAMBOOTH_INJECT_NAN_AT_STEP``: "5" makes the loss of step 5 NaN (``training.check_finite`` sees it
@@ -9,6 +9,8 @@ do nothing unless an environment variable asks for a fault:
 - ``DREAMBOOTH_KILL_DURING_SAVE``: a save whose final path contains this text kills its own process
   (SIGKILL: no clean-up, no ``finally``) with everything written, just before ``files.commit`` renames
   it into place, as a power cut would.
+- ``DREAMBOOTH_FREE_MEMORY``: bytes; ``training.available_memory`` says no more than this is free, as on a
+  smaller computer (``training.check_step_memory`` then refuses a micro-batch that does not fit there).
 
 Where it is installed: ``tests/student.py`` calls ``install()`` in a warm run's forked child, and puts
 ``tests/hooks/`` (whose ``sitecustomize.py`` calls it) on a cold run's PYTHONPATH, when one of these
@@ -24,7 +26,8 @@ from pathlib import Path
 
 NAN_AT_STEP_ENV = "DREAMBOOTH_INJECT_NAN_AT_STEP"
 KILL_DURING_SAVE_ENV = "DREAMBOOTH_KILL_DURING_SAVE"
-ENV_VARS = (NAN_AT_STEP_ENV, KILL_DURING_SAVE_ENV)
+FREE_MEMORY_ENV = "DREAMBOOTH_FREE_MEMORY"
+ENV_VARS = (NAN_AT_STEP_ENV, KILL_DURING_SAVE_ENV, FREE_MEMORY_ENV)
 
 
 def wanted(environ=os.environ) -> bool:
@@ -65,13 +68,22 @@ def _kill_before_commit(commit):
     return wrapper
 
 
+def _less_memory(available_memory):
+    @functools.wraps(available_memory)
+    def wrapper():
+        free, cap = available_memory(), os.environ.get(FREE_MEMORY_ENV)
+        return free if not cap or free is None else min(free, int(cap))
+    return wrapper
+
+
 def install(patch=setattr) -> None:
     """Wrap the lesson functions (once; the wrappers read the environment at each call). ``patch`` sets
     the wrapped one on its module: pytest's ``monkeypatch.setattr`` puts the original back after the test."""
     from common import files, training
 
     for module, name, wrap in ((training, "check_finite", _nan_loss), (training, "check_weights_finite", _nan_weights),
-                               (files, "commit", _kill_before_commit)):
+                               (files, "commit", _kill_before_commit),
+                               (training, "available_memory", _less_memory)):
         original = getattr(module, name)
         if not getattr(original, "_fault_hook", False):
             wrapped = wrap(original)
