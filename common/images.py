@@ -3,8 +3,8 @@
 Real photos arrive in every shape: any case of .jpg/.jpeg/.png/.webp/.bmp, rotated by an EXIF tag,
 RGBA, palette, grayscale, CMYK or 16-bit, animated, huge, tiny or broken. ``load_instance_images``
 turns each usable one into an RGB square at the training resolution (centre crop, then resize; or,
-with ``crop_fraction`` below 1, several random crops), warns when it has to upscale, and names every
-file it skips.
+with ``crop_fraction`` below 1, several random crops), warns when it has to upscale or a picture is far
+from square (the square keeps little of it), and names every file it skips.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ SUFFIX_LIST = "/".join(sorted(IMAGE_SUFFIXES))
 # Exercises 3a and 3b's TRAINING_IMAGES_DIR as the course ships it: the generation scripts, which have no such
 # constant, keep their pictures out of it.
 COURSE_IMAGES_DIR = "training_images"
+# Below this share of a picture kept by the square (short side / long side: 2:1 keeps half), the picture is named
+# with what it loses: a panorama or a strip shows little of its subject once cropped to a square.
+MIN_KEPT = 0.5
 
 
 def require_apart_from_course_images(cfg, name: str) -> None:
@@ -169,19 +172,23 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
              f"{' ...' if len(nested) > 5 else ''}: only the pictures directly in '{folder}/' are trained on. "
              "Move them up if they are of your subject.")
     whole = crop_fraction >= 1
+    needed = math.ceil(resolution / min(crop_fraction, 1.0))  # the shorter side that needs no upscaling
     images, upscaled = [], []
     for index, path in enumerate(files):
         try:  # (a crop needs more of the picture's pixels: JPEG decoding may shrink it only that far)
-            image = open_image(path, longest_needed=math.ceil(resolution / min(crop_fraction, 1.0)))
+            image = open_image(path, longest_needed=needed)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             warn(f"skipping '{path.name}': {_why_unreadable(path, exc)}. Replace or remove it.")
             continue
         side = min(image.size)
         if side < 32:
-            warn(f"skipping '{path.name}': {image.size[0]}x{image.size[1]} is too small to learn from")
+            warn(f"skipping '{path.name}': {image.size[0]}x{image.size[1]} is too small to learn from (its shorter "
+                 f"side is under 32 px). Use a photo of at least {needed}x{needed} px.")
             continue
         seen = side if whole else max(1, round(crop_fraction * side))  # the square that becomes one image
-        if seen < resolution:
+        if side / max(image.size) < MIN_KEPT:  # (its own warning says the upscaling too: one message a picture)
+            warn(_narrow(path.name, image.size, seen, resolution, whole))
+        elif seen < resolution:
             upscaled.append((path.name, seen))
         if whole:
             images.append(center_crop_resize(image, resolution))
@@ -193,12 +200,23 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
         warn(f"{len(upscaled)} {what} smaller than {resolution}x{resolution} and were upscaled up to "
              f"{resolution / worst:.0f}x ({', '.join(n for n, _ in upscaled[:4])}{' ...' if len(upscaled) > 4 else ''}). "
              "Upscaled pictures are blurry and the model learns the blur: use photos of at least "
-             f"{math.ceil(resolution / min(crop_fraction, 1.0))}px if you can.")
+             f"{needed}px if you can.")
     if not images:
         raise LessonError(f"No usable training images in '{folder}/' ({len(files)} picture file(s) found, all "
                           "unreadable or smaller than 32 px; each is named above). Add 5-20 .jpg/.png pictures of "
                           "your subject and run again.")
     return images
+
+
+def _narrow(name: str, size: tuple[int, int], seen: int, resolution: int, whole: bool) -> str:
+    """The warning for a picture much wider than tall (or taller than wide): training sees only a square of it."""
+    width, height = size
+    side = min(size)
+    square = (f"its centre square, {side}x{side}," if whole else f"its crops, squares of {seen}x{seen} px,")
+    blown = f", upscaled {resolution / seen:.0f}x," if seen < resolution else ""
+    return (f"'{name}' is {width}x{height}: training sees only {square} about {side / max(size):.1%} of the "
+            f"picture{blown} and the rest is never trained on. Crop it yourself to a square around your subject, or "
+            "use a squarer photo.")
 
 
 def describe_instances(images: list[Image.Image], crop_fraction: float, what: str = "instance images") -> str:

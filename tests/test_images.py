@@ -91,6 +91,25 @@ def test_upscaling_warns(tmp_path, capsys):
     assert "upscaled" in said and "8x" in said and "small.png" in said
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_picture_far_from_square_is_named_with_what_the_square_keeps(tmp_path, capsys, whole):
+    _save(Image.new("RGB", (20000, 40), "red"), tmp_path / "strip.png")  # the square keeps 0.2% of it
+    _save(Image.new("RGB", (40, 5000), "red"), tmp_path / "tower.png")
+    _save(Image.new("RGB", (256, 128), "red"), tmp_path / "two_to_one.png")  # half of it: fine, as a 16:9 photo
+    _save(Image.new("RGB", (40000, 20), "red"), tmp_path / "thread.png")  # nothing left to learn from
+    out = images.load_instance_images(tmp_path, 64, crop_fraction=1.0 if whole else 0.5)
+    said = capsys.readouterr().out
+    assert len(out) == (3 if whole else 12)
+    square = "its centre square, 40x40," if whole else "its crops, squares of 20x20 px,"
+    assert f"'strip.png' is 20000x40: training sees only {square} about 0.2% of the picture, upscaled " in said
+    assert f"'tower.png' is 40x5000: training sees only {square} about 0.8% of the picture" in said
+    assert "Crop it yourself to a square around your subject, or use a squarer photo." in said
+    assert "two_to_one.png" not in said
+    assert "skipping 'thread.png': 40000x20 is too small to learn from (its shorter side is under 32 px)" in said
+    for name in ("strip.png", "tower.png", "thread.png"):  # one message each: not in the upscaling one too
+        assert said.count(name) == 1, said
+
+
 @pytest.mark.parametrize("setup", ["missing", "empty", "only_text"])
 def test_no_usable_images_is_a_clear_error(tmp_path, setup):
     folder = tmp_path / "training_images"
