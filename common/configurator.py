@@ -45,7 +45,7 @@ def dashed(name: str) -> str:
 def constants(script: str) -> list[tuple[str, str]]:
     """(NAME, comment) for each UPPER_CASE name assigned between the ``CONSTANTS`` banner and the next
     ``# ====`` line of the script (the whole file when it has no banner), in order."""
-    source = Path(script).read_text(encoding="utf-8")
+    source = Path(script).read_text(encoding="utf-8-sig")  # (a BOM, from some Windows editors: Python runs it)
     comments, start, end = {}, 0, 10**9
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:

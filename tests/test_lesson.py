@@ -461,3 +461,12 @@ def test_a_file_or_folder_in_the_way_of_a_save_is_named(tmp_path):
     assert (tmp_path / "exercise1_variations").read_text() == "my notes"
     existing = FileExistsError(17, "File exists", str(tmp_path / "grid.png"))  # (a folder: not in anyone's way)
     assert lesson.explain(existing) is None and lesson.explain(FileExistsError(17, "File exists")) is None
+
+
+def test_a_script_saved_with_a_utf8_bom_keeps_its_constants(tmp_path):
+    """Windows editors (Notepad's 'UTF-8 with BOM', Visual Studio) may start the file with a BOM: Python runs such a
+    script, and its constants must still be read (the BOM made them a SyntaxError, U+FEFF)."""
+    script = tmp_path / "edited.py"
+    script.write_bytes(b"\xef\xbb\xbf" + "# CONSTANTS\nSTEPS = 5  # how many\nPROMPT = 'caf\u00e9'  # a prompt\n"
+                       "# ====\n".encode("utf-8"))
+    assert configurator.constants(str(script)) == [("STEPS", "how many"), ("PROMPT", "a prompt")]
