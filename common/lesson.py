@@ -42,7 +42,7 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     if hasattr(cfg, "SUBJECT_TOKEN"):
         fill_token(cfg, "SUBJECT_TOKEN")
     if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch / torchrun, only the first process talks
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # (not cp1252: it must take any prompt's characters)
     _ORIGIN.clear()  # so that an error about MODEL_ID can say it came from DREAMBOOTH_MODEL
     _ORIGIN.update({name: source for name, source in cfg.SOURCES.items() if not source.startswith("-")})
     _quiet_libraries(cfg.DEBUG)

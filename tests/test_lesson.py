@@ -470,3 +470,16 @@ def test_a_script_saved_with_a_utf8_bom_keeps_its_constants(tmp_path):
     script.write_bytes(b"\xef\xbb\xbf" + "# CONSTANTS\nSTEPS = 5  # how many\nPROMPT = 'caf\u00e9'  # a prompt\n"
                        "# ====\n".encode("utf-8"))
     assert configurator.constants(str(script)) == [("STEPS", "how many"), ("PROMPT", "a prompt")]
+
+
+def test_a_second_process_under_accelerate_launch_may_print_any_prompt():
+    """RANK > 0 prints into os.devnull: opened in the locale's encoding (cp1252 on Windows; ASCII here, with
+    LC_ALL=C and UTF-8 mode off) an emoji or a Greek prompt ended that process in UnicodeEncodeError."""
+    import os
+
+    env = {**os.environ, "RANK": "1", "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    code = ("import exercise1_generate as s; from common import lesson; lesson.configure(vars(s), [], None); "
+            "print('caf\\u00e9 \\u03b1 \\U0001F600', flush=True)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
