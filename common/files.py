@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,22 @@ from common.errors import LessonError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+_WINDOWS = os.name == "nt"
+_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.5, 0.75)  # seconds: 2 in all
+
+
+def _replace(src, dst) -> None:
+    """``os.replace``, retried for up to 2 s on Windows: an antivirus scan, the search indexer or OneDrive may hold
+    a file just written (or the one it replaces) open for a moment, and the rename fails meanwhile with
+    PermissionError ('Access is denied', 'being used by another process'). pip retries its renames for the same."""
+    for delay in _RETRY_DELAYS if _WINDOWS else ():
+        try:
+            return os.replace(src, dst)
+        except PermissionError:
+            time.sleep(delay)
+    os.replace(src, dst)
 
 
 def commit(tmp, path) -> None:
@@ -33,11 +50,11 @@ def commit(tmp, path) -> None:
     path = Path(path)
     if Path(tmp).is_dir() and path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
+        _replace(path, old)
+        _replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, path)
+        _replace(tmp, path)
 
 
 _SAVING: set[Path] = set()  # this process's temporary files and folders not yet renamed into place

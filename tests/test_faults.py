@@ -1217,6 +1217,38 @@ def test_two_runs_saving_one_file_at_once_both_finish_and_a_killed_saves_copy_is
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
+def test_a_save_waits_for_a_windows_scanner_that_holds_the_file_a_moment(tmp_path, monkeypatch):
+    """On Windows an antivirus scan, the search indexer or OneDrive may hold a file just written open for a moment,
+    and renaming it into place fails meanwhile with PermissionError: a save (a file, or a checkpoint folder) retries
+    for up to 2 s instead of ending the run. Elsewhere such an error is not passing, and is raised at once."""
+    from common import files
+
+    real, calls = os.replace, []
+
+    def held_twice(src, dst):  # the scanner lets go after two tries
+        calls.append(dst)
+        if len(calls) % 3:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", held_twice)
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    monkeypatch.setattr(files, "_RETRY_DELAYS", (0.0,) * 6)
+    target = tmp_path / "outputs/exercise1_output.png"
+    files.save_image(Image.new("RGB", (8, 8)), target)
+    assert target.is_file() and len(calls) == 3
+    folder = tmp_path / "checkpoint-000001"
+    for text in ("old", "new"):
+        with files.atomic_dir(folder) as tmp:
+            (tmp / "state.json").write_text(text, encoding="utf-8")
+    assert (folder / "state.json").read_text(encoding="utf-8") == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "outputs"]
+    monkeypatch.setattr(files, "_WINDOWS", False)
+    with pytest.raises(PermissionError):
+        files.save_json({}, tmp_path / "run.json")
+
+
 def test_ascii_console_trains_on_accented_file_names_and_prompts(student, project):
     (project / "training_images" / "tissé_布_broken.jpg").write_bytes(b"")  # a warning names it
     prompt = "a sks tissu à motifs 布"
