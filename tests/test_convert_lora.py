@@ -211,3 +211,23 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         convert_lora.main(["--help"])
     assert exit_.value.code == 0 and "--to {kohya,diffusers,peft}" in capsys.readouterr().out
+
+
+def test_out_that_is_the_lora_under_another_name_is_refused(tmp_path, capsys):
+    """macOS' and Windows' disks ignore case: OUT 'Fabric.safetensors' is IN 'fabric.safetensors', and --force
+    converted the LoRA in place of itself (its folder too, for --to diffusers/peft). A hard link is the same case
+    on this Linux disk: one file under two names."""
+    import os
+
+    source = tmp_path / "fabric.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4),
+                                 "lora_unet_x.lora_up.weight": torch.ones(4, 2), "lora_unet_x.alpha": torch.tensor(2.)},
+                                str(source))
+    alias = tmp_path / "Fabric.safetensors"
+    os.link(source, alias)
+    before = source.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        lesson.run(lambda: convert_lora.main([str(source), str(alias), "--to", "kohya", "--force"]))
+    assert exit_.value.code != 0
+    assert "would replace the LoRA being converted" in capsys.readouterr().err
+    assert source.read_bytes() == before and os.path.samefile(source, alias)
