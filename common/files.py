@@ -242,6 +242,23 @@ def human_size(num_bytes: int) -> str:
         num_bytes /= 1024
 
 
+def same_place(a, b) -> bool:
+    """Whether two paths name one file or folder, by its identity rather than its spelling: resolve() follows
+    symlinks, but on macOS' case-insensitive disks 'Training_Images' is 'training_images' (and a hard link is its
+    file) while the two differ as text."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist: then they differ)
+        return False
+
+
+def inside(a, b) -> bool:
+    """Whether ``a`` is ``b`` or lies (or would lie, once made) inside it, by identity as ``same_place``."""
+    a = Path(a).expanduser().resolve()
+    return any(same_place(p, b) for p in (a, *a.parents))
+
+
 def slug(text: str, drop: tuple[str, ...] = (), max_words: int = 4, max_chars: int = 60) -> str:
     """A short file-name-safe name for a prompt: "a beautiful dress made of ..." -> "beautiful_dress_made".
 

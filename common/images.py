@@ -35,7 +35,9 @@ def require_apart_from_course_images(cfg, name: str) -> None:
     folder: exercises 3a and 3b would train on what this script writes there."""
     from common.configurator import dashed
 
-    if Path(getattr(cfg, name)).expanduser().resolve() == Path(COURSE_IMAGES_DIR).resolve():
+    from common.files import same_place
+
+    if same_place(getattr(cfg, name), COURSE_IMAGES_DIR):
         raise LessonError(f"{name} '{getattr(cfg, name)}' is '{COURSE_IMAGES_DIR}/', the folder of your training "
                           "pictures: exercises 3a and 3b would train on the pictures this script writes there. Set "
                           f"{name} to a folder of its own (edit it at the top of {cfg.SCRIPT} or pass "

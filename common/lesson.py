@@ -334,9 +334,11 @@ def require_apart(cfg: Config, name: str, other: str, nested: bool = False) -> N
     """Folder ``name`` is not folder ``other`` (symlinks followed); with ``nested``, neither holds the other.
 
     Written into the training pictures' folder, a script's outputs would be trained on next time."""
-    mine, theirs = (Path(getattr(cfg, n)).expanduser().resolve() for n in (name, other))
-    how = ("is the same folder as" if mine == theirs else "is inside" if nested and mine.is_relative_to(theirs)
-           else "contains" if nested and theirs.is_relative_to(mine) else None)
+    from common.files import inside, same_place
+
+    mine, theirs = getattr(cfg, name), getattr(cfg, other)
+    how = ("is the same folder as" if same_place(mine, theirs) else "is inside" if nested and inside(mine, theirs)
+           else "contains" if nested and inside(theirs, mine) else None)
     if how:
         raise LessonError(f"{name} '{getattr(cfg, name)}' {how} {other} '{getattr(cfg, other)}': what this script "
                           f"writes there would be mixed with your pictures (and trained on, or moved aside with old "

@@ -167,3 +167,37 @@ def test_class_images_of_a_replaced_model_folder_are_drawn_again(tmp_path, tiny_
     assert calls == [[0, 1], [0, 1]] and "model_weights=" in capsys.readouterr().out
     assert models.weights_fingerprint("stable-diffusion-v1-5/stable-diffusion-v1-5") is None
     assert "model_weights" not in prior.class_image_recipe("a/b", "a fabric pattern", 512, 25, 7.5, None)
+
+
+def test_a_folder_named_in_another_case_is_the_same_folder_on_a_mac(tmp_path, monkeypatch):
+    """macOS' disks ignore case: CLASS_DATA_DIR or OUTPUT_DIR 'Training_Images' is the training pictures' folder,
+    but the paths differ as text, and the check compared them so (the outputs were then trained on). The files'
+    identity decides now; here os.path.samefile finds names as such a disk does."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from common import images, lesson
+    from common.errors import LessonError
+
+    real = os.path.samefile
+
+    def on_a_mac(path):  # the file or folder a name finds on a case-insensitive disk
+        found, path = Path("/"), Path(os.path.abspath(path))
+        for part in path.parts[1:]:
+            same = [c for c in found.iterdir() if c.name.lower() == part.lower()] if found.is_dir() else []
+            found = same[0] if same else found / part
+        return found
+
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: real(on_a_mac(a), on_a_mac(b)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "training_images").mkdir()
+    for klass, how in [("Training_Images", "is the same folder as"), ("TRAINING_IMAGES/class", "is inside")]:
+        cfg = lesson.Config(SCRIPT="x.py", CLASS_DATA_DIR=klass, TRAINING_IMAGES_DIR="training_images")
+        with pytest.raises(LessonError, match=f"CLASS_DATA_DIR '{klass}' {how} TRAINING_IMAGES_DIR"):
+            lesson.require_apart(cfg, "CLASS_DATA_DIR", "TRAINING_IMAGES_DIR", nested=True)
+    monkeypatch.setattr(images, "COURSE_IMAGES_DIR", str(tmp_path / "training_images"))
+    with pytest.raises(LessonError, match="OUTPUT_DIR 'Training_Images' is"):
+        images.require_apart_from_course_images(lesson.Config(SCRIPT="x.py", OUTPUT_DIR="Training_Images"),
+                                                "OUTPUT_DIR")

@@ -23,7 +23,6 @@ here either: ``load_lora`` refuses a LoRA made for another base model when it is
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections import Counter
@@ -87,6 +86,8 @@ def main(argv=None) -> int:
 
 def check_out(out: Path, to: str, file: Path, force: bool) -> None:
     """Refuse an OUT of the wrong kind, the LoRA being read, or (without --force) anything already there."""
+    from common import files
+
     if to == "kohya" and (out.is_dir() or out.suffix != ".safetensors"):
         what = "a folder" if out.is_dir() else "not a .safetensors name"
         raise LessonError(f"--to kohya writes one file, and OUT '{out}' is {what}. Name the file to write, "
@@ -94,7 +95,7 @@ def check_out(out: Path, to: str, file: Path, force: bool) -> None:
     if to != "kohya" and (out.is_file() or out.suffix == ".safetensors"):
         raise LessonError(f"--to {to} writes a folder, and OUT '{out}' is a file name. Name the folder to write, "
                           f"e.g. 'models/my_lora_{to}'.")
-    if _same(out, file) or (to != "kohya" and any(_same(out, folder) for folder in file.resolve().parents)):
+    if files.same_place(out, file) or (to != "kohya" and files.inside(file.parent, out)):
         raise LessonError(f"OUT '{out}' would replace the LoRA being converted ('{file}'). Choose another OUT.")
     if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
         raise LessonError(f"OUT '{out}' already exists{'' if out.is_file() else ' and is not empty'}. Choose another "
@@ -105,15 +106,6 @@ def check_out(out: Path, to: str, file: Path, force: bool) -> None:
             raise LessonError(f"OUT '{out}' holds {len(others)} thing(s) that are not a LoRA ({', '.join(others[:3])}"
                               f"{' ...' if len(others) > 3 else ''}), which --force would delete with the folder. "
                               "Choose another OUT: a new folder, or one holding only a LoRA.")
-
-
-def _same(a: Path, b: Path) -> bool:
-    """Whether two names are one file or folder: by its identity, not its spelling (on macOS' and Windows' disks,
-    which ignore case, 'Fabric.safetensors' is 'fabric.safetensors'; a hard link is the file too)."""
-    try:
-        return a.resolve() == b.resolve() or os.path.samefile(a, b)
-    except OSError:  # (one of them does not exist)
-        return False
 
 
 def is_lora_output(path: Path) -> bool:
