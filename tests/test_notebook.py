@@ -186,3 +186,20 @@ def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project
     assert "checkpoint saved" in shown and "--resume" in shown, shown[-2000:]
     assert shown.count("Ctrl-C: finishing this step") == 1, shown[-2000:]  # one Ctrl-C reached it, not two
     assert list((project / "models" / "fabric_lora" / "checkpoints").glob("checkpoint-*"))
+
+
+def test_a_windows_path_in_a_cell_reaches_the_script_whole(notebook, monkeypatch, capsys):
+    """MODEL or ARGS may name a folder the Windows way (C:\\Users\\Ana\\my_lora): the helper split the command line
+    as a POSIX shell does, where a backslash is an escape, and the script got 'C:UsersAnamy_lora'."""
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)  # (defines run; runs nothing)
+    helpers["WINDOWS"] = True  # what os.name == "nt" sets on a Windows computer
+    helpers["run"]('python -c "import sys; print(*sys.argv[1:], sep=chr(10))" C:\\Users\\Ana\\my_lora '
+                   '"D:\\My Pictures\\fabric" --prompt "a #1 fabric"')
+    assert capsys.readouterr().out.splitlines()[1:] == ["C:\\Users\\Ana\\my_lora", "D:\\My Pictures\\fabric",
+                                                        "--prompt", "a #1 fabric"]
+    helpers["WINDOWS"] = False  # elsewhere the command line reads as a POSIX shell reads it
+    helpers["run"]("python -c \"import sys; print(*sys.argv[1:], sep=chr(10))\" a\\ b 'c d'")
+    assert capsys.readouterr().out.splitlines()[1:] == ["a b", "c d"]
