@@ -628,12 +628,15 @@ def log_image(accelerator, tag: str, path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------- stopping
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGHUP": "SIGHUP (the terminal closed)"}
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGHUP": "SIGHUP (the terminal closed)",
+                "SIGBREAK": "Ctrl-Break"}
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM or SIGHUP ask the loop to stop after the current step (and save); a second one
-    quits at once. (SIGTERM is what a job scheduler or ``kill`` sends; SIGHUP, a closed terminal.)"""
+    """Ctrl-C, SIGTERM, SIGHUP or SIGBREAK ask the loop to stop after the current step (and save); a second one
+    quits at once. (SIGTERM is what a job scheduler or ``kill`` sends; SIGHUP, a closed terminal; SIGBREAK, on
+    Windows, Ctrl-Break, which is how the notebook's stop button reaches a script there: Windows has no SIGINT
+    to send to another process.)"""
 
     def __init__(self):
         self.requested = False
@@ -652,7 +655,7 @@ class StopRequest:
 
     def __enter__(self):
         for name in STOP_SIGNALS:
-            if hasattr(signal, name):  # (Windows has no SIGHUP)
+            if hasattr(signal, name):  # (Windows has no SIGHUP; only Windows has SIGBREAK)
                 try:
                     self._previous[name] = signal.signal(getattr(signal, name), self._handler)
                 except ValueError:  # not the main thread: signals keep their default behaviour

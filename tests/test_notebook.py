@@ -203,3 +203,38 @@ def test_a_windows_path_in_a_cell_reaches_the_script_whole(notebook, monkeypatch
     helpers["WINDOWS"] = False  # elsewhere the command line reads as a POSIX shell reads it
     helpers["run"]("python -c \"import sys; print(*sys.argv[1:], sep=chr(10))\" a\\ b 'c d'")
     assert capsys.readouterr().out.splitlines()[1:] == ["a b", "c d"]
+
+
+def test_on_windows_the_stop_button_reaches_the_script_as_ctrl_break(notebook, monkeypatch, capsys):
+    """Windows has no SIGINT to send to another process: the stop button terminated the script, which saved no
+    checkpoint. It sends Ctrl-Break to the script's own process group now (the scripts take it as Ctrl-C), and
+    stops it outright only where that cannot be sent. Here SIGINT stands in for Ctrl-Break."""
+    import os
+    import shlex
+    import signal
+    import threading
+
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", signal.SIGINT, raising=False)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)
+    helpers["WINDOWS"] = True
+
+    def echo(*args, **kwargs):  # the stop button (Jupyter's interrupt is SIGINT), once the script waits for it
+        print(*args, **kwargs)
+        if args and args[0] == "ready\n":
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    helpers["print"] = echo
+    script = ("import signal, sys, time\n"
+              "def stop(signum, frame):\n"
+              "    print('stopped by', signal.Signals(signum).name, flush=True)\n"
+              "    sys.exit(0)\n"
+              "signal.signal(signal.SIGINT, stop)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    with pytest.raises(KeyboardInterrupt):
+        helpers["run"](f"python -c {shlex.quote(script)}")
+    assert "stopped by SIGINT" in capsys.readouterr().out

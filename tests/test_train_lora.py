@@ -447,3 +447,16 @@ def test_gradient_checkpointing_trains_the_same_weights(script, fast, folder, wo
     for key in plain:
         assert torch.allclose(plain[key], saved[key], atol=1e-6), key
     assert any(plain[key].abs().max() > 0 for key in plain)
+
+
+def test_ctrl_break_asks_the_loop_to_stop_as_ctrl_c_does(monkeypatch, capsys):
+    """On Windows the notebook's stop button reaches a script as Ctrl-Break (SIGBREAK): it was not handled, so
+    the script died there without its checkpoint. Here a signal Linux ignores by default stands in for it."""
+    from common import training
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGWINCH, raising=False)
+    with training.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGWINCH)
+        assert stop.requested
+    assert "finishing this step and saving a checkpoint" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGWINCH) == signal.SIG_DFL  # (put back as it was)
