@@ -442,6 +442,9 @@ def explain(exc: BaseException, constants=None) -> str | None:
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
         return (f"No permission to use '{exc.filename}' ({exc.strerror}). Make it readable and writable for you, or "
                 "set the constant that names it (OUTPUT_DIR, the other ..._DIR and ..._PATH ones) to a place you own.")
+    too_long = _too_long_for_windows(exc)
+    if too_long:
+        return too_long
     in_the_way = _in_the_way(exc)
     if in_the_way:
         return in_the_way
@@ -452,6 +455,27 @@ def explain(exc: BaseException, constants=None) -> str | None:
         return (f"A text could not be encoded or decoded ({brief(exc, 120)}). Save the script as UTF-8, or set "
                 "the environment variable PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1) and run again.")
     return None
+
+
+_WINDOWS = os.name == "nt"
+WINDOWS_MAX_PATH = 260  # characters in a whole path, unless Windows' long paths are switched on
+
+
+def _too_long_for_windows(exc: BaseException) -> str | None:
+    """Windows refuses a path of 260 characters or more (248 for a folder), unless long paths are switched on, and
+    says only 'No such file or directory' (or WinError 206): a project deep in OneDrive meets it in a checkpoint's
+    temporary file, whose parents all exist."""
+    if not _WINDOWS or not isinstance(exc, OSError) or not (exc.errno == errno.ENOENT
+                                                            or getattr(exc, "winerror", None) == 206):
+        return None
+    long = [p for p in (exc.filename, exc.filename2) if p and len(os.path.abspath(os.fsdecode(p))) >= 248]
+    if not long:
+        return None
+    path = os.path.abspath(os.fsdecode(long[0]))
+    return (f"'{path}' is {len(path)} characters long, and Windows refuses paths of about {WINDOWS_MAX_PATH} or more "
+            "unless long paths are switched on. Move the project folder nearer the top of the drive (C:\\course), or "
+            "set its ..._DIR constants to shorter folders, or switch long paths on (search 'Enable Win32 long "
+            "paths' / LongPathsEnabled), and run again.")
 
 
 def _in_the_way(exc: BaseException) -> str | None:

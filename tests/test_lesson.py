@@ -483,3 +483,15 @@ def test_a_second_process_under_accelerate_launch_may_print_any_prompt():
             "print('caf\\u00e9 \\u03b1 \\U0001F600', flush=True)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_path_too_long_for_windows_is_named_with_what_to_do(monkeypatch):
+    """Windows refuses paths of 260 characters or more unless long paths are on, with only 'No such file or
+    directory': a project deep in OneDrive met it in a checkpoint's temporary file ('unexpected FileNotFoundError')."""
+    monkeypatch.setattr(lesson, "_WINDOWS", True)
+    deep = "C:\\Users\\Ana\\OneDrive - University\\" + "course\\" * 30 + "learned_embeds.safetensors"
+    message = lesson.explain(FileNotFoundError(2, "No such file or directory", deep))
+    assert message and "characters long" in message and "long paths" in message and "C:\\course" in message
+    assert lesson.explain(FileNotFoundError(2, "No such file or directory", "outputs\\x.png")) is None  # (short)
+    monkeypatch.setattr(lesson, "_WINDOWS", False)
+    assert lesson.explain(FileNotFoundError(2, "No such file or directory", deep)) is None  # (elsewhere: no limit)
