@@ -80,7 +80,7 @@ def _still_saving(leftover: Path, path: Path) -> bool:
 def _remove_leftovers(path: Path) -> None:
     """Delete the temporary copies of ``path`` (".name.PID-xxxx") that an interrupted save left behind, except those
     of saves still running (another process's, or this one's). Called only once a new ``path`` is in place."""
-    for old in map(Path, glob.glob(str(path.parent / f".{glob.escape(path.name)}.*"))):
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*"):  # (the folder's own name is no pattern: "Course [1]")
         if _still_saving(old, path):
             continue
         if old.is_dir():

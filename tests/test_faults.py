@@ -1217,6 +1217,21 @@ def test_two_runs_saving_one_file_at_once_both_finish_and_a_killed_saves_copy_is
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
+def test_a_killed_saves_copy_is_cleaned_up_in_a_folder_whose_name_has_brackets(tmp_path):
+    """The leftovers were found with the folder's path read as a pattern too: in 'Course [2026]' ('[2026]' matches
+    one character) none was ever found, and every killed save's copy stayed beside the file."""
+    from common.files import save_image
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a run killed mid-save: its process is gone
+    ended.wait()
+    target = tmp_path / "Course [2026]" / "outputs" / "exercise1_output.png"
+    target.parent.mkdir(parents=True)
+    killed = target.parent / f".{target.name}.{ended.pid}-k1ll.png"
+    killed.write_bytes(b"half")
+    save_image(Image.new("RGB", (8, 8)), target)
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
 def test_a_save_waits_for_a_windows_scanner_that_holds_the_file_a_moment(tmp_path, monkeypatch):
     """On Windows an antivirus scan, the search indexer or OneDrive may hold a file just written open for a moment,
     and renaming it into place fails meanwhile with PermissionError: a save (a file, or a checkpoint folder) retries
