@@ -172,7 +172,9 @@ MAX_RESOLUTION = 2048  # SD v1.5 draws 512, SDXL 1024: beyond 2048 the UNet's me
 # Images generated at once: beyond this nothing is faster, and on a Linux CPU a batch that outgrows the memory is
 # stopped by the kernel without a word (where a GPU's error lets generation halve its batch and go on).
 MAX_BATCH = 64
-MAX_STEPS = 1000  # SD's noise schedule has 1000 levels: more denoising steps than that repeat levels
+# Denoising steps: DPM-Solver++ draws well in 20-50. Past 500, SD v1.5's scheduler config ('leading' timesteps, offset
+# 1) makes it start beyond the 1000 trained noise levels: 999 steps drew NaN (black) pictures, 1000 an IndexError.
+MAX_STEPS = 500
 # Micro-batches summed into one update (the course's 4): a larger mean gradient of 5-20 pictures is no better, an update
 # of millions never ends (Ctrl-C waits for it), and beyond 2**63 accelerate's division overflows.
 MAX_ACCUMULATION = 256

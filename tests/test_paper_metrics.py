@@ -185,6 +185,8 @@ def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
     (["--work-dir", "training_images"], r"WORK_DIR 'training_images' is 'training_images/', the folder of your "
                                         r"training pictures.*--work-dir\)\.$"),
     (["--output-dir", "./training_images/"], r"OUTPUT_DIR '\./training_images/' is 'training_images/'"),
+    # no bound: 10**9 denoising steps never ended; 1000 drew NaN pictures or ended in an IndexError (lesson.MAX_STEPS)
+    (["--num-inference-steps", "1000"], r"NUM_INFERENCE_STEPS must be a whole number between 1 and 500, got 1000"),
 ])
 def test_evaluate_refuses_odd_constants_before_anything_loads(workdir, monkeypatch, args, says):
     from tools import evaluate_dreambooth

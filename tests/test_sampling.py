@@ -150,3 +150,22 @@ def test_a_batch_is_decoded_one_picture_at_a_time(tiny_pipe):
                             progress=False)[0]
     for x, y in zip(one, three):
         assert _max_pixel_difference(x, y) <= 1
+
+
+def test_every_step_count_the_lessons_allow_stays_within_the_noise_levels(tiny_pipe):
+    """The tiny model keeps SD v1.5's scheduler config ('leading' timesteps, offset 1). With it, DPM-Solver++ at 999
+    steps started from level 1000 of 0-999 (NaN pictures), and 1000 ended in an IndexError: the limit keeps below."""
+    from types import SimpleNamespace
+
+    from common import lesson
+
+    pipe = SimpleNamespace(scheduler=tiny_pipe.scheduler)
+    sampling.use_multistep_solver(pipe)
+    levels = pipe.scheduler.config.num_train_timesteps
+    for steps in range(1, lesson.MAX_STEPS + 1):
+        pipe.scheduler.set_timesteps(steps)
+        assert 0 <= int(pipe.scheduler.timesteps.min()) and int(pipe.scheduler.timesteps.max()) < levels, steps
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    for t in pipe.scheduler.timesteps:  # (the last count, MAX_STEPS, run to the end on a stand-in noise estimate)
+        latents = pipe.scheduler.step(0.1 * latents, t, latents).prev_sample
+    assert torch.isfinite(latents).all()

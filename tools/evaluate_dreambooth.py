@@ -243,8 +243,8 @@ def chosen_metrics(cfg) -> set:
 def evaluate(argv=None) -> dict:
     """Train the three ways, draw and score; returns the results by method (what results.json holds)."""
     cfg = lesson.configure(globals(), argv, __doc__)
-    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES",
-                       "NUM_INFERENCE_STEPS")
+    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES")
+    lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
     seeds = cfg.TRAINING_SEEDS if isinstance(cfg.TRAINING_SEEDS, (tuple, list)) else (cfg.TRAINING_SEEDS,)
     # (each trains into a folder of its own, with exercise 3b's and 3a's RANDOM_SEED: their range, once each)
     if not seeds or len(set(seeds)) != len(seeds) or not all(
