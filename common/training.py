@@ -10,7 +10,8 @@ lives here is what makes it cheap and safe:
 - checkpoints (adapter weights + optimizer + LR scheduler, and the step and loss history as JSON)
   are written with accelerate into a temporary folder and renamed into place; the last few are kept;
 - the checkpoints belong to one run (``run.json``): a fresh run moves an earlier run's aside, --resume
-  continues only a run with the same fixed settings, and a lock keeps a second training out;
+  continues only a run with the same fixed settings (and names the pictures added, removed or edited since
+  its checkpoint), and a lock keeps a second training out;
 - nothing read back can run code: no pickled objects are saved, and pickles are read weights-only;
 - Ctrl-C (or SIGTERM/SIGHUP) finishes the current step, saves, and prints the command that resumes;
 - a NaN or infinite loss, or weights, stop the run before they can overwrite a good checkpoint;
@@ -173,7 +174,7 @@ def check_weights_finite(params, step: int, checkpoint_dir) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 RUN_FILE = "run.json"  # in the checkpoints folder: which run its checkpoints belong to
-STATE_FILE = "train_state.json"  # in each checkpoint: step, loss history, seconds, the settings in force
+STATE_FILE = "train_state.json"  # in each checkpoint: step, loss history, seconds, the settings and pictures in force
 
 
 class TrainState:
@@ -311,6 +312,7 @@ class Run:
     saved_state: dict = field(default_factory=dict)  # its train_state.json
     # RESOLUTION None is the model's own size, known once it has loaded: a resumed run's, to compare then
     resolution_was: list = field(default_factory=list)  # ([its RESOLUTION] when only the model can tell)
+    pictures: dict = field(default_factory=dict)  # TRAINING_IMAGES_DIR's picture files: name -> digest of the bytes
 
 
 def _settle_resolution(run: Run, resolution: int, native: int) -> None:
@@ -340,6 +342,38 @@ def _read_json(path: Path, advice: str) -> dict:
 AFRESH = "run without --resume to start afresh (the old checkpoints are then moved aside, not deleted)"
 
 
+def training_pictures(folder) -> dict[str, str]:
+    """Each picture file the training reads from ``folder`` (``images.list_image_files``): name -> a digest of its
+    bytes, kept in every checkpoint so that --resume can tell added, removed and edited pictures."""
+    import hashlib
+
+    from common.images import list_image_files
+
+    digests = {}
+    for path in list_image_files(folder):
+        with open(path, "rb") as f:
+            digests[path.name] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return digests
+
+
+def _pictures_changed(run: Run, folder) -> None:
+    """Warn when a resumed run's pictures are not the ones its checkpoint trained on: the rest of the run trains on
+    the folder as it is now, which the student may not have meant (a photo moved out for a moment, or edited)."""
+    before = run.saved_state.get("pictures")
+    if not isinstance(before, dict) or before == run.pictures:  # (a checkpoint of before this record: nothing to say)
+        return
+
+    def names(found: list[str]) -> str:
+        return ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+
+    parts = [f"{len(found)} {what} ({names(found)})" for what, found in (
+        ("removed", sorted(set(before) - set(run.pictures))), ("added", sorted(set(run.pictures) - set(before))),
+        ("edited", sorted(n for n in set(before) & set(run.pictures) if before[n] != run.pictures[n]))) if found]
+    warn(f"--resume: the pictures in '{folder}/' changed since step {run.saved_state.get('step')}: "
+         f"{'; '.join(parts)}. The rest of the run trains on the pictures as they are now. Put them back as they were "
+         f"to continue on the same pictures, or {AFRESH}.")
+
+
 def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
     """Claim the checkpoints folder ``root`` (one training at a time) and decide what --resume continues.
 
@@ -352,6 +386,7 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
         folder_lock.claim(root, cfg.SCRIPT, folder_option)
     settings = _as_json({k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEBUG")})
     run = Run(root, cfg.SCRIPT, uuid.uuid4().hex[:12], {k: settings[k] for k in fixed}, settings)
+    run.pictures = training_pictures(cfg.TRAINING_IMAGES_DIR)
     own_crop = None
     if "CROP_FRACTION" in run.fixed:  # None is the model's own (the pocket card's 0.25): one crop, however written
         from common.models import native_crop_fraction
@@ -392,6 +427,7 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
         raise LessonError(f"--resume: the run in '{root}/' has already trained {done} steps, more than "
                           f"MAX_TRAIN_STEPS = {cfg.MAX_TRAIN_STEPS}. Pass --max-train-steps {done} or more to "
                           f"train it further (its weights at step {done} are in '{latest}'), or {AFRESH}.")
+    _pictures_changed(run, cfg.TRAINING_IMAGES_DIR)
     before = run.saved_state.get("settings", {})
     news = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items()
             if k in before and before[k] != v and k not in run.fixed]  # (the fixed ones are the same, or refused)
@@ -415,7 +451,8 @@ def register_adapter_checkpointing(accelerator, save_adapter, load_adapter, stat
         if accelerator.is_main_process:
             for model in models:
                 save_adapter(accelerator.unwrap_model(model), output_dir)
-            save_json({**state.state_dict(), "run_id": run.id, "settings": run.settings}, Path(output_dir) / STATE_FILE)
+            save_json({**state.state_dict(), "run_id": run.id, "settings": run.settings, "pictures": run.pictures},
+                      Path(output_dir) / STATE_FILE)
 
     def load_hook(models, input_dir):
         while models:

@@ -1634,3 +1634,21 @@ def test_resume_follows_a_new_max_train_steps_on_the_learning_rate_schedule(stud
     history = json.loads((root / "checkpoint-000004/train_state.json").read_text())["history"]
     # Steps 1-2 on the 2-step schedule; 3-4 on the 4-step one (not at the 0 the old schedule had reached).
     assert history["lr"] == pytest.approx([1e-2, 5e-3, 5e-3, 2.5e-3], rel=1e-6)
+
+
+@pytest.mark.parametrize("script", [B, A])
+def test_resume_names_the_training_pictures_removed_added_or_edited_since_its_checkpoint(script, student, project):
+    pictures = project / "training_images"
+    same = student.run(script, RESUME[script], project)
+    assert same.rc == 0 and "changed since step" not in same.out, str(same)
+    removed, edited = sorted(pictures.glob("fabric_*.jpg"))[:2]
+    removed.unlink()
+    with Image.open(edited) as image:
+        image = image.rotate(90)
+    image.save(edited)
+    image.save(pictures / "new.png")
+    resumed = student.run(script, RESUME[script] + ["--max-train-steps", "4"], project)
+    assert resumed.rc == 0, str(resumed)
+    assert (f"Warning: --resume: the pictures in 'training_images/' changed since step 3: 1 removed ({removed.name}); "
+            f"1 added (new.png); 1 edited ({edited.name}). The rest of the run trains on the pictures as they are "
+            "now. Put them back as they were") in resumed.out
