@@ -159,6 +159,25 @@ def read_settings(path) -> dict:
         return json.loads((f.metadata() or {}).get(SETTINGS_KEY, "{}"))
 
 
+def require_own_file(path, constant: str, script: str) -> None:
+    """Refuse a training's output folder (LORA_DIR, EMBEDDING_DIR) where the file it saves, ``path``, exists and was
+    not trained by this course (a downloaded LoRA or a classmate's: its header has no SETTINGS_KEY): the run would
+    replace it without a word. Called before any model loads. An unreadable file holds nothing to keep."""
+    from common.configurator import dashed
+
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            ours = SETTINGS_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - missing, damaged or not safetensors
+        return
+    if not ours:
+        raise LessonError(f"{constant} '{path.parent}' already holds '{path.name}', which this course did not train "
+                          f"(a download, or someone else's): this run would replace it. Set {constant} to a folder "
+                          f"of its own (edit it at the top of {script} or pass {dashed(constant)}), or move that file "
+                          "out of it, and run again.")
+
+
 # --------------------------------------------------------------------------- loading, whatever the layout
 def find_lora_file(path, constant: str = "LORA_PATH") -> tuple[str, Path]:
     """Which layout ``path`` holds: ("peft" | "diffusers" | "kohya", the weights file). Refuses what it

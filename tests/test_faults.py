@@ -218,6 +218,15 @@ def _truncate(path, size):
     return setup
 
 
+def _foreign(folder, name):
+    """A LoRA or embedding that another tool saved (no training settings in its header) where a training saves."""
+    def setup(root):
+        (root / folder).mkdir(parents=True)
+        safetensors.torch.save_file({"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(4, 32)},
+                                    str(root / folder / name), metadata={"format": "pt"})
+    return setup
+
+
 def _write(path, content: bytes):
     def setup(root):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -943,6 +952,15 @@ INPUT_CASES = [
          r"EMBEDDING_DIR 'my_notes.txt/embedding' cannot be created: 'my_notes.txt' is a file, not a folder",
          _FOLDER.format("EMBEDDING_DIR", A, "--embedding-dir"), setup=_write("my_notes.txt", b"ideas"),
          before_model=True),
+    Case("3b-lora-dir-holds-a-downloaded-lora", B, TRAIN[B] + ["--lora-dir", "models/downloaded"],
+         r"LORA_DIR 'models/downloaded' already holds 'pytorch_lora_weights.safetensors', which this course did not "
+         r"train .*this run would replace it", rf"Set LORA_DIR to a folder of its own \(edit it at the top of {B} or "
+         r"pass --lora-dir\), or move that file out of it", setup=_foreign("models/downloaded", lora.WEIGHT_NAME),
+         before_model=True),
+    Case("3a-embedding-dir-holds-someone-elses-embedding", A, TRAIN[A] + ["--embedding-dir", "models/classmate"],
+         r"EMBEDDING_DIR 'models/classmate' already holds 'learned_embeds.safetensors', which this course did not",
+         r"Set EMBEDDING_DIR to a folder of its own .*--embedding-dir\), or move that file out of it",
+         setup=_foreign("models/classmate", ti.WEIGHT_NAME), before_model=True),
     Case("3b-lora-dir-is-a-file", B, TRAIN[B] + ["--lora-dir", "models/fabric_lora/pytorch_lora_weights.safetensors"],
          r"LORA_DIR '.*pytorch_lora_weights.safetensors' is a file, not a folder",
          _FOLDER.format("LORA_DIR", B, "--lora-dir"), before_model=True),
