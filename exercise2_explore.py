@@ -88,6 +88,11 @@ def validate(cfg):
                     f"{lesson.MAX_GUIDANCE} (on the command line: --guidance-scales 1.5,7.5,12)")
     lesson.require_int(cfg, "NUM_SEEDS", maximum=lesson.MAX_LIST)  # part C's grid: one picture per seed
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
+    scales = {f"part A's guidance {g:g}": g for g in cfg.GUIDANCE_SCALES} if cfg.PART in ("a", "all") else {}
+    if cfg.PART != "a":  # (parts B and C sample at the one scale)
+        name = "FAST_GUIDANCE_SCALE" if cfg.FAST_MODE else "GUIDANCE_SCALE"
+        scales[f"{name} {getattr(cfg, name):g}"] = getattr(cfg, name)
+    personalize.check_negative_prompt(cfg.NEGATIVE_PROMPT, scales)
 
 
 def explore(argv=None):

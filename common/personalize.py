@@ -117,6 +117,16 @@ def check_constants(cfg) -> None:
         fast_mode.check_ids(cfg)
 
 
+def check_negative_prompt(negative_prompt: str, scales: dict[str, float]) -> None:
+    """Warn, before any model loads, where NEGATIVE_PROMPT will do nothing: diffusers uses it only through
+    classifier-free guidance, which it switches off at a scale of 1 or less. ``scales``: what -> its scale."""
+    off = [what for what, scale in scales.items() if scale <= 1]
+    if negative_prompt and off:
+        warn(f"NEGATIVE_PROMPT is ignored at {', '.join(off)}: it works only through classifier-free guidance, "
+             "which a guidance scale of 1 or less switches off. Raise the scale above 1 (7.5 is the course's) "
+             "to steer away from it.")
+
+
 def load_base_model(cfg):
     """Step 1 of the generation scripts: the device (DEVICE, MIXED_PRECISION), then MODEL_ID on it, with
     DPM-Solver++ as its scheduler (deterministic, and 25-30 steps do what SD's default needed 50 for).

@@ -397,6 +397,25 @@ def test_style_prompt_needs_its_style_placeholder():
         exercise2_explore.validate(cfg)
 
 
+
+@pytest.mark.parametrize("args, ignored_at", [
+    # diffusers uses a negative prompt only through classifier-free guidance, off at 1 or less: was silent
+    (["--guidance-scale", "1"], "GUIDANCE_SCALE 1"),
+    (["--part", "a", "--guidance-scales", "0,1,7.5"], "part A's guidance 0, part A's guidance 1"),
+    (["--part", "b", "--fast-mode"], "FAST_GUIDANCE_SCALE 1"),  # (LCM's default)
+    (["--part", "a", "--guidance-scale", "1"], None),  # (part A samples at GUIDANCE_SCALES alone)
+    ([], None),
+])
+def test_a_negative_prompt_that_guidance_switches_off_warns(args, ignored_at, capsys):
+    cfg = lesson.configure(vars(exercise2_explore), ["--no-use-lora", "--negative-prompt", "blurry", *args])
+    exercise2_explore.validate(cfg)
+    out = capsys.readouterr().out
+    if ignored_at:
+        assert f"Warning: NEGATIVE_PROMPT is ignored at {ignored_at}: it works only through" in out, out
+    else:
+        assert "NEGATIVE_PROMPT" not in out, out
+
+
 # --------------------------------------------------------------------------- CPU threads (--threads)
 @pytest.mark.parametrize("available, torch_default, busy, chosen", [
     (2, 2, 0.0, 2),  # an idle 2-core CPU: both
