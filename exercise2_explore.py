@@ -92,7 +92,7 @@ def validate(cfg):
     if cfg.PART != "a":  # (parts B and C sample at the one scale)
         name = "FAST_GUIDANCE_SCALE" if cfg.FAST_MODE else "GUIDANCE_SCALE"
         scales[f"{name} {getattr(cfg, name):g}"] = getattr(cfg, name)
-    personalize.check_negative_prompt(cfg.NEGATIVE_PROMPT, scales)
+    personalize.check_guidance(scales, cfg.NEGATIVE_PROMPT)
 
 
 def explore(argv=None):

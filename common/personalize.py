@@ -117,9 +117,14 @@ def check_constants(cfg) -> None:
         fast_mode.check_ids(cfg)
 
 
-def check_negative_prompt(negative_prompt: str, scales: dict[str, float]) -> None:
-    """Warn, before any model loads, where NEGATIVE_PROMPT will do nothing: diffusers uses it only through
-    classifier-free guidance, which it switches off at a scale of 1 or less. ``scales``: what -> its scale."""
+def check_guidance(scales: dict[str, float], negative_prompt: str = "") -> None:
+    """Warn, before any model loads, where a guidance scale will not do what it says: diffusers switches
+    classifier-free guidance off at a scale of 1 or less, so 0 draws what 1 draws (not the prompt-free picture),
+    and NEGATIVE_PROMPT, which works only through guidance, does nothing there. ``scales``: what -> its scale."""
+    below = [what for what, scale in scales.items() if scale < 1]
+    if below:
+        warn(f"{', '.join(below)} draw(s) exactly what a guidance scale of 1 draws: diffusers switches classifier-free "
+             "guidance off at 1 or less (a scale below 1 does not weaken the prompt). Use 1 for no guidance, or more.")
     off = [what for what, scale in scales.items() if scale <= 1]
     if negative_prompt and off:
         warn(f"NEGATIVE_PROMPT is ignored at {', '.join(off)}: it works only through classifier-free guidance, "

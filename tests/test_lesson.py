@@ -416,6 +416,20 @@ def test_a_negative_prompt_that_guidance_switches_off_warns(args, ignored_at, ca
         assert "NEGATIVE_PROMPT" not in out, out
 
 
+
+@pytest.mark.parametrize("args, said", [
+    # diffusers turns guidance off at 1 or less: part A drew two identical pictures labelled 0 and 1 without a word
+    (["--guidance-scales", "0,1,7.5"], "part A's guidance 0 draw(s) exactly what a guidance scale of 1 draws"),
+    (["--part", "c", "--guidance-scale", "0.5"], "GUIDANCE_SCALE 0.5 draw(s) exactly what"),
+    (["--part", "b", "--guidance-scale", "0", "--fast-mode"], None),  # (FAST_MODE samples at FAST_GUIDANCE_SCALE)
+    (["--guidance-scales", "1,1.5,7.5"], None),
+])
+def test_a_guidance_scale_below_one_warns_that_it_draws_what_one_draws(args, said, capsys):
+    exercise2_explore.validate(lesson.configure(vars(exercise2_explore), ["--no-use-lora", *args]))
+    out = capsys.readouterr().out
+    assert (said in out) if said else "draws exactly what" not in out, out
+
+
 # --------------------------------------------------------------------------- CPU threads (--threads)
 @pytest.mark.parametrize("available, torch_default, busy, chosen", [
     (2, 2, 0.0, 2),  # an idle 2-core CPU: both
