@@ -111,7 +111,8 @@ def validate(cfg):
     training.check_schedule(cfg)
     training.check_log_with(cfg)
     if cfg.PRIOR_PRESERVATION and cfg.NUM_CLASS_IMAGES < 1:
-        lesson.require_int(cfg, "NUM_CLASS_IMAGES")  # prior preservation needs class images
+        lesson.fail(cfg, "NUM_CLASS_IMAGES", "must be at least 1 while PRIOR_PRESERVATION is on (it trains on them)",
+                    "To train without class images, set PRIOR_PRESERVATION = False (--no-prior-preservation).")
     if not sampling.mentions(cfg.INSTANCE_PROMPT, cfg.SUBJECT_TOKEN):
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")

@@ -141,6 +141,17 @@ def test_class_prompt_holding_the_subject_token_warns(args, warns, capsys):
     assert ("contains SUBJECT_TOKEN 'sks': prior preservation would teach that word" in out) is warns, out
 
 
+
+def test_no_class_images_with_prior_preservation_says_why_and_how_to_go_without():
+    # was "NUM_CLASS_IMAGES must be a whole number >= 1, got 0" though 0 is valid without prior preservation
+    script = exercise3b_train_lora
+    with pytest.raises(LessonError, match=r"^NUM_CLASS_IMAGES must be at least 1 while PRIOR_PRESERVATION is on "
+                                          r"\(it trains on them\), got 0\. .* set PRIOR_PRESERVATION = False "
+                                          r"\(--no-prior-preservation\)\.$"):
+        script.validate(lesson.configure(vars(script), ["--num-class-images", "0"]))
+    script.validate(lesson.configure(vars(script), ["--num-class-images", "0", "--no-prior-preservation"]))
+
+
 @pytest.mark.parametrize("script", [exercise3b_train_lora, exercise3a_train_textual_inversion])
 @pytest.mark.parametrize("args, said", [
     (["--lr-warmup-steps", "50"], "'constant' has no warm-up"),  # (the default schedule ignores a warm-up)
