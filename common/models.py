@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import LessonError
+from common.errors import LessonError, warn
 from common.tiny_model import TINY_DIR, ensure_tiny_model
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -243,6 +243,20 @@ def _explain_load_failure(model_id: str, source: ModelSource, exc: Exception) ->
 def native_resolution(pipe) -> int:
     """The image size the UNet was built for (512 for SD v1.5, 64 for tiny)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def check_resolution(resolution: int | None, pipe) -> None:
+    """Warn when RESOLUTION is far from the size the model learned (``native_resolution``): beyond twice it, every
+    picture costs (RESOLUTION / native)^2 as much and the model repeats and breaks its shapes; below half, a
+    picture has too few latent pixels to hold one. ``None`` is the model's own size."""
+    native = native_resolution(pipe)
+    if resolution and not native / 2 <= resolution <= native * 2:
+        ratio = resolution / native
+        effect = (f"each picture costs about {ratio ** 2:.0f}x the time and memory, and the model repeats and breaks "
+                  "its shapes" if ratio > 1 else f"a picture is only {resolution // pipe.vae_scale_factor}x"
+                  f"{resolution // pipe.vae_scale_factor} latent pixels, too few for the shapes it learned")
+        warn(f"RESOLUTION {resolution} is far from the {native} px this model learned: {effect}. "
+             "RESOLUTION = None (--resolution none) uses the model's own size.")
 
 
 # What the pocket model's card (models/pocket-sd/pocket_card.json, written by tools/train_pocket_model.py) says

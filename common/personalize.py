@@ -140,6 +140,7 @@ def load_base_model(cfg):
     print(f"  Model: {models.describe_source(cfg.MODEL_ID)}")
     pipe = models.load_pipeline(cfg.MODEL_ID, runtime.dtype, safety_checker=cfg.SAFETY_CHECKER).to(runtime.device)
     sampling.use_multistep_solver(pipe)
+    models.check_resolution(cfg.RESOLUTION, pipe)
     return pipe, cfg.RESOLUTION or models.native_resolution(pipe)
 
 

@@ -70,6 +70,7 @@ def load_base_model(cfg, run: Run | None = None):
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # (before the sampler replaces it)
     prediction_type(noise_scheduler)
     sampling.use_multistep_solver(pipe)  # (for the progress grids)
+    models.check_resolution(cfg.RESOLUTION, pipe)
     resolution = cfg.RESOLUTION or models.native_resolution(pipe)
     if run is not None and "RESOLUTION" in run.fixed:
         _settle_resolution(run, resolution, models.native_resolution(pipe))

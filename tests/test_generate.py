@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common import animation, lora
+from common import animation, lesson, lora
 from common.errors import LessonError
 import exercise1_generate
 import exercise2_explore
+import exercise3b_train_lora
 import generate_dreambooth_morph
 from test_lora import _randomize_lora
 
@@ -106,6 +107,24 @@ def test_base_model_on_purpose_needs_no_lora(workdir, capsys):
     picture = workdir / "outputs/exercise2_guidance_comparison.png"
     picture.unlink()
     assert exercise2_explore.main(QUICK + ["--part", "a", "--no-use-lora"]) == 0 and picture.is_file()
+
+
+
+@pytest.mark.parametrize("resolution, said", [
+    # the 64 px pocket model at 512 px: 9 s a picture on a CPU, repeated broken shapes, and not a word
+    ("256", "RESOLUTION 256 is far from the 64 px this model learned: each picture costs about 16x the time"),
+    ("16", "RESOLUTION 16 is far from the 64 px this model learned: a picture is only 4x4 latent pixels"),
+    ("128", None), ("32", None), ("none", None),
+])
+def test_a_resolution_far_from_the_models_own_warns(workdir, capsys, resolution, said):
+    from common import personalize, training
+
+    for script, load, more in ((exercise1_generate, personalize.load_base_model, []),
+                               (exercise3b_train_lora, training.load_base_model, ["--log-with", "none"])):
+        cfg = lesson.configure(vars(script), ["--model", "tiny", "--resolution", resolution, *more])
+        load(cfg)
+        out = capsys.readouterr().out
+        assert (said in out) if said else "is far from the" not in out, (script.__name__, out)
 
 
 def test_morph_writes_a_looping_gif_with_every_frame(fabric_lora, workdir, capsys):
