@@ -115,6 +115,10 @@ def check_constants(cfg) -> None:
     check_adapter_files(cfg.LORA_PATH if cfg.USE_LORA else None, cfg.EMBEDDING_PATH)
     if cfg.FAST_MODE:
         fast_mode.check_ids(cfg)
+        for name, fast in (("NUM_INFERENCE_STEPS", "FAST_STEPS"), ("GUIDANCE_SCALE", "FAST_GUIDANCE_SCALE")):
+            if name in cfg.SOURCES:  # (asked for on the command line, where FAST_MODE samples with its own)
+                warn(f"{cfg.SOURCES[name]} is not used in FAST_MODE, which samples with {fast} "
+                     f"({getattr(cfg, fast):g}): set {lesson.dashed(fast)} instead.")
 
 
 def check_guidance(scales: dict[str, float], negative_prompt: str = "") -> None:

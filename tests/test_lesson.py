@@ -441,6 +441,21 @@ def test_a_guidance_scale_below_one_warns_that_it_draws_what_one_draws(args, sai
     assert (said in out) if said else "draws exactly what" not in out, out
 
 
+
+@pytest.mark.parametrize("script", [exercise1_generate, exercise2_explore, generate_dreambooth_morph])
+def test_steps_and_guidance_given_with_fast_mode_say_which_constants_fast_mode_uses(script, capsys):
+    # FAST_MODE samples with FAST_STEPS and FAST_GUIDANCE_SCALE: --num-inference-steps 8 drew 4 steps without a word
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--fast-mode", "--num-inference-steps", "8",
+                                                    "--guidance-scale", "2"]))
+    out = capsys.readouterr().out
+    assert ("--num-inference-steps is not used in FAST_MODE, which samples with FAST_STEPS (4): set --fast-steps "
+            "instead.") in out, out
+    assert "--guidance-scale is not used in FAST_MODE, which samples with FAST_GUIDANCE_SCALE (1)" in out, out
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--num-inference-steps", "8"]))
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--fast-mode", "--fast-steps", "8"]))
+    assert "not used in FAST_MODE" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- CPU threads (--threads)
 @pytest.mark.parametrize("available, torch_default, busy, chosen", [
     (2, 2, 0.0, 2),  # an idle 2-core CPU: both
