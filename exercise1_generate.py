@@ -71,6 +71,7 @@ def validate(cfg):
 
     lesson.require_text_list(cfg, "PROMPTS")
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
+    personalize.check_guidance(personalize.guidance_in_use(cfg))  # (0 draws what 1 draws)
 
 
 def generate(argv=None):

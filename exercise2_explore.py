@@ -90,8 +90,7 @@ def validate(cfg):
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
     scales = {f"part A's guidance {g:g}": g for g in cfg.GUIDANCE_SCALES} if cfg.PART in ("a", "all") else {}
     if cfg.PART != "a":  # (parts B and C sample at the one scale)
-        name = "FAST_GUIDANCE_SCALE" if cfg.FAST_MODE else "GUIDANCE_SCALE"
-        scales[f"{name} {getattr(cfg, name):g}"] = getattr(cfg, name)
+        scales.update(personalize.guidance_in_use(cfg))
     personalize.check_guidance(scales, cfg.NEGATIVE_PROMPT)
 
 

@@ -83,6 +83,7 @@ def validate(cfg):
         raise LessonError(f"DURATION_SECONDS x FPS gives {round(cfg.DURATION_SECONDS * cfg.FPS)} frames, fewer than "
                           f"NUM_KEYFRAMES ({cfg.NUM_KEYFRAMES}). Make the animation longer or use fewer keyframes.")
     personalize.check_constants(cfg)  # (the model, sampling settings and files all generation scripts share)
+    personalize.check_guidance(personalize.guidance_in_use(cfg))  # (0 draws what 1 draws)
 
 
 def morph(argv=None):

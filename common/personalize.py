@@ -121,6 +121,13 @@ def check_constants(cfg) -> None:
                      f"({getattr(cfg, fast):g}): set {lesson.dashed(fast)} instead.")
 
 
+def guidance_in_use(cfg) -> dict[str, float]:
+    """The one guidance scale a script samples with, as ``check_guidance`` takes it: FAST_GUIDANCE_SCALE in
+    FAST_MODE, else GUIDANCE_SCALE."""
+    name = "FAST_GUIDANCE_SCALE" if cfg.FAST_MODE else "GUIDANCE_SCALE"
+    return {f"{name} {getattr(cfg, name):g}": getattr(cfg, name)}
+
+
 def check_guidance(scales: dict[str, float], negative_prompt: str = "") -> None:
     """Warn, before any model loads, where a guidance scale will not do what it says: diffusers switches
     classifier-free guidance off at a scale of 1 or less, so 0 draws what 1 draws (not the prompt-free picture),

@@ -441,6 +441,17 @@ def test_a_guidance_scale_below_one_warns_that_it_draws_what_one_draws(args, sai
     assert (said in out) if said else "draws exactly what" not in out, out
 
 
+@pytest.mark.parametrize("script", [exercise1_generate, generate_dreambooth_morph])
+def test_the_one_guidance_scale_below_one_warns_in_exercise_1_and_the_morph(script, capsys):
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--guidance-scale", "0"]))
+    assert "GUIDANCE_SCALE 0 draw(s) exactly what a guidance scale of 1 draws" in capsys.readouterr().out
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--fast-mode", "--guidance-scale", "0"]))
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--guidance-scale", "1"]))
+    assert "draws exactly what" not in capsys.readouterr().out  # (FAST_MODE samples at FAST_GUIDANCE_SCALE 1)
+    script.validate(lesson.configure(vars(script), ["--no-use-lora", "--fast-mode", "--fast-guidance-scale", "0.5"]))
+    assert "FAST_GUIDANCE_SCALE 0.5 draw(s) exactly what" in capsys.readouterr().out
+
+
 
 @pytest.mark.parametrize("script", [exercise1_generate, exercise2_explore, generate_dreambooth_morph])
 def test_steps_and_guidance_given_with_fast_mode_say_which_constants_fast_mode_uses(script, capsys):
