@@ -400,12 +400,21 @@ def begin_run(cfg, root, fixed: tuple[str, ...], folder_option: str) -> Run:
     if not found:
         return run
     latest = found[-1]
-    old = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl")) + [
-        f"no {p.name}" for p in (root / RUN_FILE, latest / STATE_FILE) if not p.is_file()]
-    if old:  # (never handed to accelerate, which would unpickle custom_checkpoint_0.pkl)
+    pickles = sorted(p.name for p in latest.glob("custom_checkpoint_*.pkl"))
+    missing = [f"no {p.name}" for p in (root / RUN_FILE, latest / STATE_FILE) if not p.is_file()]
+    if pickles:  # (never handed to accelerate, which would unpickle custom_checkpoint_0.pkl)
         raise LessonError(f"--resume refused '{latest}' for safety: it is a checkpoint in the old layout "
-                          f"({', '.join(old)}), which keeps its step counter in a pickle that could run code when "
-                          f"loaded, so nothing in it was read. Please {AFRESH}.")
+                          f"({', '.join(pickles + missing)}), which keeps its step counter in a pickle that could run "
+                          f"code when loaded, so nothing in it was read. Please {AFRESH}.")
+    if not (latest / STATE_FILE).is_file():  # (saves are atomic: a file deleted or moved by hand)
+        earlier = (f"delete the folder '{latest}' to resume from '{found[-2].name}', or "
+                   if len(found) > 1 else "")
+        raise LessonError(f"--resume: '{latest}' has no {STATE_FILE} (deleted or moved?), so its step and "
+                          f"settings are unknown. Please {earlier}{AFRESH}.")
+    if not (root / RUN_FILE).is_file():
+        raise LessonError(f"--resume: '{root}/' has no {RUN_FILE} (deleted or moved?), which says which run and fixed "
+                          f"settings its checkpoints belong to, so they cannot be continued safely. Put it back, or "
+                          f"{AFRESH}.")
     saved = _read_json(root / RUN_FILE, f"Please {AFRESH}.")
     if saved.get("script") != cfg.SCRIPT:
         raise LessonError(f"The checkpoints in '{root}/' were made by {saved.get('script')}, not {cfg.SCRIPT}. Set "

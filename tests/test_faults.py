@@ -234,6 +234,12 @@ def _write(path, content: bytes):
     return setup
 
 
+def _remove(path):
+    def setup(root):
+        (root / path).unlink()
+    return setup
+
+
 def _tensors(path, tensors):
     def setup(root):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -1487,6 +1493,14 @@ CHECKPOINT_CASES = [
     Case("3b-resume-another-scripts-checkpoints", B, RESUME[B], rf"The checkpoints in '{CKPT[B]}/' were made by "
          rf"{A}, not {B}", r"Set LORA_DIR to a folder of its own \(--lora-dir\)",
          setup=_copy_checkpoints(CKPT[A], CKPT[B]), before_model=True),
+    # a file deleted by hand: was "refused for safety: a checkpoint in the old layout ... in a pickle", with no pickle
+    Case("3b-resume-without-run-json", B, RESUME[B], rf"--resume: '{CKPT[B]}/' has no run\.json \(deleted or moved\?\)",
+         r"Put it back, or run without --resume to start afresh", setup=_remove(f"{CKPT[B]}/run.json"),
+         before_model=True),
+    Case("3a-resume-without-train-state", A, RESUME[A], rf"--resume: '{CKPT[A]}/checkpoint-000002' has no "
+         r"train_state\.json \(deleted or moved\?\), so its step and settings are unknown",
+         rf"delete the folder '{CKPT[A]}/checkpoint-000002' to resume from 'checkpoint-000001', or run without "
+         r"--resume", setup=_remove(f"{CKPT[A]}/checkpoint-000002/train_state.json"), before_model=True),
     Case("3b-resume-damaged-run-json", B, RESUME[B], rf"--resume could not read '{CKPT[B]}/run\.json' "
          r"\(JSONDecodeError", r"run without --resume to start afresh", setup=_write(f"{CKPT[B]}/run.json", b"{cut"),
          before_model=True),
