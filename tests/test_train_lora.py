@@ -456,7 +456,7 @@ def test_ctrl_break_asks_the_loop_to_stop_as_ctrl_c_does(monkeypatch, capsys):
 
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGWINCH, raising=False)
     with training.StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGWINCH)
+        signal.raise_signal(signal.SIGWINCH)  # (to this thread: its handler has run when this returns)
         assert stop.requested
     assert "finishing this step and saving a checkpoint" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGWINCH) == signal.SIG_DFL  # (put back as it was)
