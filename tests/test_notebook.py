@@ -175,7 +175,7 @@ def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project
             km.interrupt_kernel()
 
         threading.Thread(target=stop_once_training, daemon=True).start()
-        kc.execute_interactive('run("python exercise3b_train_lora.py --model tiny --max-train-steps 1000 '
+        kc.execute_interactive('run_script("python exercise3b_train_lora.py --model tiny --max-train-steps 1000 '
                                '--num-class-images 2 --sample-every 1000 --checkpoint-every 1000 '
                                '--num-inference-steps 1 --num-sample-seeds 1")', timeout=300, output_hook=hook)
     finally:
@@ -194,14 +194,14 @@ def test_a_windows_path_in_a_cell_reaches_the_script_whole(notebook, monkeypatch
     pytest.importorskip("IPython")
     monkeypatch.chdir(ROOT)
     helpers = {}
-    exec(text(cells(notebook, "code", "setup")[0]), helpers)  # (defines run; runs nothing)
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)  # (defines run_script; runs nothing)
     helpers["WINDOWS"] = True  # what os.name == "nt" sets on a Windows computer
-    helpers["run"]('python -c "import sys; print(*sys.argv[1:], sep=chr(10))" C:\\Users\\Ana\\my_lora '
-                   '"D:\\My Pictures\\fabric" --prompt "a #1 fabric"')
+    helpers["run_script"]('python -c "import sys; print(*sys.argv[1:], sep=chr(10))" C:\\Users\\Ana\\my_lora '
+                          '"D:\\My Pictures\\fabric" --prompt "a #1 fabric"')
     assert capsys.readouterr().out.splitlines()[1:] == ["C:\\Users\\Ana\\my_lora", "D:\\My Pictures\\fabric",
                                                         "--prompt", "a #1 fabric"]
     helpers["WINDOWS"] = False  # elsewhere the command line reads as a POSIX shell reads it
-    helpers["run"]("python -c \"import sys; print(*sys.argv[1:], sep=chr(10))\" a\\ b 'c d'")
+    helpers["run_script"]("python -c \"import sys; print(*sys.argv[1:], sep=chr(10))\" a\\ b 'c d'")
     assert capsys.readouterr().out.splitlines()[1:] == ["a b", "c d"]
 
 
@@ -240,5 +240,29 @@ def test_on_windows_the_stop_button_reaches_the_script_as_ctrl_break(notebook, m
               "print('ready', flush=True)\n"
               "time.sleep(60)\n")
     with pytest.raises(KeyboardInterrupt):
-        helpers["run"](f"python -c {shlex.quote(script)}")
+        helpers["run_script"](f"python -c {shlex.quote(script)}")
     assert "stopped by SIGINT" in capsys.readouterr().out
+
+
+def kernel_errors(cwd, sources: list[str]) -> list[dict]:
+    """Run these cell sources, in order, in a fresh kernel started in cwd; the error of each that failed."""
+    pytest.importorskip("ipykernel")
+    manager = pytest.importorskip("jupyter_client.manager")
+    km, kc = manager.start_new_kernel(kernel_name="python3", cwd=str(cwd))
+    errors = []
+    try:
+        for source in sources:
+            kc.execute_interactive(source, timeout=120, output_hook=lambda msg: errors.append(msg["content"])
+                                   if msg["msg_type"] == "error" else None)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return errors
+
+
+def test_a_step_cell_run_before_the_setup_cells_is_a_name_error_and_the_notebook_says_what_to_run(notebook):
+    """After a kernel restart (or a step cell run first) the helper is gone: IPython read `run(...)` as its %run
+    magic and said 'File `"(fpython exercise1_generate.py --model {MODEL} ...)"` not found'."""
+    errors = kernel_errors(ROOT, [text(c) for c in cells(notebook, "code", "step")])
+    assert [e["ename"] for e in errors] == ["NameError"] * len(SCRIPTS), errors
+    assert "NameError" in text(notebook["cells"][0])  # what to run when a cell says it
