@@ -266,3 +266,12 @@ def test_a_step_cell_run_before_the_setup_cells_is_a_name_error_and_the_notebook
     errors = kernel_errors(ROOT, [text(c) for c in cells(notebook, "code", "step")])
     assert [e["ename"] for e in errors] == ["NameError"] * len(SCRIPTS), errors
     assert "NameError" in text(notebook["cells"][0])  # what to run when a cell says it
+
+
+def test_a_script_that_fails_stops_the_notebook_with_one_line_not_the_helpers_traceback(notebook):
+    """The script's own message is above: the cell ends in an error (so "Run all" stops there) shown as one line. It
+    showed a 13-line traceback through the notebook's helper (raise RuntimeError(...) and the code around it)."""
+    errors = kernel_errors(ROOT, [text(cells(notebook, "code", "setup")[0]),
+                                  "run_script(\"python -c 'import sys; sys.exit(3)'\")"])
+    assert len(errors) == 1 and len(errors[0]["traceback"]) == 1, errors
+    assert "stopped with an error (exit status 3)" in errors[0]["traceback"][0]
