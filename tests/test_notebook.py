@@ -275,3 +275,12 @@ def test_a_script_that_fails_stops_the_notebook_with_one_line_not_the_helpers_tr
                                   "run_script(\"python -c 'import sys; sys.exit(3)'\")"])
     assert len(errors) == 1 and len(errors[0]["traceback"]) == 1, errors
     assert "stopped with an error (exit status 3)" in errors[0]["traceback"][0]
+
+
+def test_an_unclosed_quote_in_args_says_so_in_one_line(notebook):
+    """ARGS["1"] += " --prompts 'a b" (the closing quote forgotten) ended in a 42-line traceback through the
+    helper and shlex, 'ValueError: No closing quotation', which did not say where."""
+    errors = kernel_errors(ROOT, [text(cells(notebook, "code", "setup")[0]),
+                                  "run_script(\"python exercise1_generate.py --prompts 'a b\")"])
+    assert len(errors) == 1 and len(errors[0]["traceback"]) == 1, errors
+    assert "quote" in errors[0]["traceback"][0] and "--prompts 'a b" in errors[0]["traceback"][0], errors
