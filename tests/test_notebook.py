@@ -68,7 +68,7 @@ def test_notebook_is_shipped_clean(notebook):
 
 def test_runs_the_five_scripts_in_the_course_order_each_followed_by_its_pictures_and_questions(notebook):
     steps = cells(notebook, "code", "step")
-    assert [next(s for s in SCRIPTS if f"python {s} --model {{MODEL}}" in text(c)) for c in steps] == SCRIPTS
+    assert [next(s for s in SCRIPTS if f'python {s} --model "{{MODEL}}"' in text(c)) for c in steps] == SCRIPTS
     order = notebook["cells"]
     for script, step in zip(SCRIPTS, steps):
         after = order[order.index(step) + 1:]
@@ -284,3 +284,22 @@ def test_an_unclosed_quote_in_args_says_so_in_one_line(notebook):
                                   "run_script(\"python exercise1_generate.py --prompts 'a b\")"])
     assert len(errors) == 1 and len(errors[0]["traceback"]) == 1, errors
     assert "quote" in errors[0]["traceback"][0] and "--prompts 'a b" in errors[0]["traceback"][0], errors
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_a_model_folder_with_a_space_reaches_each_script_whole(notebook, monkeypatch, windows):
+    """MODEL = "models/my sd" reached the scripts as two words, '--model models/my sd', and each stopped with
+    'unrecognized arguments: sd', which did not say to quote it."""
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)
+    helpers["WINDOWS"] = windows
+    seen = []
+    helpers["run_script"] = lambda command: seen.append(helpers["split"](command))
+    for model in ["models/my sd", "C:\\Users\\Ana\\my sd" if windows else "/home/ana/my sd"]:
+        helpers.update(MODEL=model, ARGS={"3b": "", "1": " --seed 3", "2": "", "3a": "", "morph": ""})
+        seen.clear()
+        for cell in cells(notebook, "code", "step"):
+            exec(text(cell), helpers)
+        assert [args[args.index("--model") + 1] for args in seen] == [model] * len(SCRIPTS), seen
