@@ -135,7 +135,7 @@ def test_the_whole_notebook_runs_on_the_tiny_model(project, monkeypatch):
         if "figures" in cell.metadata.get("tags", []):
             mimes = {mime for o in cell.outputs for mime in o.get("data", {})}
             assert mimes & {"image/png", "image/gif"}, f"no picture shown by:\n{cell.source}"
-            assert "did not write it" not in "".join(o.get("text", "") for o in cell.outputs), cell.source
+            assert "run the step above" not in "".join(o.get("text", "") for o in cell.outputs), cell.source
     morph = next(c for c in nb.cells
                  if "dreambooth_fabric_morph.gif" in c.source and "figures" in c.metadata.get("tags", []))
     assert any("image/gif" in o.get("data", {}) for o in morph.outputs)
@@ -303,3 +303,17 @@ def test_a_model_folder_with_a_space_reaches_each_script_whole(notebook, monkeyp
         for cell in cells(notebook, "code", "step"):
             exec(text(cell), helpers)
         assert [args[args.index("--model") + 1] for args in seen] == [model] * len(SCRIPTS), seen
+
+
+def test_a_figures_cell_run_before_its_step_says_to_run_the_step(notebook, tmp_path, monkeypatch, capsys):
+    """Exercise 1's pictures shown before exercise 1 ran said '(no outputs/exercise1_output.png: this run did not
+    write it)': which run? It says to run the step above now."""
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)
+    monkeypatch.chdir(tmp_path)  # a project where nothing has run yet
+    exec(next(text(c) for c in cells(notebook, "code", "figures") if "exercise1_output.png" in text(c)), helpers)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == [f"(no {p} yet: run the step above to write it)"
+                     for p in ["outputs/exercise1_output.png", "outputs/exercise1_token_comparison.png"]], shown
