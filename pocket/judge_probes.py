@@ -22,7 +22,7 @@ The fill judge (``SubjectJudge.passes(images, obj)``: is the dress's fabric your
 (judge, n, seed, obj) -> n pictures of ``obj``: ``FILL_PROBES`` (world objects of every kind from
 ``fabric_world.draw_scene``, and the plain probes' noise, shuffles, textures and blobs made into the object
 the way ``draw_scene`` does it) and ``FILL_NEAR_MISSES``.
-``python -m pocket.judge_probes [n] [class_n]`` prints the two tables the README quotes.
+``python -m pocket.judge_probes [n] [class_n]`` prints the tables README.md and pocket/README.md quote.
 """
 
 from __future__ import annotations

@@ -540,7 +540,7 @@ def name_codes(text_encoder, tokenizer, cfg):
 
     A picture called "a q fabric pattern" gets its pattern's code as q's embedding for that step, so that the
     text encoder learns to carry an unfamiliar word's embedding to the UNet, as CLIP carries a rare word such as
-    "sks" (here a random vector of that length, ``wake_rare_tokens``). Measured: it helped little (README)."""
+    "sks" (here a random vector of that length, ``wake_rare_tokens``). Measured: it helped little (pocket/README.md)."""
     ids = [tokenizer(name, add_special_tokens=False).input_ids for name in fabric_world.NAMES]
     assert all(len(i) == 1 for i in ids), "each name must be one token"
     world = {i for c in training_captions(2000) for i in tokenizer(c, add_special_tokens=False).input_ids}
