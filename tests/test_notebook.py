@@ -317,3 +317,22 @@ def test_a_figures_cell_run_before_its_step_says_to_run_the_step(notebook, tmp_p
     shown = capsys.readouterr().out.splitlines()
     assert shown == [f"(no {p} yet: run the step above to write it)"
                      for p in ["outputs/exercise1_output.png", "outputs/exercise1_token_comparison.png"]], shown
+
+
+def test_a_thumbnails_cell_run_before_its_step_says_what_to_run(notebook, tmp_path, monkeypatch, capsys):
+    """The class images shown before step 1 ran said '(no pictures in class_images/)': nothing about the step that
+    draws them. It says to run the step above, as the pictures beside it do; training_images/, which no step writes,
+    says to put the pictures there."""
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)
+    monkeypatch.chdir(tmp_path)  # a project where nothing has run yet (and, here, no training_images/ either)
+    thumbnail_cells = [text(c) for c in cells(notebook, "code", "figures") if "thumbnails(" in text(c)]
+    assert len(thumbnail_cells) == 2, thumbnail_cells
+    exec(next(c for c in thumbnail_cells if "class_images" in c), helpers)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == "(no pictures in class_images/ yet: run the step above to write them)", shown
+    exec(next(c for c in thumbnail_cells if "training_images" in c), helpers)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == ["(no pictures in training_images/ yet: put your fabric pictures there and run this cell again)"]
