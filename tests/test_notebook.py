@@ -10,6 +10,7 @@ and the run must not touch it or the network.
 
 import ast
 import json
+import os
 import re
 import shutil
 
@@ -149,7 +150,7 @@ def test_the_whole_notebook_runs_on_the_tiny_model(project, monkeypatch):
 
 def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project, monkeypatch):
     """Interrupting a training cell reaches the script once, as Ctrl-C: it saves a checkpoint and prints how
-    to continue, and the cell ends in KeyboardInterrupt, so that "Run all" stops there."""
+    to continue, and the cell ends in KeyboardInterrupt, so that "Run all" stops there, shown as one line."""
     pytest.importorskip("ipykernel")
     manager = pytest.importorskip("jupyter_client.manager")
     import threading
@@ -166,7 +167,7 @@ def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project
             if msg["msg_type"] == "stream":
                 seen.append(msg["content"]["text"])
             elif msg["msg_type"] == "error":
-                errors.append(msg["content"]["ename"])
+                errors.append(msg["content"])
 
         def stop_once_training():
             deadline = time.monotonic() + 300
@@ -182,7 +183,8 @@ def test_the_stop_button_is_ctrl_c_for_the_script_and_stops_the_notebook(project
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     shown = "".join(seen)
-    assert errors == ["KeyboardInterrupt"], shown[-2000:]
+    assert [e["ename"] for e in errors] == ["ScriptStopped"], shown[-2000:]  # (a KeyboardInterrupt)
+    assert len(errors[0]["traceback"]) == 1 and "--resume" in errors[0]["traceback"][0], errors  # one line
     assert "checkpoint saved" in shown and "--resume" in shown, shown[-2000:]
     assert shown.count("Ctrl-C: finishing this step") == 1, shown[-2000:]  # one Ctrl-C reached it, not two
     assert list((project / "models" / "fabric_lora" / "checkpoints").glob("checkpoint-*"))
@@ -336,3 +338,50 @@ def test_a_thumbnails_cell_run_before_its_step_says_what_to_run(notebook, tmp_pa
     exec(next(c for c in thumbnail_cells if "training_images" in c), helpers)
     shown = capsys.readouterr().out.splitlines()
     assert shown == ["(no pictures in training_images/ yet: put your fabric pictures there and run this cell again)"]
+
+
+STOPPABLE = """\
+import signal, sys, time
+def stop(signum, frame):
+    print('Stopped at step 3; checkpoint saved. Continue with:' if RESUMABLE else 'stopping', flush=True)
+    if RESUMABLE:
+        print('  python fake_training.py --resume', flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print('ready', flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sends SIGINT to a script (the Windows test has its Ctrl-Break)")
+@pytest.mark.parametrize("resumable", [True, False])
+def test_the_stop_button_ends_the_cell_in_one_line_that_says_how_to_continue(notebook, tmp_path, monkeypatch, capsys,
+                                                                            resumable):
+    """Interrupting a cell while run_script ran a script showed a KeyboardInterrupt traceback through the helper
+    (its read loop, process.wait). The script is stopped (as Ctrl-C) and waited for, and the cell ends in one line:
+    which script, and how to continue (--resume where the script saved a checkpoint and said so)."""
+    import signal
+
+    pytest.importorskip("IPython")
+    monkeypatch.chdir(ROOT)
+    helpers = {}
+    exec(text(cells(notebook, "code", "setup")[0]), helpers)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake_training.py").write_text(f"RESUMABLE = {resumable}\n" + STOPPABLE, encoding="utf-8")
+    shown = {"text": "", "stopped": False}
+
+    def echo(*args, **kwargs):  # the stop button, once the script says it waits for it (a state, not a time)
+        print(*args, **kwargs)
+        shown["text"] += "".join(map(str, args))
+        if "ready\n" in shown["text"] and not shown["stopped"]:
+            shown["stopped"] = True
+            signal.raise_signal(signal.SIGINT)  # (in this thread: where Jupyter's interrupt lands)
+
+    helpers["print"] = echo
+    with pytest.raises(KeyboardInterrupt) as stopped:  # (still an error: "Run all" stops at this cell)
+        helpers["run_script"]("python fake_training.py")
+    lines = stopped.value._render_traceback_()
+    assert len(lines) == 1 and lines[0].startswith("Stopped: fake_training.py was interrupted"), lines
+    assert ("--resume" in lines[0]) == resumable, lines
+    out = capsys.readouterr().out
+    assert ("checkpoint saved" if resumable else "stopping") in out, out  # it reached the script, which ended
