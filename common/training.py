@@ -715,11 +715,9 @@ class StopRequest:
         return False
 
 
-def continue_command(script: str, argv: list[str] | None) -> str:
-    """The command that continues this run: the same options, plus --resume."""
-    import shlex
-    import subprocess
-
+def continue_command(script: str, argv: list[str] | None, shell: str | None = None) -> str:
+    """The command that continues this run: the same options, plus --resume, quoted for ``shell``: "posix" (bash,
+    zsh, sh), "powershell" or "cmd"; by default this computer's (Windows: PowerShell, the README's terminal)."""
     from common.configurator import NO, YES
 
     given, args = list(sys.argv[1:] if argv is None else argv), []
@@ -729,15 +727,49 @@ def continue_command(script: str, argv: list[str] | None) -> str:
         if i and given[i - 1] in ("--resume", "--no-resume") and arg.strip().lower() in YES + NO:
             continue  # (its value: "--resume true", as every yes/no option takes one)
         args.append(arg)
-    words = ["python", script, *args, "--resume"]
-    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
+    return command_line(["python", script, *args, "--resume"], shell)
+
+
+_BARE = re.compile(r"[\w\-.:\\/=+]+")  # a word every shell reads as itself, unquoted
+_POWERSHELL_SPECIAL = re.compile(r'[$`"]')  # what PowerShell reads inside double quotes (a variable, an escape)
+
+
+def _cmd_word(word: str) -> str:
+    """One word for cmd and a Windows program's own reading of its command line (the C runtime's rules): in double
+    quotes unless bare, so that & | < > ^ ( ) , ; and spaces stay in it; \\" for a quote, and the backslashes
+    before a quote (or the closing one: C:\\My Dir\\) doubled."""
+    if _BARE.fullmatch(word):
+        return word
+    word = re.sub(r'(\\*)"', r'\1\1\\"', word)
+    return '"' + re.sub(r"(\\+)\Z", r"\1\1", word) + '"'
+
+
+def command_line(words: list[str], shell: str | None = None) -> str:
+    """``words`` as a command line to paste into ``shell`` (see continue_command).
+
+    cmd's form pastes into PowerShell too, unless a word holds $, ` or " (which PowerShell reads inside double
+    quotes): there PowerShell gets the same line after its stop-parsing token, "python --% ...", which passes the
+    rest to the program as cmd would (Windows PowerShell 5.1 and PowerShell 7 alike)."""
+    import shlex
+
+    shell = shell or ("powershell" if os.name == "nt" else "posix")
+    if shell == "posix":
+        return shlex.join(words)
+    if shell not in ("cmd", "powershell"):
+        raise ValueError(f"shell: 'posix', 'cmd' or 'powershell', not {shell!r}")
+    line = " ".join(map(_cmd_word, words))
+    if shell == "powershell" and any(_POWERSHELL_SPECIAL.search(w) for w in words[1:]):
+        return f"{_cmd_word(words[0])} --% " + " ".join(map(_cmd_word, words[1:]))
+    return line
 
 
 def stopped(state: TrainState, root, script: str, argv: list[str] | None):
     """Say where the checkpoint is and how to continue. Returns what a stopped lesson returns:
     ``stopped=True``, the step reached and the loss history (its main() then exits with 130, as Ctrl-C)."""
-    print(f"\nStopped at step {state.step}; checkpoint saved in '{root}/'. Continue with:\n"
-          f"  {continue_command(script, argv)}")
+    command = continue_command(script, argv)
+    if os.name == "nt" and (cmd := continue_command(script, argv, "cmd")) != command:
+        command += f"\n  (in cmd: {cmd})"
+    print(f"\nStopped at step {state.step}; checkpoint saved in '{root}/'. Continue with:\n  {command}")
     return SimpleNamespace(stopped=True, step=state.step, history=state.history)
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,32 @@ def test_the_command_that_continues_drops_resume_with_its_value(argv):
     the flag and kept its value, 'python ... --model tiny true --resume', which the script refused."""
     command = training.continue_command("exercise3b_train_lora.py", argv)
     assert command == "python exercise3b_train_lora.py --model tiny --resume"
+
+
+CONTINUE_ARGV = ["--model", "C:\\Users\\Ana\\my sd\\", "--prompts", "a sks dress, runway & studio",
+                 "--subject-token", "ohwx"]
+
+
+def test_the_command_that_continues_pastes_into_a_posix_shell():
+    command = training.continue_command("exercise3b_train_lora.py", CONTINUE_ARGV, shell="posix")
+    assert shlex.split(command) == ["python", "exercise3b_train_lora.py", *CONTINUE_ARGV, "--resume"]
+
+
+@pytest.mark.parametrize("shell", ["cmd", "powershell"])
+def test_the_command_that_continues_pastes_into_cmd_and_powershell(shell):
+    """On Windows the command was quoted by subprocess.list2cmdline, which quotes only for spaces: a word such as
+    'fabric&cloth;plain' came out bare, which cmd cuts at the & (a second command) and PowerShell at the ; and the &,
+    and in PowerShell a $ inside double quotes is a variable. Each word but a plain one is in double quotes, read
+    alike by cmd and PowerShell (a folder's closing backslash doubled, for the C runtime's rules); where a word holds
+    $, ` or " (PowerShell's own inside double quotes), PowerShell gets the same line after its stop-parsing token."""
+    argv = CONTINUE_ARGV + ["--class-prompt", "fabric&cloth;plain"]
+    command = training.continue_command("exercise3b_train_lora.py", argv, shell=shell)
+    assert command == ('python exercise3b_train_lora.py --model "C:\\Users\\Ana\\my sd\\\\" '
+                       '--prompts "a sks dress, runway & studio" --subject-token ohwx '
+                       '--class-prompt "fabric&cloth;plain" --resume')
+    command = training.continue_command("exercise3b_train_lora.py", ["--prompts", 'a "sks" dress for $5'], shell)
+    assert command == ("python --% " if shell == "powershell" else "python ") + \
+        'exercise3b_train_lora.py --prompts "a \\"sks\\" dress for $5" --resume'
 
 
 def test_no_prior_preservation_trains_on_instances_only(workdir):
