@@ -79,7 +79,7 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "CROP_FRACTION", "PLACEHOLDER_TOKEN
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    from common import images, lora, training
+    from common import files, images, training
     from common import textual_inversion as ti
 
     lesson.require_text(cfg, "MODEL_ID", "INITIALIZER_TOKEN", "CLASS_WORDS")
@@ -114,7 +114,7 @@ def validate(cfg):
     lesson.require_path(cfg, "LORA_DIR", allow_none=True)
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "EMBEDDING_DIR")
     ti.a1111_file(cfg.PLACEHOLDER_TOKEN, cfg.EMBEDDING_DIR)  # (the word names a file too: it must make one of its own)
-    lora.require_own_file(Path(cfg.EMBEDDING_DIR) / ti.WEIGHT_NAME, "EMBEDDING_DIR", cfg.SCRIPT)
+    files.require_replaceable(Path(cfg.EMBEDDING_DIR) / ti.WEIGHT_NAME, "EMBEDDING_DIR", cfg.SCRIPT)
     lesson.require_model_id(cfg)
     for name in ("OUTPUT_DIR", "EMBEDDING_DIR"):
         lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")

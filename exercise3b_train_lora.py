@@ -85,7 +85,7 @@ FIXED_ON_RESUME = ("MODEL_ID", "RESOLUTION", "CROP_FRACTION", "INSTANCE_PROMPT",
 
 def validate(cfg):
     """Every constant checked before any model loads."""
-    from common import images, lora, sampling, training
+    from common import files, images, lora, sampling, training
 
     lesson.require_text(cfg, "MODEL_ID", "INSTANCE_PROMPT", "CLASS_PROMPT")
     lesson.require_token(cfg, "SUBJECT_TOKEN")
@@ -122,7 +122,7 @@ def validate(cfg):
              "without the word (the course's: 'a fabric pattern').")
     lesson.require_path(cfg, "TRAINING_IMAGES_DIR")
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "LORA_DIR", *(["CLASS_DATA_DIR"] if cfg.PRIOR_PRESERVATION else []))
-    lora.require_own_file(Path(cfg.LORA_DIR) / lora.WEIGHT_NAME, "LORA_DIR", cfg.SCRIPT)
+    files.require_replaceable(Path(cfg.LORA_DIR) / lora.WEIGHT_NAME, "LORA_DIR", cfg.SCRIPT)
     lesson.require_model_id(cfg)
     for name in ("OUTPUT_DIR", "LORA_DIR"):
         lesson.require_apart(cfg, name, "TRAINING_IMAGES_DIR")

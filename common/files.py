@@ -148,6 +148,9 @@ def _pil_format(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- adapter files' headers
+SETTINGS_KEY = "dreambooth_training_settings"  # the header entry of each LoRA and embedding this course writes
+
+
 def safetensors_keys(path) -> list[str] | None:
     """The tensor names in a .safetensors file (its header only), or None when it cannot be read.
 
@@ -198,6 +201,28 @@ def require_readable(path, script: str) -> Path:
         raise LessonError(f"'{path}' is not a readable .safetensors file ({path.stat().st_size} bytes): it is damaged "
                           f"or incompletely downloaded. Download it again, or retrain with {script}.")
     return path
+
+
+def require_replaceable(path, constant: str, script: str) -> None:
+    """Refuse an output folder (a training's LORA_DIR, EMBEDDING_DIR) where the .safetensors file a run saves,
+    ``path``, exists and was not written by this course (a downloaded LoRA or a classmate's embedding: its header has
+    no SETTINGS_KEY): the run would replace it without a word. Called before any model loads. An unreadable file
+    holds nothing to keep."""
+    import safetensors
+
+    from common.configurator import dashed
+
+    path = Path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            ours = SETTINGS_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - missing, damaged or not safetensors
+        return
+    if not ours:
+        raise LessonError(f"{constant} '{path.parent}' already holds '{path.name}', which this course did not train "
+                          f"(a download, or someone else's): this run would replace it. Set {constant} to a folder "
+                          f"of its own (edit it at the top of {script} or pass {dashed(constant)}), or move that file "
+                          "out of it, and run again.")
 
 
 def adapter_kind(path) -> str | None:

@@ -25,7 +25,7 @@ import torch
 
 from common import pickles
 from common.errors import LessonError, brief, warn
-from common.files import (adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix,
+from common.files import (SETTINGS_KEY, adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix,
                           safetensors_keys)
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as in the course
@@ -33,7 +33,6 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"  # a pickle: read weights-only
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what read_weights reads
-SETTINGS_KEY = "dreambooth_training_settings"
 ADAPTER_NAME = "fabric"
 TRAIN_SCRIPT = "exercise3b_train_lora.py"  # named in the advice: how to make a LoRA
 
@@ -157,25 +156,6 @@ def read_settings(path) -> dict:
     """The training settings stored in a LoRA file's header by ``save_lora`` ({} if none)."""
     with safetensors.safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get(SETTINGS_KEY, "{}"))
-
-
-def require_own_file(path, constant: str, script: str) -> None:
-    """Refuse a training's output folder (LORA_DIR, EMBEDDING_DIR) where the file it saves, ``path``, exists and was
-    not trained by this course (a downloaded LoRA or a classmate's: its header has no SETTINGS_KEY): the run would
-    replace it without a word. Called before any model loads. An unreadable file holds nothing to keep."""
-    from common.configurator import dashed
-
-    path = Path(path)
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            ours = SETTINGS_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - missing, damaged or not safetensors
-        return
-    if not ours:
-        raise LessonError(f"{constant} '{path.parent}' already holds '{path.name}', which this course did not train "
-                          f"(a download, or someone else's): this run would replace it. Set {constant} to a folder "
-                          f"of its own (edit it at the top of {script} or pass {dashed(constant)}), or move that file "
-                          "out of it, and run again.")
 
 
 # --------------------------------------------------------------------------- loading, whatever the layout

@@ -26,8 +26,8 @@ import torch
 
 from common import pickles
 from common.errors import LessonError
-from common.files import adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix
-from common.lora import SETTINGS_KEY, require_finite
+from common.files import SETTINGS_KEY, adapter_kind, atomic_path, model_file_advice, require_readable, require_suffix
+from common.lora import require_finite
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # what diffusers' load_textual_inversion(folder) looks for
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")  # ours, diffusers', AUTOMATIC1111's

@@ -289,3 +289,24 @@ def test_a_lora_of_the_text_encoder_alone_loads_and_changes_what_the_unet_is_tol
     assert lora.load_lora(pipe, tmp_path / "te") == layers and not lora.lora_layer_names(pipe.unet)
     with torch.no_grad():
         assert not torch.allclose(pipe.encode_prompt("a sks pattern", "cpu", 1, False)[0], before, atol=1e-3)
+
+
+def test_replacing_a_file_this_course_did_not_write_is_refused_and_its_own_or_an_unreadable_one_is_not(tmp_path):
+    """The rule that a training must not overwrite a LoRA or embedding it did not write (a download, a classmate's)
+    is a file-safety rule, files.require_replaceable, beside the other checks on these files' headers; it was
+    lora.require_own_file, which 3a (an embedding) had to import the LoRA module for."""
+    from safetensors.torch import save_file
+
+    from common import files
+
+    ours, foreign, damaged = tmp_path / "ours.safetensors", tmp_path / "x" / "w.safetensors", tmp_path / "d.safetensors"
+    foreign.parent.mkdir()
+    save_file({"a": torch.zeros(1)}, str(ours), metadata={files.SETTINGS_KEY: "{}"})
+    save_file({"a": torch.zeros(1)}, str(foreign))
+    damaged.write_bytes(b"\x00" * 7)
+    for path in [ours, damaged, tmp_path / "missing.safetensors"]:
+        files.require_replaceable(path, "LORA_DIR", "exercise3b_train_lora.py")
+    with pytest.raises(LessonError, match=r"LORA_DIR '.*x' already holds 'w.safetensors', which this course did not "
+                                          r"train .*pass --lora-dir\), or move that file out of it"):
+        files.require_replaceable(foreign, "LORA_DIR", "exercise3b_train_lora.py")
+    assert lora.SETTINGS_KEY == files.SETTINGS_KEY  # (what LoRA files and embeddings are written with)
