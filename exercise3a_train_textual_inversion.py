@@ -94,7 +94,7 @@ def validate(cfg):
     lesson.require_int(cfg, "NUM_SAMPLE_SEEDS", maximum=16)  # columns of the progress grids
     lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", minimum=0)
     lesson.require_seed(cfg, "RANDOM_SEED")
-    lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
+    lesson.require_learning_rate(cfg, course=5e-4)
     lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_multiple_of(cfg, "RESOLUTION", 8)
     # (at least 0.1: a smaller crop shows less than a motif and gives 1 / fraction**2 crops per picture to encode)

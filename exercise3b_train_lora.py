@@ -100,7 +100,7 @@ def validate(cfg):
     lesson.require_int(cfg, "NUM_CLASS_IMAGES", minimum=0, maximum=10000)
     lesson.require_int(cfg, "LR_WARMUP_STEPS", "CHECKPOINTS_TO_KEEP", minimum=0)
     lesson.require_seed(cfg, "RANDOM_SEED")
-    lesson.require_float(cfg, "LEARNING_RATE", above=True, maximum=lesson.MAX_LEARNING_RATE)
+    lesson.require_learning_rate(cfg, course=1e-4)
     lesson.require_float(cfg, "LORA_ALPHA", above=True, maximum=10000)
     lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
     lesson.require_float(cfg, "PRIOR_LOSS_WEIGHT", maximum=1000)

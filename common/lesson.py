@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from common import configurator
-from common.errors import LessonError, brief
+from common.errors import LessonError, brief, warn
 
 Config = configurator.Config
 dashed = configurator.dashed
@@ -188,9 +188,27 @@ MAX_FAST_STEPS = 50  # LCMScheduler refuses more steps than the 50 it was distil
 MAX_GUIDANCE = 100  # the course uses 1.5 to 20
 MAX_LORA_SCALE = 100  # 1 = as trained
 MAX_LEARNING_RATE = 1.0  # the course uses 1e-4 (LoRA) and 5e-4 (Textual Inversion)
+# Below this a run trains silently: AdamW moves each weight by about LEARNING_RATE per update, so 1e-7 over 3b's 200
+# updates moves a weight by at most 2e-5, a thousandth of what LoRA and embedding weights learn (1e-3 to 1e-1). The
+# course's rates are 1000x and 5000x this.
+MIN_LEARNING_RATE = 1e-7
 # Items of a list constant (PROMPTS, STYLES, GUIDANCE_SCALES, keyframes): each is a tile or a row of a figure, and a
 # figure of hundreds of them is too big to look at (or, one row of 512-px tiles, to hold in memory).
 MAX_LIST = 100
+
+
+def require_learning_rate(cfg: Config, course: float) -> None:
+    """LEARNING_RATE is a number > 0 and <= MAX_LEARNING_RATE; far below any sensible rate (MIN_LEARNING_RATE) it
+    trains and saves without a word while the weights hardly move, so say so (``course``: the script's default)."""
+    require_float(cfg, "LEARNING_RATE", above=True, maximum=MAX_LEARNING_RATE)
+    rate = cfg.LEARNING_RATE
+    if rate < MIN_LEARNING_RATE:
+        steps = getattr(cfg, "MAX_TRAIN_STEPS", None)
+        moved = f" ({steps} x {rate:g} = {steps * rate:.1g} at most)" if isinstance(steps, int) else ""
+        warn(f"LEARNING_RATE {rate:g} is far below any rate that trains (under {MIN_LEARNING_RATE:g}): AdamW moves each "
+             f"weight by about LEARNING_RATE per update, so in MAX_TRAIN_STEPS updates the weights will hardly "
+             f"move{moved} and the result will look like the base model. The course's is {course:g}: set "
+             f"LEARNING_RATE = {course:g} (--learning-rate {course:g}).")
 
 
 def require_seed(cfg: Config, *names: str) -> None:

@@ -165,6 +165,19 @@ def test_a_schedule_that_will_not_do_what_its_constants_say_warns(script, args, 
     assert (said in out) if said else "LR_WARMUP_STEPS" not in out, out
 
 
+@pytest.mark.parametrize("script, course", [(exercise3b_train_lora, "0.0001"), (exercise3a_train_textual_inversion, "0.0005")])
+@pytest.mark.parametrize("rate, warns", [("1e-12", True), ("5e-8", True), ("1e-7", False), ("1e-4", False)])
+def test_a_learning_rate_far_below_any_that_trains_warns_before_loading(script, course, rate, warns, capsys):
+    # --learning-rate 1e-12 trained and saved a LoRA / embedding that had hardly moved, without a word
+    script.validate(lesson.configure(vars(script), ["--learning-rate", rate, "--max-train-steps", "200"]))
+    out = capsys.readouterr().out
+    said = (f"LEARNING_RATE {float(rate):g} is far below any rate that trains" in out
+            and "MAX_TRAIN_STEPS updates the weights will hardly move (200 x" in out
+            and f"The course's is {course}: set LEARNING_RATE = {course} (--learning-rate {course})." in out)
+    assert said is warns, out
+    assert ("LEARNING_RATE" in out) is warns, out
+
+
 # --------------------------------------------------------------------------- the configurator's traps (issue 14)
 SCRIPTS = ["exercise3b_train_lora.py", "exercise3a_train_textual_inversion.py", "exercise1_generate.py",
            "exercise2_explore.py", "generate_dreambooth_morph.py"]
