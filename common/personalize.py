@@ -163,6 +163,7 @@ def personalize(pipe, cfg) -> Personalization:
     GUIDANCE_SCALE, or FAST_STEPS and FAST_GUIDANCE_SCALE in FAST_MODE.
     """
     loaded = load_adapters(pipe, cfg.LORA_PATH if cfg.USE_LORA else None, cfg.LORA_SCALE, cfg.EMBEDDING_PATH)
+    warn_if_other_resolution(loaded, cfg.RESOLUTION or models.native_resolution(pipe))
     loaded.steps, loaded.guidance = cfg.NUM_INFERENCE_STEPS, cfg.GUIDANCE_SCALE
     if cfg.FAST_MODE:
         print("  " + fast_mode.enable_fast_mode(pipe, loaded.adapters, cfg.LCM_LORA_ID, cfg.TINY_VAE_ID))
@@ -186,6 +187,39 @@ def trained_word(lora_file) -> str | None:
     except Exception:  # noqa: BLE001 - no header, or not ours: nothing to compare with
         return None
     return word if isinstance(word, str) and word.strip() else None
+
+
+def trained_resolution(path) -> int | None:
+    """The size in pixels exercise 3b or 3a trained the LoRA or embedding file ``path`` at (kept in its header:
+    ``resolution``, or a whole RESOLUTION where an older file has no ``resolution``), or None where it does not say
+    (a file from elsewhere, a .bin, an older file trained at RESOLUTION = None, the model's own size)."""
+    try:
+        settings = lora.read_settings(path)
+    except Exception:  # noqa: BLE001 - no header, or not ours: nothing to compare with
+        return None
+    for key in ("resolution", "RESOLUTION"):
+        value = settings.get(key) if isinstance(settings, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def warn_if_other_resolution(loaded: Personalization, resolution: int) -> None:
+    """Say when the LoRA or the embedding was trained at another size than the one the pictures are drawn at
+    (3b at --resolution 384, exercise 1 at 512): it learned the subject's details at that scale, and shows them
+    at another one, or barely."""
+    files = [("LoRA", "exercise 3b", loaded.lora_file), ("embedding", "exercise 3a", loaded.embedding_file)]
+    for what, script, path in files:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            path = textual_inversion.find_embedding_file(path)
+        trained = trained_resolution(path)
+        if trained is not None and trained != resolution:
+            warn(f"the {what} '{loaded.lora_file if what == 'LoRA' else path}' was trained at {trained}x{trained} "
+                 f"({script}'s RESOLUTION, kept in the file), but the pictures are drawn at {resolution}x{resolution} "
+                 f"now: it learned its subject at that size, and may show it at another scale, or barely. Set "
+                 f"RESOLUTION = {trained} (--resolution {trained}), or train it again at {resolution}.")
 
 
 def warn_if_unused(prompts: list[str], loaded: Personalization, subject_token: str) -> None:

@@ -129,12 +129,50 @@ def test_personalize_takes_the_scripts_constants_and_fast_mode_changes_steps(tin
     folder = _make("diffusers", tiny_pipe, tmp_path / "fabric_lora")
     tiny_pipe.unet.delete_adapters("default")
     cfg = SimpleNamespace(LORA_PATH=str(folder), USE_LORA=True, LORA_SCALE=0.5, EMBEDDING_PATH=None, FAST_MODE=False,
-                          NUM_INFERENCE_STEPS=30, GUIDANCE_SCALE=7.5, FAST_STEPS=4, FAST_GUIDANCE_SCALE=1.0)
+                          NUM_INFERENCE_STEPS=30, GUIDANCE_SCALE=7.5, FAST_STEPS=4, FAST_GUIDANCE_SCALE=1.0,
+                          RESOLUTION=None)
     loaded = personalize.personalize(tiny_pipe, cfg)
     assert (loaded.lora_layers, loaded.lora_scale, loaded.steps, loaded.guidance) == (56, 0.5, 30, 7.5)
     cfg.USE_LORA = False
     base = personalize.personalize(tiny_pipe, cfg)  # the base model on purpose: nothing loaded
     assert base.lora_file is None and base.adapters == {}
+
+
+@pytest.mark.parametrize("settings, resolution, warns", [
+    ({"resolution": 128, "RESOLUTION": 128}, None, True),  # 3b at --resolution 128, exercise 1 at tiny's own 64
+    ({"resolution": 128, "RESOLUTION": 128}, 128, False),
+    ({"resolution": 64, "RESOLUTION": None}, None, False),  # trained at the model's own size, drawn at it
+    ({"resolution": 64, "RESOLUTION": None}, 96, True),
+    ({"RESOLUTION": 96}, None, True),  # a file of before 'resolution' was kept: its whole RESOLUTION says
+    ({"RESOLUTION": None}, 96, False),  # ... and None there is unknown (the model's own size, not recorded)
+    ({}, 96, False),  # a LoRA from elsewhere: nothing to compare with
+])
+def test_an_adapter_trained_at_another_resolution_warns_once_in_every_generation_script(
+        settings, resolution, warns, tiny_pipe, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    unet = tiny_pipe.unet
+    config = lora.add_lora(unet, rank=4, alpha=8)
+    lora.save_lora(unet, tmp_path / "fabric_lora", config, settings)
+    unet.delete_adapters("default")
+    vector_file = tmp_path / "emb" / "learned_embeds.safetensors"
+    vector_file.parent.mkdir()
+    safetensors.torch.save_file({"<fab>": torch.randn(32)}, str(vector_file),
+                                metadata={lora.SETTINGS_KEY: __import__("json").dumps(settings)})
+    cfg = SimpleNamespace(LORA_PATH=str(tmp_path / "fabric_lora"), USE_LORA=True, LORA_SCALE=1.0,
+                          EMBEDDING_PATH=str(vector_file.parent), FAST_MODE=False, NUM_INFERENCE_STEPS=4,
+                          GUIDANCE_SCALE=7.5, FAST_STEPS=4, FAST_GUIDANCE_SCALE=1.0, RESOLUTION=resolution)
+    personalize.personalize(tiny_pipe, cfg)  # (exercises 1, 2 and the morph all load through it)
+    out = capsys.readouterr().out
+    used = resolution or 64
+    trained = settings.get("resolution") or settings.get("RESOLUTION")
+    for what, script, name in [("LoRA", "exercise 3b", tmp_path / "fabric_lora" / lora.WEIGHT_NAME),
+                               ("embedding", "exercise 3a", vector_file)]:
+        said = (f"Warning: the {what} '{name}' was trained at {trained}x{trained} ({script}'s RESOLUTION, kept in the "
+                f"file), but the pictures are drawn at {used}x{used} now" in out
+                and f"Set RESOLUTION = {trained} (--resolution {trained}), or train it again at {used}." in out)
+        assert said is warns, out
+    assert out.count("was trained at") == (2 if warns else 0), out
 
 
 # --------------------------------------------------------------------------- words the pocket model never learned

@@ -64,6 +64,7 @@ def test_embedding_loads_with_plain_diffusers_and_changes_prompt_and_pixels(trai
     assert result.embedding_file == file.relative_to(project)
     saved = safetensors.torch.load_file(str(file))
     assert list(saved) == [TOKEN] and saved[TOKEN].shape == (1, 32)
+    assert lora.read_settings(file)["resolution"] == 64  # RESOLUTION None: tiny's own (1, 2 and the morph compare)
     assert (project / "outputs/exercise3a_loss_curve.png").is_file()
     assert sorted(p.name for p in (project / "outputs/training_progress_ti").iterdir()) == [
         "step_00000.png", "step_00004.png"]

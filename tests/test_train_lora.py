@@ -32,6 +32,7 @@ def test_short_run_writes_a_lora_that_plain_diffusers_loads(workdir, capsys):
     lora_file = workdir / "models/fabric_lora/pytorch_lora_weights.safetensors"
     assert result.lora_file.resolve() == lora_file and lora_file.is_file()
     assert lora.read_settings(lora_file)["MAX_TRAIN_STEPS"] == 6
+    assert lora.read_settings(lora_file)["resolution"] == 64  # RESOLUTION None: tiny's own (1, 2 and the morph compare)
     assert isinstance(lora.read_settings(lora_file)["training_seconds"], int)  # for the TI-vs-LoRA caption
     for name in ["exercise3b_loss_curves.png", "exercise3b_progression.png",
                  "training_progress_lora/step_00000.png", "training_progress_lora/step_00006.png"]:
