@@ -16,6 +16,7 @@ Whatever the source, the result is a plain ``diffusers.StableDiffusionPipeline``
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -63,8 +64,10 @@ def resolve(model_id: str) -> ModelSource:
         return ModelSource("folder", str(path))
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-            raise LessonError(f"MODEL_ID file '{path}' is not a .safetensors or .ckpt checkpoint. Point MODEL_ID at "
-                              "one, or at a diffusers folder (with model_index.json), a Hub id, or 'tiny'.")
+            raise LessonError(_other_file_advice(path))
+        if path.suffix.lower() == ".ckpt":
+            stat = path.stat()
+            _require_readable_ckpt(path, stat.st_size, stat.st_mtime_ns)
         _refuse_adapter(path)
         _require_sd_checkpoint(path)
         return ModelSource("single_file", str(path))
@@ -132,14 +135,21 @@ def _require_sd_checkpoint(path: Path) -> None:
     """A single-file checkpoint of another kind of model (SDXL, SD 3, FLUX...) is refused, as its diffusers folder is
     by ``_require_sd_pipeline``: from_single_file read it as SD v1.x only once it had loaded, or, offline, asked
     for the other model's configuration files from the Hub. Its kind is what diffusers makes of the tensors' names
-    and shapes in the file's header (no tensor is read); a .ckpt file (a pickle, no header) is left to loading."""
+    and shapes in the file's header (no tensor is read); a .ckpt file (a pickle, no header) is looked at by
+    ``_require_readable_ckpt``."""
+    from common import files
+
+    shapes = files.safetensors_shapes(path) if path.suffix.lower() == ".safetensors" else None
+    _refuse_other_kind(path, shapes)
+
+
+def _refuse_other_kind(path: Path, shapes: dict | None) -> None:
+    """Refuse a checkpoint whose tensors' shapes (name -> shape) diffusers takes for another kind of model than
+    SD v1.x or 2.x."""
     from types import SimpleNamespace
 
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    from common import files
-
-    shapes = files.safetensors_shapes(path) if path.suffix.lower() == ".safetensors" else None
     if not shapes:
         return
     try:
@@ -152,6 +162,116 @@ def _require_sd_checkpoint(path: Path) -> None:
     raise LessonError(f"MODEL_ID file '{path}' is a checkpoint of {what}, but the scripts run Stable Diffusion v1.x "
                       f"and 2.x models: this one is built otherwise. Use an SD v1.x model, such as MODEL_ID = "
                       f"'{DEFAULT_MODEL_ID}' (the course's), or 'pocket' (built in).")
+
+
+def _other_file_advice(path: Path) -> str:
+    """MODEL_ID names a file that is not a .safetensors or .ckpt checkpoint: say what it is, where that can be told
+    from its name and place (a .bin/.pt/.pth is a pickle; none is opened), and what to point MODEL_ID at instead."""
+    what = (f"a PyTorch pickle ({path.suffix}), which the scripts do not load as a base model"
+            if path.suffix.lower() in (".bin", ".pt", ".pth", ".pkl") else "not a .safetensors or .ckpt checkpoint")
+    folder = next((p for p in (path.parent, path.parent.parent) if (p / "model_index.json").is_file()), None)
+    name = path.name.lower()
+    if folder is not None:
+        instead = (f"It is one part of the diffusers model in '{folder}': set MODEL_ID to that folder "
+                   "(the one with model_index.json).")
+    elif "lora" in name:
+        instead = "Its name says it is a LoRA: set LORA_PATH to it, and MODEL_ID to the model it was trained on."
+    elif "embed" in name:
+        instead = ("Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it, and MODEL_ID to "
+                   "the model it was trained on.")
+    else:
+        instead = ("A whole model comes as one .safetensors (or .ckpt) file or a diffusers folder (with "
+                   "model_index.json): point MODEL_ID at one, or use a Hub id, or 'pocket' (built in).")
+    return f"MODEL_ID file '{path}' is {what}. {instead}"
+
+
+@functools.lru_cache(maxsize=8)  # (resolve runs several times a script; a file that passed is looked at once)
+def _require_readable_ckpt(path: Path, size: int, mtime_ns: int) -> None:
+    """A .ckpt file is a pickle (torch.save's zip of one, most often), with no header to read: look at it before
+    any model loads, without running it. An empty file, a Git LFS pointer, a zip of something else or a file of
+    neither kind is refused by what it is (from_single_file said only 'Unable to load weights', after the model's
+    step had begun); a pickle that names functions to call is refused for safety (``pickles``); one that holds no
+    Stable Diffusion weights (a LoRA, an embedding, a VAE saved as .ckpt) says so, rather than asking the Hub for a
+    configuration offline. What kind of model the rest is, is read from the tensors' shapes through diffusers' own
+    loader (weights only, memory-mapped: no tensor is read) and refused as ``_require_sd_checkpoint`` refuses."""
+    import io
+    import pickletools
+    import zipfile
+
+    from common import pickles
+
+    again = "Download it again (a .safetensors version where the site offers one), or use 'pocket' (built in)."
+    if size == 0:
+        raise LessonError(f"MODEL_ID file '{path}' is empty (0 bytes): an interrupted download or copy. {again}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise LessonError(f"MODEL_ID file '{path}' is a Git LFS pointer ({size} bytes), not the checkpoint: the "
+                          "repository was cloned without git-lfs. Run 'git lfs install' and 'git lfs pull' in it, "
+                          "or download the file itself.")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                inner = [n for n in names if n.endswith("data.pkl")]
+                stream = io.BytesIO(archive.read(inner[0]) if inner else b"")
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise LessonError(f"MODEL_ID file '{path}' is a damaged zip archive ({exc}). {again}") from None
+        if not inner:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise LessonError(f"MODEL_ID file '{path}' is a zip archive of {shown or 'nothing'}, not a PyTorch "
+                              f"checkpoint (which holds a data.pkl). Unpack it if a model is inside, or "
+                              f"{again[0].lower()}{again[1:]}")
+        pickles_in_it = 1
+    elif head[:1] == b"\x80":  # a pickle starts with its protocol (torch's legacy format: magic number, protocol,
+        stream, pickles_in_it = open(path, "rb"), 4  # system info, then the weights' pickle; then raw tensor bytes)
+    elif head.startswith(b"PK"):  # a zip's first bytes, its directory (at the end) missing: cut short
+        raise LessonError(f"MODEL_ID file '{path}' is a PyTorch zip cut short ({size} bytes, its end missing): an "
+                          f"interrupted download or copy. {again}")
+    else:
+        raise LessonError(f"MODEL_ID file '{path}' is not a checkpoint: it is neither a PyTorch zip nor a pickle "
+                          f"(damaged, or another kind of file named .ckpt). {again}")
+    called, strings = [], []
+    try:
+        with stream:
+            for number in range(pickles_in_it):  # (opcodes only, as pickles.names_called reads them: nothing runs)
+                if number and not stream.peek(1)[:1]:  # (a plain pickle: one, then the end of the file)
+                    break
+                called, strings = [], []
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        called.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        called.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+                unsafe = [n for n in called if not n.startswith(pickles.SAFE_NAMES)]
+                if unsafe:
+                    raise LessonError(
+                        f"MODEL_ID file '{path}' was refused for safety: it is a pickle that asks to run Python code "
+                        f"({', '.join(dict.fromkeys(unsafe))}) when loaded, and only plain weights are read. Do not "
+                        "load it elsewhere either. Use the model's .safetensors file, or 'pocket' (built in).")
+    except LessonError:
+        raise
+    except Exception:  # noqa: BLE001 - a pickle cut short: damaged
+        raise LessonError(f"MODEL_ID file '{path}' is damaged: its pickle is cut short or garbled. {again}") from None
+    if not any(k.startswith("model.diffusion_model.") for k in strings):
+        lora_like = any("lora" in k for k in strings)
+        what = ("a LoRA (set LORA_PATH to it)" if lora_like else
+                "an embedding (set EMBEDDING_PATH to it)" if "string_to_param" in strings else
+                "a part of a model, or something else")
+        raise LessonError(f"MODEL_ID file '{path}' holds no Stable Diffusion UNet (no 'model.diffusion_model.' "
+                          f"weights): it is not a whole base model but {what}. Set MODEL_ID to a whole SD v1.x "
+                          f"checkpoint or folder, such as '{DEFAULT_MODEL_ID}' (the course's), or 'pocket' (built in).")
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    try:
+        checkpoint = load_single_file_checkpoint(str(path))  # (torch.load, weights_only=True, memory-mapped)
+    except Exception:  # noqa: BLE001 - loading says what is wrong
+        return
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.items() if hasattr(v, "shape")}
+    del checkpoint
+    _refuse_other_kind(path, shapes)
 
 
 def _web_address_advice(url: str) -> str:

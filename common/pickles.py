@@ -19,6 +19,7 @@ from pathlib import Path
 from common.errors import LessonError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+SAFE_NAMES = ("torch.", "collections.OrderedDict", "numpy.", "_codecs.encode")  # what weights-only files name
 
 
 def load(path, advice: str):
@@ -63,6 +64,5 @@ def names_called(path) -> str | None:
                 strings.append(arg)
     except Exception:  # noqa: BLE001 - not a complete pickle: damaged, not dangerous
         return None
-    allowed = ("torch.", "collections.OrderedDict", "numpy.", "_codecs.encode")  # what weights-only files hold
-    unsafe = [n for n in names if not n.startswith(allowed)]
+    unsafe = [n for n in names if not n.startswith(SAFE_NAMES)]
     return ", ".join(dict.fromkeys(unsafe or names)) if names else None

@@ -107,6 +107,105 @@ def test_a_single_file_sd15_checkpoint_passes_the_header_check(tmp_path):
     assert models.resolve(str(path)).kind == "single_file"
 
 
+class _RunsCode:  # a pickle that would call os.system("echo PWNED") when loaded
+    def __reduce__(self):
+        import os
+        return os.system, ("echo PWNED",)
+
+
+def _ckpt(path, kind):
+    """A .ckpt file of each kind a student may point MODEL_ID at."""
+    import pickle
+    import zipfile
+
+    state = {"state_dict": {k: torch.zeros(shape) for k, shape in SD15_KEYS.items()}}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbled":
+        path.write_bytes(bytes(range(7, 250)) * 20)
+    elif kind == "lfs":
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 4265380512\n")
+    elif kind == "zip of text":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("readme.txt", "hello")
+    elif kind == "cut short":
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "runs code":
+        path.write_bytes(pickle.dumps({"state_dict": _RunsCode()}))
+    elif kind == "zip that runs code":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", pickle.dumps(_RunsCode()))
+    elif kind == "not SD":
+        torch.save({"a": torch.zeros(3)}, path)
+    elif kind == "embedding":
+        torch.save({"string_to_param": {"*": torch.zeros(1, 8)}, "name": "fabric"}, path)
+    elif kind == "SDXL":
+        torch.save({"state_dict": {k: torch.zeros(s) for k, s in {
+            **SD15_KEYS, "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (8,),
+            "conditioner.embedders.1.model.positional_embedding": (77, 8)}.items()}}, path)
+    elif kind in ("SD", "SD legacy"):
+        torch.save(state, path, _use_new_zipfile_serialization=kind == "SD")
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("empty", r"is empty \(0 bytes\): an interrupted download or copy\. Download it again"),
+    ("garbled", r"is not a checkpoint: it is neither a PyTorch zip nor a pickle .*Download it again"),
+    ("lfs", r"is a Git LFS pointer \(\d+ bytes\), not the checkpoint.*'git lfs pull'"),
+    ("zip of text", r"is a zip archive of readme\.txt, not a PyTorch checkpoint .*download it again"),
+    ("cut short", r"is a PyTorch zip cut short \(300 bytes, its end missing\).*Download it again"),
+    ("runs code", r"was refused for safety: it is a pickle that asks to run Python code \((posix|nt)\.system\)"),
+    ("zip that runs code", r"was refused for safety: .*\((posix|nt)\.system\).*Use the model's \.safetensors file"),
+    ("not SD", r"holds no Stable Diffusion UNet .*it is not a whole base model but a part of a model, or something "
+               r"else\. Set MODEL_ID to a whole SD v1\.x checkpoint"),
+    ("embedding", r"holds no Stable Diffusion UNet .*but an embedding \(set EMBEDDING_PATH to it\)"),
+    ("SDXL", r"is a checkpoint of SDXL, but the scripts run Stable Diffusion v1\.x and 2\.x models"),
+])
+def test_a_ckpt_model_id_is_looked_at_before_loading_without_running_it(kind, says, tmp_path, monkeypatch, capfd):
+    """A .ckpt MODEL_ID (a pickle) was left to from_single_file: 'Unable to load weights from checkpoint file' for a
+    garbled, empty, zipped or code-running file, after the model's step had begun; 'could not download the
+    configuration files' offline for one that is no SD model at all. Now each is named before anything loads, and
+    nothing in it runs (weights-only loading is never bypassed)."""
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: real(*a, **k) if k.get("weights_only") is True
+                        else pytest.fail("torch.load without weights_only=True"))
+    path = _ckpt(tmp_path / "model.ckpt", kind)
+    with pytest.raises(LessonError, match=rf"^MODEL_ID file '.*model\.ckpt' {says}"):
+        models.resolve(str(path))
+    assert "PWNED" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["SD", "SD legacy"])
+def test_a_ckpt_of_sd_passes_the_look(kind, tmp_path, monkeypatch):
+    path = _ckpt(tmp_path / "v1-5-pruned.ckpt", kind)
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: real(*a, **k) if k.get("weights_only") is True
+                        else pytest.fail("torch.load without weights_only=True"))
+    assert models.resolve(str(path)).kind == "single_file"
+
+
+@pytest.mark.parametrize("name, where, says", [
+    ("model.bin", "", r"is a PyTorch pickle \(\.bin\), which the scripts do not load as a base model\. A whole model "
+                      r"comes as one \.safetensors \(or \.ckpt\) file or a diffusers folder"),
+    ("model.pt", "", r"is a PyTorch pickle \(\.pt\).*point MODEL_ID at one"),
+    ("model.pth", "", r"is a PyTorch pickle \(\.pth\).*point MODEL_ID at one"),
+    ("diffusion_pytorch_model.bin", "unet", r"is a PyTorch pickle .*It is one part of the diffusers model in '.*sd': "
+                                            r"set MODEL_ID to that folder"),
+    ("pytorch_lora_weights.bin", "", r"is a PyTorch pickle .*Its name says it is a LoRA: set LORA_PATH to it"),
+    ("learned_embeds.bin", "", r"is a PyTorch pickle .*Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it"),
+])
+def test_a_pickle_model_id_says_what_it_is_and_what_to_use(name, where, says, tmp_path):
+    folder = tmp_path / "sd"
+    (folder / where).mkdir(parents=True, exist_ok=True)
+    if where:
+        (folder / "model_index.json").write_text("{}")
+    path = folder / where / name
+    torch.save({"a": torch.zeros(2)}, path)
+    with pytest.raises(LessonError, match=rf"^MODEL_ID file '.*{name}' {says}"):
+        models.resolve(str(path))
+
+
 def test_unreachable_hub_gives_ways_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LessonError) as info:
