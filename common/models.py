@@ -195,7 +195,6 @@ def _require_readable_ckpt(path: Path, size: int, mtime_ns: int) -> None:
     configuration offline. What kind of model the rest is, is read from the tensors' shapes through diffusers' own
     loader (weights only, memory-mapped: no tensor is read) and refused as ``_require_sd_checkpoint`` refuses."""
     import io
-    import pickletools
     import zipfile
 
     from common import pickles
@@ -231,21 +230,18 @@ def _require_readable_ckpt(path: Path, size: int, mtime_ns: int) -> None:
     else:
         raise LessonError(f"MODEL_ID file '{path}' is not a checkpoint: it is neither a PyTorch zip nor a pickle "
                           f"(damaged, or another kind of file named .ckpt). {again}")
-    called, strings = [], []
     try:
         with stream:
-            for number in range(pickles_in_it):  # (opcodes only, as pickles.names_called reads them: nothing runs)
+            for number in range(pickles_in_it):
                 if number and not stream.peek(1)[:1]:  # (a plain pickle: one, then the end of the file)
                     break
-                called, strings = [], []
-                for opcode, arg, _ in pickletools.genops(stream):
-                    if opcode.name in ("GLOBAL", "INST"):
-                        called.append(str(arg).replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        called.append(".".join(strings[-2:]))
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-                unsafe = [n for n in called if not n.startswith(pickles.SAFE_NAMES)]
+                called, strings = pickles.read_opcodes(stream)  # (the weights' pickle is the last one)
+                unsafe = pickles.unsafe_names(called)
+                if any(n.startswith(("pytorch_lightning.", "lightning.")) for n in unsafe):
+                    raise LessonError(
+                        f"MODEL_ID file '{path}' holds PyTorch Lightning's training state beside the weights (an "
+                        f"original training checkpoint), which takes Python code to load, and the scripts read plain "
+                        f"weights only. Use the model's .safetensors file, or its diffusers folder, or 'pocket'.")
                 if unsafe:
                     raise LessonError(
                         f"MODEL_ID file '{path}' was refused for safety: it is a pickle that asks to run Python code "

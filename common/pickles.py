@@ -53,16 +53,28 @@ def names_called(path) -> str | None:
             if not inner:
                 return None
             data = archive.read(inner[0])
-    names, strings = [], []
     try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(".".join(strings[-2:]))
-            elif isinstance(arg, str):
-                strings.append(arg)
+        names, _ = read_opcodes(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - not a complete pickle: damaged, not dangerous
         return None
-    unsafe = [n for n in names if not n.startswith(SAFE_NAMES)]
-    return ", ".join(dict.fromkeys(unsafe or names)) if names else None
+    return ", ".join(dict.fromkeys(unsafe_names(names) or names)) if names else None
+
+
+def read_opcodes(stream) -> tuple[list[str], list[str]]:
+    """What the next pickle in ``stream`` names, read from its opcodes only (nothing runs): the callables it would
+    import ('torch._utils._rebuild_tensor_v2', or 'posix.system') and the strings it holds (a state dict's keys,
+    the weights' names). Raises on a pickle cut short or garbled."""
+    names, strings = [], []
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names, strings
+
+
+def unsafe_names(names) -> list[str]:
+    """Those of ``names`` (callables a pickle imports) that a weights-only file does not need."""
+    return [n for n in names if not n.startswith(SAFE_NAMES)]

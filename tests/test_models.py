@@ -136,6 +136,10 @@ def _ckpt(path, kind):
     elif kind == "zip that runs code":
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("archive/data.pkl", pickle.dumps(_RunsCode()))
+    elif kind == "lightning":  # an original training checkpoint: its callbacks' state beside the weights
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", b"\x80\x02cpytorch_lightning.callbacks.model_checkpoint\n"
+                                                 b"ModelCheckpoint\n)\x81.")
     elif kind == "not SD":
         torch.save({"a": torch.zeros(3)}, path)
     elif kind == "embedding":
@@ -157,6 +161,7 @@ def _ckpt(path, kind):
     ("cut short", r"is a PyTorch zip cut short \(300 bytes, its end missing\).*Download it again"),
     ("runs code", r"was refused for safety: it is a pickle that asks to run Python code \((posix|nt)\.system\)"),
     ("zip that runs code", r"was refused for safety: .*\((posix|nt)\.system\).*Use the model's \.safetensors file"),
+    ("lightning", r"holds PyTorch Lightning's training state beside the weights .*Use the model's \.safetensors file"),
     ("not SD", r"holds no Stable Diffusion UNet .*it is not a whole base model but a part of a model, or something "
                r"else\. Set MODEL_ID to a whole SD v1\.x checkpoint"),
     ("embedding", r"holds no Stable Diffusion UNet .*but an embedding \(set EMBEDDING_PATH to it\)"),
