@@ -46,7 +46,28 @@ def configure(script_globals: dict, argv: list[str] | None = None, description: 
     _ORIGIN.clear()  # so that an error about MODEL_ID can say it came from DREAMBOOTH_MODEL
     _ORIGIN.update({name: source for name, source in cfg.SOURCES.items() if not source.startswith("-")})
     _quiet_libraries(cfg.DEBUG)
+    warn_if_elsewhere(script_globals.get("__file__"))
     return cfg
+
+
+PROJECT_FOLDERS = ("training_images", "models", "outputs", "class_images")  # what a project folder holds
+
+
+def warn_if_elsewhere(script) -> None:
+    """Say so when a script runs from another folder than its project's (``python ~/course/exercise1_generate.py``
+    from the home folder): its relative paths (training_images/, models/, outputs/) are read and written in the
+    current folder, so a LoRA trained in the project is "not there". Silent where the current folder is a project
+    folder of its own (it holds one of PROJECT_FOLDERS)."""
+    if not script:
+        return
+    script = Path(script).resolve()
+    project = next((p for p in script.parents if (p / "common").is_dir()), script.parent)  # (tools/, bench/)
+    here = Path.cwd()
+    if project == here.resolve() or any((here / name).is_dir() for name in PROJECT_FOLDERS):
+        return
+    warn(f"{script.name} runs from '{here}', not from its project folder '{project}': the folders it reads and "
+         f"writes (training_images/, models/, outputs/) are taken from '{here}'. To use the project's, 'cd' into "
+         f"'{project}' first and run it from there.")
 
 
 _ORIGIN: dict[str, str] = {}  # constant -> environment variable it was read from, in the running script

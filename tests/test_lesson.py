@@ -578,3 +578,20 @@ def test_a_path_too_long_for_windows_is_named_with_what_to_do(monkeypatch):
     assert lesson.explain(FileNotFoundError(2, "No such file or directory", "outputs\\x.png")) is None  # (short)
     monkeypatch.setattr(lesson, "_WINDOWS", False)
     assert lesson.explain(FileNotFoundError(2, "No such file or directory", deep)) is None  # (elsewhere: no limit)
+
+
+@pytest.mark.parametrize("script", ["exercise1_generate.py", "tools/evaluate_dreambooth.py"])
+def test_a_script_run_from_another_folder_says_where_its_paths_are_read(script, tmp_path, monkeypatch, capsys):
+    """'python ~/course/exercise1_generate.py' from the home folder read models/fabric_lora there and said only
+    'No LoRA at models/fabric_lora'. It says first where its folders are taken from, and where the project is;
+    nothing where the current folder is the project, or a project folder of its own (a copy, a test's)."""
+    monkeypatch.chdir(tmp_path)
+    lesson.warn_if_elsewhere(str(ROOT / script))
+    said = capsys.readouterr().out
+    assert f"runs from '{tmp_path}', not from its project folder '{ROOT}'" in said, said
+    assert f"'cd' into '{ROOT}'" in said
+    (tmp_path / "models").mkdir()
+    lesson.warn_if_elsewhere(str(ROOT / script))
+    monkeypatch.chdir(ROOT)
+    lesson.warn_if_elsewhere(str(ROOT / script))
+    assert capsys.readouterr().out == ""
