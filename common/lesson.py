@@ -112,7 +112,9 @@ def _quiet_libraries(debug: bool) -> None:
             lib.set_verbosity_info()
             lib.enable_progress_bar()
         else:
-            lib.set_verbosity_error()
+            # CRITICAL, not ERROR: a library logs an error just before raising it (diffusers' "Loading fabric was
+            # unsuccessful with the following error: ..."), and run() turns that exception into the one message
+            lib.set_verbosity(lib.CRITICAL)
             lib.disable_progress_bar()
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers|accelerate)")
