@@ -301,10 +301,23 @@ def require_finite(tensors: dict, file: Path, what: str, script: str) -> None:
 
 
 def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a LoRA made for another base model (e.g. SDXL), naming both shapes."""
+    """Refuse a LoRA made for another base model (e.g. SDXL), naming both shapes, and a damaged one whose
+    layers lack a half or whose halves disagree: PEFT would fill a missing half with random numbers, quietly."""
     modules = dict(unet.named_modules())
     for key, value in peft_state.items():
-        if ".lora_A." not in key:
+        half, other = (".lora_A.", ".lora_B.") if ".lora_A." in key else (".lora_B.", ".lora_A.")
+        if half not in key:
+            continue
+        partner = peft_state.get(key.replace(half, other))
+        problem = ("holds only one of its two matrices" if partner is None
+                   else f"holds {value.dtype}/{partner.dtype} numbers, not the decimal ones of a LoRA"
+                   if not (value.is_floating_point() and partner.is_floating_point())
+                   else None if half == ".lora_B." or value.ndim < 2 or partner.shape[1] == value.shape[0]
+                   else f"holds matrices of ranks {value.shape[0]} and {partner.shape[1]}, which must be equal")
+        if problem:
+            raise LessonError(f"'{path}' is damaged: its layer '{key.split(half)[0]}' {problem}. Get the LoRA "
+                              f"again, or retrain with {TRAIN_SCRIPT}.")
+        if half == ".lora_B.":
             continue
         name = key.split(".lora_A.")[0]
         module = modules.get(name)

@@ -310,3 +310,30 @@ def test_replacing_a_file_this_course_did_not_write_is_refused_and_its_own_or_an
                                           r"train .*pass --lora-dir\), or move that file out of it"):
         files.require_replaceable(foreign, "LORA_DIR", "exercise3b_train_lora.py")
     assert lora.SETTINGS_KEY == files.SETTINGS_KEY  # (what LoRA files and embeddings are written with)
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("drop", "holds only one of its two matrices"),  # (PEFT would fill the missing half with random numbers)
+    ("cut", "ranks 2 and 4"),
+    ("int", "not the decimal ones"),
+])
+def test_a_lora_with_a_damaged_layer_is_refused_by_name(trained_unet, tiny_dir, tmp_path, damage, says):
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    lora.save_lora(unet, tmp_path / "l", config)
+    file = tmp_path / "l" / "pytorch_lora_weights.safetensors"
+    with safetensors.safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = safetensors.torch.load_file(str(file))
+    key = next(k for k in sorted(state) if "lora_A" in k or "lora.down" in k)
+    if damage == "drop":
+        del state[key]
+    elif damage == "cut":
+        state[key] = state[key][:2].clone()
+    else:
+        state = {k: (v * 100).to(torch.int64) for k, v in state.items()}
+    safetensors.torch.save_file(state, str(file), metadata=metadata)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    with pytest.raises(LessonError, match=rf"is damaged: its layer '.*to_\w+' .*{says}.*exercise3b_train_lora.py"):
+        lora.load_lora(pipe, tmp_path / "l")
