@@ -19,6 +19,7 @@ import argparse
 import ast
 import difflib
 import io
+import os
 import re
 import sys
 import tokenize
@@ -137,6 +138,11 @@ def threads(text: str | None) -> int | None:
     if value < 1:
         raise LessonError(f"--threads must be a whole number >= 1 (the CPU threads PyTorch computes with), got "
                           f"{text!r}. Leave it out to use one per free core.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if value > cores:  # (PyTorch starts them all: thousands stop the run with "can't start new thread", or crash)
+        raise LessonError(f"--threads {value} is more than the {cores} CPU core(s) this computer gives the run: "
+                          f"more threads than cores only wait for each other. Use --threads {cores} or fewer, or "
+                          "leave it out to use one per free core.")
     return value
 
 

@@ -507,6 +507,13 @@ def test_threads_must_be_a_whole_number_of_one_or_more(value):
         lesson.configure(vars(exercise1_generate), ["--threads", value])
 
 
+def test_more_threads_than_cores_are_refused_before_pytorch_starts_them(monkeypatch):
+    """--threads 99999 made PyTorch start threads until the system refused ("can't start new thread", blamed on
+    the model) and the run crashed with a segmentation fault."""
+    with pytest.raises(LessonError, match=r"^--threads 99999 is more than the \d+ CPU core\(s\).*--threads \d+ or fewer"):
+        lesson.configure(vars(exercise1_generate), ["--threads", "99999"])
+
+
 def test_threads_flag_sets_pytorchs_threads_for_the_run_and_the_device_line_says_why(workdir, capsys):
     import torch
 
