@@ -10,6 +10,7 @@ from square (the square keeps little of it), and names every file it skips.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def list_image_files(folder) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def broken_links(folder) -> list[Path]:
+    """Picture-named links in ``folder`` whose file was moved or deleted: not pictures to read, but not to be
+    passed over in silence either (a folder of links to photos elsewhere is a common way to choose them)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_symlink() and not p.exists()
+                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _links_text(links: list[Path]) -> str:
+    return ", ".join(f"{p.name} -> {os.readlink(p)}" for p in links[:3]) + (" ..." if len(links) > 3 else "")
+
+
 def subfolders_with_pictures(folder) -> list[str]:
     """The names of ``folder``'s subfolders that hold pictures of their own (not read: only ``folder`` is)."""
     found = []
@@ -119,6 +131,11 @@ def check_instance_folder(folder, constant: str = "TRAINING_IMAGES_DIR") -> list
                           f"{'s' if len(nested) > 1 else ''} {', '.join(f'{n}/' for n in nested[:3])} "
                           f"{'do' if len(nested) > 1 else 'does'}: pictures in subfolders are not read. Set "
                           f"{constant} to '{inner}' (or move the pictures up into '{folder}/') and run again.")
+    links = broken_links(folder)
+    if not files and links:
+        raise LessonError(f"{constant} folder '{folder}/' holds only links to pictures that no longer exist "
+                          f"({_links_text(links)}): the files they point to were moved or deleted. Copy the "
+                          f"pictures themselves into '{folder}/' and run again.")
     if not files:
         others = [p.name + ("/" if p.is_dir() else "") for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
         held = f"holds only {len(others)} other file(s) ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})" \
@@ -168,6 +185,10 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
     if others:
         warn(f"ignoring {len(others)} file(s) that are not {SUFFIX_LIST}: {', '.join(others[:5])}"
              + (" ..." if len(others) > 5 else ""))
+    links = broken_links(folder)
+    if links:
+        warn(f"skipping {len(links)} link(s) to pictures that no longer exist ({_links_text(links)}): the files "
+             f"they point to were moved or deleted. Copy the pictures themselves into '{folder}/'.")
     nested = subfolders_with_pictures(folder)
     if nested:
         warn(f"ignoring the pictures in subfolder(s) {', '.join(f'{n}/' for n in nested[:5])}"

@@ -143,6 +143,22 @@ def test_pictures_one_folder_down_are_named_not_called_files(tmp_path, capsys):
         images.check_instance_folder(folder)
 
 
+def test_links_to_pictures_that_no_longer_exist_are_named_not_called_other_files(tmp_path, capsys):
+    """A link whose photo was moved was passed over in silence; a folder of only such links was said to hold
+    'only 2 other file(s) (a.png, b.jpg): no pictures (... .png ...)'."""
+    try:
+        (tmp_path / "a.png").symlink_to(tmp_path / "moved" / "a.png")
+    except OSError:  # (Windows without developer mode cannot make links)
+        pytest.skip("this system cannot make symbolic links")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "moved" / "b.jpg")
+    with pytest.raises(LessonError, match=r"holds only links to pictures that no longer exist \(a.png -> .*moved.*"
+                                          r"Copy the pictures themselves"):
+        images.check_instance_folder(tmp_path)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "c.png")
+    assert len(images.load_instance_images(tmp_path, 64)) == 1
+    assert "skipping 2 link(s) to pictures that no longer exist (a.png -> " in capsys.readouterr().out
+
+
 def test_non_ascii_names(tmp_path):
     _save(Image.new("RGB", (64, 64), "red"), tmp_path / "tissu_àéü_布.png")
     assert len(images.load_instance_images(tmp_path, 64)) == 1
