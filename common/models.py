@@ -59,7 +59,8 @@ def resolve(model_id: str) -> ModelSource:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise LessonError(f"MODEL_ID folder '{path}' is not a diffusers model (it has no model_index.json). "
-                              "Point it at the folder that holds model_index.json, or at a .safetensors file.")
+                              + (_whole_model_above(path) or "Point it at the folder that holds model_index.json, "
+                                                                 "or at a .safetensors file."))
         _require_sd_pipeline(path)
         return ModelSource("folder", str(path))
     if path.is_file():
@@ -105,6 +106,15 @@ def where_relative(name: str) -> str:
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 OTHER_PIPELINES = {"StableDiffusionXL": "SDXL", "StableDiffusion3": "Stable Diffusion 3", "Flux": "FLUX",
                    "StableDiffusionInpaint": "an inpainting model", "LatentConsistencyModel": "an LCM-distilled model"}
+
+
+def _whole_model_above(path: Path) -> str:
+    """Advice for a MODEL_ID that is a part of a diffusers model (its unet/ folder, its model_index.json): the
+    folder above that holds the whole model, which is what MODEL_ID names."""
+    for folder in (path.parent, path.parent.parent):
+        if folder != path and (folder / "model_index.json").is_file():
+            return f"It is a part of the diffusers model in '{folder}': set MODEL_ID = '{folder}' (--model {folder})."
+    return ""
 
 
 def _require_sd_pipeline(folder: Path) -> None:
@@ -169,19 +179,13 @@ def _other_file_advice(path: Path) -> str:
     from its name and place (a .bin/.pt/.pth is a pickle; none is opened), and what to point MODEL_ID at instead."""
     what = (f"a PyTorch pickle ({path.suffix}), which the scripts do not load as a base model"
             if path.suffix.lower() in (".bin", ".pt", ".pth", ".pkl") else "not a .safetensors or .ckpt checkpoint")
-    folder = next((p for p in (path.parent, path.parent.parent) if (p / "model_index.json").is_file()), None)
     name = path.name.lower()
-    if folder is not None:
-        instead = (f"It is one part of the diffusers model in '{folder}': set MODEL_ID to that folder "
-                   "(the one with model_index.json).")
-    elif "lora" in name:
-        instead = "Its name says it is a LoRA: set LORA_PATH to it, and MODEL_ID to the model it was trained on."
-    elif "embed" in name:
-        instead = ("Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it, and MODEL_ID to "
-                   "the model it was trained on.")
-    else:
-        instead = ("A whole model comes as one .safetensors (or .ckpt) file or a diffusers folder (with "
-                   "model_index.json): point MODEL_ID at one, or use a Hub id, or 'pocket' (built in).")
+    instead = _whole_model_above(path) or (
+        "Its name says it is a LoRA: set LORA_PATH to it, and MODEL_ID to the model it was trained on." if "lora" in name
+        else "Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it, and MODEL_ID to the model "
+             "it was trained on." if "embed" in name
+        else "A whole model comes as one .safetensors (or .ckpt) file or a diffusers folder (with model_index.json): "
+             "point MODEL_ID at one, or use a Hub id, or 'pocket' (built in).")
     return f"MODEL_ID file '{path}' is {what}. {instead}"
 
 

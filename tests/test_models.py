@@ -99,6 +99,15 @@ def test_a_single_file_checkpoint_of_another_kind_of_model_is_refused_from_its_h
         models.resolve(str(path))
 
 
+@pytest.mark.parametrize("part", ["unet", "model_index.json", "unet/config.json"])
+def test_a_part_of_a_diffusers_model_names_the_folder_that_holds_the_whole(tiny_dir, part):
+    """--model models/tiny-sd/unet (or its model_index.json) was told to point at 'the folder that holds
+    model_index.json', without saying it is the one just above."""
+    with pytest.raises(LessonError, match=rf"It is a part of the diffusers model in '{tiny_dir}': set MODEL_ID = "
+                                          rf"'{tiny_dir}' \(--model {tiny_dir}\)\.$"):
+        models.resolve(str(tiny_dir / part))
+
+
 def test_a_single_file_sd15_checkpoint_passes_the_header_check(tmp_path):
     import safetensors.torch
 
@@ -195,8 +204,8 @@ def test_a_ckpt_of_sd_passes_the_look(kind, tmp_path, monkeypatch):
                       r"comes as one \.safetensors \(or \.ckpt\) file or a diffusers folder"),
     ("model.pt", "", r"is a PyTorch pickle \(\.pt\).*point MODEL_ID at one"),
     ("model.pth", "", r"is a PyTorch pickle \(\.pth\).*point MODEL_ID at one"),
-    ("diffusion_pytorch_model.bin", "unet", r"is a PyTorch pickle .*It is one part of the diffusers model in '.*sd': "
-                                            r"set MODEL_ID to that folder"),
+    ("diffusion_pytorch_model.bin", "unet", r"is a PyTorch pickle .*It is a part of the diffusers model in '.*sd': "
+                                            r"set MODEL_ID = '.*sd' \(--model .*sd\)\.$"),
     ("pytorch_lora_weights.bin", "", r"is a PyTorch pickle .*Its name says it is a LoRA: set LORA_PATH to it"),
     ("learned_embeds.bin", "", r"is a PyTorch pickle .*Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it"),
 ])
