@@ -185,6 +185,10 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
         ([source, tmp_path / "out.safetensors", "--to", "peft"], "writes a folder"),
         ([source, tmp_path / "out", "--to", "kohya"], "writes one file"),
         ([source, source, "--to", "kohya", "--force"], "would replace the LoRA being converted"),
+        # an empty OUT is the current folder: it was refused as 'OUT '.' would replace the LoRA', or as holding
+        # the project's files, neither of which says that OUT was left empty
+        ([source, "", "--to", "peft", "--force"], r"^ERROR: OUT must be the name of a file or folder, got ''"),
+        ([" ", tmp_path / "out", "--to", "peft"], r"^ERROR: IN must be the name of a file or folder, got ' '"),
         # --force replaced a folder as a whole, with whatever else it held (it deleted notes.txt)
         ([source, tmp_path / "full", "--to", "diffusers", "--force"], r"OUT '.*full' holds 1 thing\(s\) that are "
          r"not a LoRA \(notes.txt\), which --force would delete with the folder. Choose another OUT"),

@@ -52,6 +52,10 @@ def convert(argv=None) -> Path:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists (a folder as a whole)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
+    for name in ("IN", "OUT"):  # (Path("") is ".", the folder you are in: for OUT, the whole project)
+        if not getattr(args, name).strip():
+            raise LessonError(f"{name} must be the name of a file or folder, got {getattr(args, name)!r}. "
+                              f"'python {parser.prog} --help' says how to use it.")
     from common import files, lora  # torch and diffusers: after --help has answered
 
     if Path(args.IN).is_file() and files.adapter_kind(args.IN) == "embedding":
