@@ -604,22 +604,24 @@ def test_a_script_run_from_another_folder_says_where_its_paths_are_read(script, 
     assert capsys.readouterr().out == ""
 
 
-def test_a_library_error_log_before_its_exception_is_not_printed(capfd):
+def test_a_library_error_log_before_its_exception_is_not_printed():
     """diffusers logs "Loading fabric was unsuccessful with the following error: ..." (several lines) and then
-    raises; the exception becomes the one ERROR line, so the log must not print above it (--debug shows it)."""
+    raises; the exception becomes the one ERROR line, so the log must not print above it (--debug shows it).
+    (Asked of the loggers, not of captured output: the libraries' handler keeps the stream of its first use.)"""
+    import logging
+
     import diffusers
     import transformers
 
     libs = (diffusers.utils.logging, transformers.utils.logging)
+    loggers = [diffusers.utils.logging.get_logger("diffusers.loaders.peft"),
+               transformers.utils.logging.get_logger("transformers.modeling_utils")]
     before = [lib.get_verbosity() for lib in libs]
     try:
         lesson._quiet_libraries(debug=False)
-        diffusers.utils.logging.get_logger("diffusers.loaders.peft").error("Loading fabric was unsuccessful")
-        transformers.utils.logging.get_logger("transformers.modeling_utils").error("an error log")
-        assert "unsuccessful" not in capfd.readouterr().err
+        assert not any(logger.isEnabledFor(logging.ERROR) for logger in loggers)
         lesson._quiet_libraries(debug=True)
-        diffusers.utils.logging.get_logger("diffusers.loaders.peft").error("Loading fabric was unsuccessful")
-        assert "unsuccessful" in capfd.readouterr().err
+        assert all(logger.isEnabledFor(logging.ERROR) for logger in loggers)
     finally:
         for lib, level in zip(libs, before):
             lib.set_verbosity(level)
