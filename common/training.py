@@ -694,9 +694,14 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         name = STOP_SIGNALS.get(signal.Signals(signum).name, "A stop signal")
+        said = f"\n  {name}: finishing this step and saving a checkpoint (press Ctrl-C again to quit without saving)..."
         try:
-            print(f"\n  {name}: finishing this step and saving a checkpoint (press Ctrl-C again to quit without "
-                  "saving)...", flush=True)
+            print(said, flush=True)
+        except RuntimeError:  # the signal came in the middle of another print to stdout ("reentrant call")
+            try:
+                os.write(sys.stdout.fileno(), (said + "\n").encode("utf-8", "replace"))
+            except (OSError, ValueError):
+                pass
         except OSError:  # (no terminal left to print to after SIGHUP)
             pass
 

@@ -488,3 +488,32 @@ def test_ctrl_break_asks_the_loop_to_stop_as_ctrl_c_does(monkeypatch, capsys):
         assert stop.requested
     assert "finishing this step and saving a checkpoint" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGWINCH) == signal.SIG_DFL  # (put back as it was)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="no SIGTERM here")
+def test_a_stop_signal_in_the_middle_of_a_print_still_says_it_is_stopping(tmp_path, monkeypatch):
+    """A signal handler that prints while the main code is inside a print to the same stream gets Python's
+    "RuntimeError: reentrant call inside <_io.BufferedWriter name='<stdout>'>": it ended the training with a
+    traceback instead of a checkpoint. The message goes straight to the stream's file instead."""
+    from common import training
+
+    class Busy:  # stdout in the middle of another write
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+
+        def flush(self):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+
+        def fileno(self):
+            return self.file.fileno()
+
+    with open(tmp_path / "stdout.txt", "w+b") as file:
+        monkeypatch.setattr(sys, "stdout", Busy(file))
+        with training.StopRequest() as stop:
+            signal.raise_signal(signal.SIGTERM)  # (to this thread: its handler has run when this returns)
+            assert stop.requested
+        monkeypatch.undo()
+    assert "SIGTERM" in (said := (tmp_path / "stdout.txt").read_text()) and "saving a checkpoint" in said, said
