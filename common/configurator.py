@@ -111,6 +111,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, except that a mistyped option ends like every other failure: one line saying what to do."""
 
     def __init__(self, *args, **kwargs):
+        # Options are whole names: argparse would take '--lora-sca 0.5' as --lora-scale and a mistyped '--learning-rat'
+        # as --learning-rate without a word, so what a student typed and what ran could differ unnoticed.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         # "--lora-scale -1e-3" is a value, not an option (argparse knows only "-1" and "-.5" as numbers)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)

@@ -625,3 +625,14 @@ def test_a_library_error_log_before_its_exception_is_not_printed():
     finally:
         for lib, level in zip(libs, before):
             lib.set_verbosity(level)
+
+
+@pytest.mark.parametrize("script, typed, meant", [(exercise1_generate, "--lora-sca", "--lora-scale"),
+                                                  (exercise3b_train_lora, "--learning-rat", "--learning-rate")])
+def test_a_shortened_or_mistyped_option_is_refused_not_taken_for_another(script, typed, meant):
+    """argparse took any unique prefix of an option as that option: '--lora-sca 0.5' ran as --lora-scale and a
+    mistyped '--learning-rat' as --learning-rate, without a word. Options are whole names; the hint names the one
+    meant."""
+    with pytest.raises(LessonError, match=rf"unrecognized arguments: {typed} 0\.5\. Did you mean {meant} instead"):
+        lesson.configure(vars(script), [typed, "0.5"])
+    assert lesson.configure(vars(script), ["--model", "tiny"]).MODEL_ID == "tiny"  # (--model is a name of its own)
