@@ -228,8 +228,8 @@ def require_learning_rate(cfg: Config, course: float) -> None:
     if rate < MIN_LEARNING_RATE:
         steps = getattr(cfg, "MAX_TRAIN_STEPS", None)
         moved = f" ({steps} x {rate:g} = {steps * rate:.1g} at most)" if isinstance(steps, int) else ""
-        warn(f"LEARNING_RATE {rate:g} is far below any rate that trains (under {MIN_LEARNING_RATE:g}): AdamW moves each "
-             f"weight by about LEARNING_RATE per update, so in MAX_TRAIN_STEPS updates the weights will hardly "
+        warn(f"LEARNING_RATE {rate:g} is far below any rate that trains (under {MIN_LEARNING_RATE:g}): AdamW moves "
+             f"each weight by about LEARNING_RATE per update, so in MAX_TRAIN_STEPS updates the weights will hardly "
              f"move{moved} and the result will look like the base model. The course's is {course:g}: set "
              f"LEARNING_RATE = {course:g} (--learning-rate {course:g}).")
 

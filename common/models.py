@@ -181,7 +181,8 @@ def _other_file_advice(path: Path) -> str:
             if path.suffix.lower() in (".bin", ".pt", ".pth", ".pkl") else "not a .safetensors or .ckpt checkpoint")
     name = path.name.lower()
     instead = _whole_model_above(path) or (
-        "Its name says it is a LoRA: set LORA_PATH to it, and MODEL_ID to the model it was trained on." if "lora" in name
+        "Its name says it is a LoRA: set LORA_PATH to it, and MODEL_ID to the model it was trained on."
+        if "lora" in name
         else "Its name says it is a Textual Inversion embedding: set EMBEDDING_PATH to it, and MODEL_ID to the model "
              "it was trained on." if "embed" in name
         else "A whole model comes as one .safetensors (or .ckpt) file or a diffusers folder (with model_index.json): "
