@@ -300,24 +300,51 @@ def require_finite(tensors: dict, file: Path, what: str, script: str) -> None:
                               f"LEARNING_RATE ({script}), or use another file.")
 
 
-def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a LoRA made for another base model (e.g. SDXL), naming both shapes, and a damaged one whose
-    layers lack a half or whose halves disagree: PEFT would fill a missing half with random numbers, quietly."""
-    modules = dict(unet.named_modules())
-    for key, value in peft_state.items():
-        half, other = (".lora_A.", ".lora_B.") if ".lora_A." in key else (".lora_B.", ".lora_A.")
-        if half not in key:
+def peft_names(state: dict) -> dict:
+    """A LoRA state dict ("unet." / "text_encoder." in front) in PEFT's naming ("...lora_A.weight"), by diffusers'
+    own converters (the old attention-processor names and "lora_linear_layer" ones too). Other keys are dropped."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    def part(name):
+        return {k: v for k, v in state.items() if k.startswith(f"{name}.")}
+
+    return {**(convert_unet_state_dict_to_peft(part("unet")) if part("unet") else {}),
+            **(convert_state_dict_to_peft(part("text_encoder"), original_type=StateDictType.DIFFUSERS_OLD)
+               if part("text_encoder") else {})}
+
+
+def check_layer_pairs(weights: dict, path, down: str = ".lora_A.", up: str = ".lora_B.") -> None:
+    """Refuse a damaged LoRA layer: one of its two matrices without the other, whole numbers where a LoRA holds
+    decimal ones, or halves that disagree on the rank (down is r x in, up is out x r; a conv's up is out x r x 1 x
+    1). ``down`` / ``up`` mark the halves in the keys (PEFT's lora_A / lora_B, kohya's lora_down / lora_up). Needs
+    no model: PEFT would fill a missing half with random numbers, quietly, and a converter would copy the damage."""
+    for key, value in weights.items():
+        half, other = (down, up) if down in key else (up, down) if up in key else (None, None)
+        if half is None or not isinstance(value, torch.Tensor):
             continue
-        partner = peft_state.get(key.replace(half, other))
-        problem = ("holds only one of its two matrices" if partner is None
+        pair = key.replace(half, other)
+        partner = weights.get(pair)
+        a, b = (value, partner) if half == down else (partner, value)
+        problem = (f"holds only one of its two matrices ('{key}' without '{pair}')" if partner is None
                    else f"holds {value.dtype}/{partner.dtype} numbers, not the decimal ones of a LoRA"
                    if not (value.is_floating_point() and partner.is_floating_point())
-                   else None if half == ".lora_B." or value.ndim < 2 or partner.shape[1] == value.shape[0]
-                   else f"holds matrices of ranks {value.shape[0]} and {partner.shape[1]}, which must be equal")
+                   else f"holds tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}, not two matrices"
+                   if a.ndim < 2 or b.ndim < 2
+                   else f"holds matrices of ranks {a.shape[0]} and {b.shape[1]}, which must be equal"
+                   if a.shape[0] != b.shape[1] else None)
         if problem:
             raise LessonError(f"'{path}' is damaged: its layer '{key.split(half)[0]}' {problem}. Get the LoRA "
                               f"again, or retrain with {TRAIN_SCRIPT}.")
-        if half == ".lora_B.":
+
+
+def _check_shapes(unet, peft_state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a damaged LoRA (``check_layer_pairs``), and one made for another base model (e.g. SDXL), naming
+    both shapes."""
+    check_layer_pairs(peft_state, path)
+    modules = dict(unet.named_modules())
+    for key, value in peft_state.items():
+        if ".lora_A." not in key:
             continue
         name = key.split(".lora_A.")[0]
         module = modules.get(name)
@@ -336,8 +363,6 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
     ``found``: what ``find_lora_file(path)`` already answered, so the folder is not searched again.
     Refuses to continue when nothing was patched, instead of quietly running the base model.
     """
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     layout, file = found or find_lora_file(path)
     if layout == "peft":
         from peft import LoraConfig
@@ -360,8 +385,9 @@ def load_lora(pipe, path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME, 
         state, _ = (pipe.lora_state_dict(source, weight_name=file.name) if source
                     else pipe.lora_state_dict(dict(weights)))
         require_finite(state, file, "the LoRA", TRAIN_SCRIPT)
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        _check_shapes(pipe.unet, convert_unet_state_dict_to_peft(unet_state) if unet_state else {}, file)
+        named = peft_names(state)
+        check_layer_pairs(named, file)  # (the text encoder's layers too: load_lora_weights loads them)
+        _check_shapes(pipe.unet, {k.removeprefix("unet."): v for k, v in named.items() if k.startswith("unet.")}, file)
         try:
             if source:
                 pipe.load_lora_weights(source, weight_name=file.name, adapter_name=adapter_name)

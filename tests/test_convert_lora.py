@@ -165,13 +165,33 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
     layer = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     safetensors.torch.save_file({f"{layer}.lora_A.weight": torch.ones(2, 32),
                                  f"{layer}.lora_B.weight": torch.ones(32, 3)}, str(peft_mismatched / lora.PEFT_WEIGHTS))
+    # ... and one missing half of a layer, or holding whole numbers, was converted as it was too (lora_A missing in
+    # a diffusers file; an integer kohya file; integer halves in PEFT's layout)
+    unet_layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    half_missing = tmp_path / "half" / lora.WEIGHT_NAME
+    half_missing.parent.mkdir()
+    safetensors.torch.save_file({f"{unet_layer}.lora_B.weight": torch.ones(32, 2)}, str(half_missing))
+    integers = tmp_path / "integers.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4, dtype=torch.int64),
+                                 "lora_unet_x.lora_up.weight": torch.ones(4, 2, dtype=torch.int64),
+                                 "lora_unet_x.alpha": torch.tensor(2.)}, str(integers))
+    peft_integers = tmp_path / "peft_integers"
+    LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).save_pretrained(str(peft_integers))
+    safetensors.torch.save_file({f"{layer}.lora_A.weight": torch.ones(2, 32, dtype=torch.int32),
+                                 f"{layer}.lora_B.weight": torch.ones(32, 2, dtype=torch.int32)},
+                                str(peft_integers / lora.PEFT_WEIGHTS))
     cases = [
         ([mismatched, tmp_path / "out", "--to", "diffusers"], r"'.*mismatched.safetensors' is damaged: its layer "
-         r"'lora_unet_x' has rank 2 in 'lora_unet_x.lora_down.weight' but rank 3 in 'lora_unet_x.lora_up.weight'.*"
-         r"Download or save it again"),
+         r"'lora_unet_x' holds matrices of ranks 2 and 3, which must be equal. Get the LoRA again, or retrain with "
+         r"exercise3b_train_lora.py"),
         ([peft_mismatched, tmp_path / "out", "--to", "diffusers"], r"is damaged: its layer 'unet.down_blocks.0."
-         r"attentions.0.transformer_blocks.0.attn1.to_q' has rank 2 in '.*lora_A.weight' but rank 3 in "
-         r"'.*lora_B.weight'"),
+         r"attentions.0.transformer_blocks.0.attn1.to_q' holds matrices of ranks 2 and 3"),
+        ([tmp_path / "half", tmp_path / "out", "--to", "diffusers"], rf"is damaged: its layer '{unet_layer}' holds only "
+         rf"one of its two matrices \('{unet_layer}.lora_B.weight' without '{unet_layer}.lora_A.weight'\)"),
+        ([integers, tmp_path / "out", "--to", "peft"], r"is damaged: its layer 'lora_unet_x' holds torch.int64/"
+         r"torch.int64 numbers, not the decimal ones of a LoRA"),
+        ([peft_integers, tmp_path / "out.safetensors", "--to", "kohya"], r"is damaged: its layer 'unet.down_blocks.*to_q' holds "
+         r"torch.int32/torch.int32 numbers"),
         ([tmp_path / "missing", tmp_path / "out", "--to", "diffusers"], "No LoRA at"),
         ([embedding, tmp_path / "out", "--to", "diffusers"], "holds no LoRA layers .*Textual Inversion embedding"),
         ([loha, tmp_path / "out", "--to", "diffusers"], "not a plain LoRA layer"),

@@ -337,3 +337,30 @@ def test_a_lora_with_a_damaged_layer_is_refused_by_name(trained_unet, tiny_dir, 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     with pytest.raises(LessonError, match=rf"is damaged: its layer '.*to_\w+' .*{says}.*exercise3b_train_lora.py"):
         lora.load_lora(pipe, tmp_path / "l")
+
+
+@pytest.mark.parametrize("damage, says", [("drop", "holds only one of its two matrices"),
+                                          ("int", "not the decimal ones")])
+def test_a_damaged_text_encoder_layer_is_refused_by_name(trained_unet, tiny_dir, tmp_path, damage, says):
+    """load_lora loads a LoRA's text-encoder layers too, and only the UNet's were checked: a text-encoder layer
+    missing a half, or holding whole numbers, loaded without a word."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, config = trained_unet
+    file = lora.save_lora(unet, tmp_path / "l", config)
+    with safetensors.safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    state = safetensors.torch.load_file(str(file))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    width, layer = pipe.text_encoder.config.hidden_size, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    state[f"{layer}.lora_A.weight"] = torch.randn(4, width)
+    if damage == "int":
+        state[f"{layer}.lora_B.weight"] = torch.ones(width, 4, dtype=torch.int64)
+        state[f"{layer}.lora_A.weight"] = state[f"{layer}.lora_A.weight"].to(torch.int64)
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    header = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])  # (the text encoder's rank and alpha, as diffusers writes)
+    header.update({"text_encoder.r": 4, "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q_proj"]})
+    safetensors.torch.save_file(state, str(file), metadata={**metadata, LORA_ADAPTER_METADATA_KEY: json.dumps(header)})
+    with pytest.raises(LessonError, match=rf"is damaged: its layer '{layer}' .*{says}.*exercise3b_train_lora.py"):
+        lora.load_lora(pipe, tmp_path / "l")

@@ -172,39 +172,26 @@ def read(layout: str, file: Path):
 
 
 def to_peft(state: dict) -> dict:
-    """diffusers' names (the old attention-processor ones too) -> PEFT's, by diffusers' own converters."""
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import StateDictType
-
-    def part(name):
-        return {k: v for k, v in state.items() if k.startswith(f"{name}.")}
+    """diffusers' names (the old attention-processor ones too) -> PEFT's (``lora.peft_names``); refuses other parts."""
+    from common import lora
 
     other = [k for k in state if not k.startswith(PARTS)] + [k for k in state if k.startswith("text_encoder_2.")]
     if other:
         raise LessonError(f"'{other[0]}' belongs to neither the UNet nor the text encoder of Stable Diffusion v1.x "
                           "(an SDXL LoRA, or not a LoRA for Stable Diffusion): this tool cannot convert it.")
-    return {**convert_unet_state_dict_to_peft(part("unet")),
-            **convert_state_dict_to_peft(part("text_encoder"), original_type=StateDictType.DIFFUSERS_OLD)}
+    return lora.peft_names(state)
 
 
 def check_layers(file: Path, weights: dict, down: str, up: str, *extra: str) -> None:
-    """Refuse what is not a plain LoRA layer (DoRA, LoHa, LoKr, biases), a layer that lacks half its pair, and a
-    pair whose halves disagree on the rank (down is r x in, up is out x r): no library complained, and the file
-    written was as damaged as the one read."""
+    """Refuse what is not a plain LoRA layer (DoRA, LoHa, LoKr, biases), and a damaged layer
+    (``lora.check_layer_pairs``): no library complained, and the file written was as damaged as the one read."""
+    from common import lora
+
     for key in weights:
         if not key.endswith((down, up, *extra)):
             raise LessonError(f"'{file}' holds '{key}', which is not a plain LoRA layer (DoRA, LoHa, LoKr and LoRA "
                               "biases are other kinds of adapter): this tool converts plain LoRA only.")
-        pair = key.removesuffix(down) + up if key.endswith(down) else key.removesuffix(up) + down
-        if not key.endswith(extra) and pair not in weights:
-            raise LessonError(f"'{file}' holds '{key}' without '{pair}': it is incomplete. Download or save it again.")
-        if key.endswith(down):
-            rank = weights[key].shape[0]
-            other = weights[pair].shape[1] if weights[pair].dim() > 1 else "none"  # (a conv's up: out x r x 1 x 1)
-            if rank != other:
-                raise LessonError(f"'{file}' is damaged: its layer '{key.removesuffix(down)}' has rank {rank} in "
-                                  f"'{key}' but rank {other} in '{pair}' (both halves of a layer have one rank). "
-                                  "Download or save it again.")
+    lora.check_layer_pairs(weights, file, down.removesuffix("weight"), up.removesuffix("weight"))
 
 
 def alpha_of(config, module: str, rank: int) -> float:
