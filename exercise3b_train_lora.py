@@ -245,8 +245,8 @@ def train(argv=None):
         instance=training.cache_latent_distributions(vae, images.to_tensor(instance_images), cfg.RANDOM_FLIP),
         klass=(training.cache_latent_distributions(vae, images.to_tensor(class_images), cfg.RANDOM_FLIP)
                if class_images else None),
-        instance_embeds=training.encode_text(pipe, cfg.INSTANCE_PROMPT),
-        class_embeds=training.encode_text(pipe, cfg.CLASS_PROMPT), vae_config=vae.config)
+        instance_embeds=training.encode_text(pipe, cfg.INSTANCE_PROMPT, "INSTANCE_PROMPT"),
+        class_embeds=training.encode_text(pipe, cfg.CLASS_PROMPT, "CLASS_PROMPT"), vae_config=vae.config)
     sample_prompts = [p for p in cfg.SAMPLE_PROMPTS for _ in range(cfg.NUM_SAMPLE_SEEDS)]
     sample_seeds = [cfg.RANDOM_SEED + i % cfg.NUM_SAMPLE_SEEDS for i in range(len(sample_prompts))]
     sample_embeds = sampling.encode_prompts(pipe, sample_prompts, guidance=cfg.GUIDANCE_SCALE > 1)

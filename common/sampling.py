@@ -53,12 +53,13 @@ def mentions(prompt: str, word: str) -> bool:
     return word_pattern(word).search(prompt) is not None
 
 
-def warn_if_truncated(tokenizer, prompt: str, shown: str | None = None) -> bool:
+def warn_if_truncated(tokenizer, prompt: str, shown: str | None = None, name: str | None = None) -> bool:
     """Say so when CLIP will cut ``prompt`` short, and show where: it reads 77 tokens (75 plus start and
     end) and silently drops the rest (diffusers logs it, but the lessons keep library logs quiet).
 
     ``shown`` is the prompt as the student wrote it, when ``prompt`` is its expanded form (a
-    multi-vector embedding's word becomes several tokens). Returns True when it was cut.
+    multi-vector embedding's word becomes several tokens). ``name``: the constant it came from (NEGATIVE_PROMPT,
+    INSTANCE_PROMPT...), so the warning says which setting to shorten. Returns True when it was cut.
     """
     ids = tokenizer(prompt, truncation=False).input_ids
     limit = tokenizer.model_max_length
@@ -69,25 +70,29 @@ def warn_if_truncated(tokenizer, prompt: str, shown: str | None = None) -> bool:
         _warned_prompts.add(shown)
         kept = tokenizer.decode(ids[1:limit - 1]).strip()
         cut = tokenizer.decode(ids[limit - 1:-1]).strip()
-        warn(f"the prompt '{shown[:40]}...' is {len(ids) - 2} tokens long, but CLIP reads only {limit - 2}: it is cut "
+        what = f"{name} ('{shown[:40]}...')" if name else f"the prompt '{shown[:40]}...'"
+        warn(f"{what} is {len(ids) - 2} tokens long, but CLIP reads only {limit - 2}: it is cut "
              f"after '...{kept[-50:]}', so the model never sees '{cut[:120]}{'...' if len(cut) > 120 else ''}'. "
              "Shorten it, and put what matters most first.")
     return True
 
 
-def check_prompt_lengths(pipe, prompts) -> None:
-    """``warn_if_truncated`` for each prompt as ``pipe`` will read it (loaded embeddings expanded)."""
+def check_prompt_lengths(pipe, prompts, name: str | None = None) -> None:
+    """``warn_if_truncated`` for each prompt as ``pipe`` will read it (loaded embeddings expanded); ``name``: the
+    constant the prompts came from, when they came from one."""
     for prompt in dict.fromkeys(p for p in prompts if p):
         expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer) if hasattr(pipe, "maybe_convert_prompt") \
             else prompt
-        warn_if_truncated(pipe.tokenizer, expanded, prompt)
+        warn_if_truncated(pipe.tokenizer, expanded, prompt, name)
 
 
 def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "", guidance: bool = True) -> dict:
     """Text embeddings for each distinct prompt, computed once: {prompt: (positive, negative)}."""
     cache = {}
     device = pipe._execution_device
-    check_prompt_lengths(pipe, list(prompts) + ([negative_prompt] if guidance else []))
+    check_prompt_lengths(pipe, prompts)
+    if guidance:
+        check_prompt_lengths(pipe, [negative_prompt], "NEGATIVE_PROMPT")
     with torch.no_grad():
         for prompt in dict.fromkeys(prompts):
             pos, neg = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt=negative_prompt or None)

@@ -103,11 +103,12 @@ def sample_latents(distribution_params: torch.Tensor, generator: torch.Generator
 
 
 @torch.no_grad()
-def encode_text(pipe, prompt: str) -> torch.Tensor:
-    """The text encoder's output for one prompt, shape (1, 77, width): the UNet's cross-attention input."""
+def encode_text(pipe, prompt: str, name: str | None = None) -> torch.Tensor:
+    """The text encoder's output for one prompt, shape (1, 77, width): the UNet's cross-attention input. ``name``:
+    the constant the prompt came from, named if it is too long."""
     from common.sampling import check_prompt_lengths
 
-    check_prompt_lengths(pipe, [prompt])
+    check_prompt_lengths(pipe, [prompt], name)
     embeds, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)
     return embeds
 

@@ -169,3 +169,18 @@ def test_every_step_count_the_lessons_allow_stays_within_the_noise_levels(tiny_p
     for t in pipe.scheduler.timesteps:  # (the last count, MAX_STEPS, run to the end on a stand-in noise estimate)
         latents = pipe.scheduler.step(0.1 * latents, t, latents).prev_sample
     assert torch.isfinite(latents).all()
+
+
+def test_a_long_prompt_is_warned_about_by_the_constant_it_came_from(tiny_pipe, capsys, monkeypatch):
+    """A long NEGATIVE_PROMPT was warned about as "the prompt 'blurry blurry ...'", which a student looks for
+    among the prompts; 3b's INSTANCE_PROMPT and CLASS_PROMPT likewise."""
+    from common import training
+
+    monkeypatch.setattr(sampling, "_warned_prompts", set())
+    sampling.encode_prompts(tiny_pipe, ["a sks african fabric pattern"], "blurry " * 80)
+    training.encode_text(tiny_pipe, "a sks pattern" + " with stripes" * 40, "INSTANCE_PROMPT")
+    training.encode_text(tiny_pipe, "a pattern" + " with dots" * 40)
+    out = capsys.readouterr().out
+    assert "Warning: NEGATIVE_PROMPT ('blurry blurry" in out and "is 80 tokens long" in out, out
+    assert "Warning: INSTANCE_PROMPT ('a sks pattern with stripes" in out, out
+    assert "Warning: the prompt 'a pattern with dots" in out, out  # (no constant given: as before)
