@@ -116,7 +116,13 @@ def validate(cfg):
     if not sampling.mentions(cfg.INSTANCE_PROMPT, cfg.SUBJECT_TOKEN):
         warn(f"INSTANCE_PROMPT {cfg.INSTANCE_PROMPT!r} does not contain SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: "
              "the model will learn your images without a word to call them by.")
-    if cfg.PRIOR_PRESERVATION and sampling.mentions(cfg.CLASS_PROMPT, cfg.SUBJECT_TOKEN):
+    if cfg.PRIOR_PRESERVATION and " ".join(cfg.CLASS_PROMPT.lower().split()) == \
+            " ".join(cfg.INSTANCE_PROMPT.lower().split()):  # (as CLIP reads them: lower-cased, words apart)
+        warn(f"INSTANCE_PROMPT and CLASS_PROMPT are the same text ({cfg.CLASS_PROMPT!r}): with PRIOR_PRESERVATION on, "
+             "the instance term teaches those words your images and the prior term teaches them the base model's "
+             "own pictures, two different things. Make CLASS_PROMPT the instance prompt without the subject token "
+             "(the course's: 'a fabric pattern'), or set PRIOR_PRESERVATION = False (--no-prior-preservation).")
+    elif cfg.PRIOR_PRESERVATION and sampling.mentions(cfg.CLASS_PROMPT, cfg.SUBJECT_TOKEN):
         warn(f"CLASS_PROMPT {cfg.CLASS_PROMPT!r} contains SUBJECT_TOKEN {cfg.SUBJECT_TOKEN!r}: prior preservation "
              "would teach that word the base model's own pictures, against yours. Write the class alone, "
              "without the word (the course's: 'a fabric pattern').")

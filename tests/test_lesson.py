@@ -142,6 +142,26 @@ def test_class_prompt_holding_the_subject_token_warns(args, warns, capsys):
 
 
 
+@pytest.mark.parametrize("args, warns", [
+    (["--class-prompt", "a {} african fabric pattern"], True),  # (INSTANCE_PROMPT copied, token filled in both)
+    (["--class-prompt", "A sks  African fabric pattern"], True),  # (as CLIP reads it: lower-cased, words apart)
+    (["--instance-prompt", "a fabric pattern"], True),  # (the token left out of both)
+    (["--class-prompt", "a {} african fabric pattern", "--no-prior-preservation"], False),  # (no prior term)
+    ([], False),
+])
+def test_the_same_instance_and_class_prompt_warns_naming_both(args, warns, capsys):
+    """With prior preservation, the instance term and the prior term taught one prompt two different things
+    (the student's pictures and the base model's own), without a word."""
+    script = exercise3b_train_lora
+    script.validate(lesson.configure(vars(script), args))
+    out = capsys.readouterr().out
+    said = "INSTANCE_PROMPT and CLASS_PROMPT are the same text" in out
+    assert said is warns, out
+    if warns:
+        assert "Make CLASS_PROMPT the instance prompt without the subject token (the course's: 'a fabric pattern')" \
+            in out and out.count("Warning:") == 1 + ("does not contain SUBJECT_TOKEN" in out), out
+
+
 def test_no_class_images_with_prior_preservation_says_why_and_how_to_go_without():
     # was "NUM_CLASS_IMAGES must be a whole number >= 1, got 0" though 0 is valid without prior preservation
     script = exercise3b_train_lora
