@@ -186,11 +186,13 @@ def test_what_a_user_can_get_wrong_is_one_line(tmp_path, capsys):
          r"exercise3b_train_lora.py"),
         ([peft_mismatched, tmp_path / "out", "--to", "diffusers"], r"is damaged: its layer 'unet.down_blocks.0."
          r"attentions.0.transformer_blocks.0.attn1.to_q' holds matrices of ranks 2 and 3"),
-        ([tmp_path / "half", tmp_path / "out", "--to", "diffusers"], rf"is damaged: its layer '{unet_layer}' holds only "
+        ([tmp_path / "half", tmp_path / "out", "--to", "diffusers"], rf"is damaged: its layer '{unet_layer}' "
+         r"holds only "
          rf"one of its two matrices \('{unet_layer}.lora_B.weight' without '{unet_layer}.lora_A.weight'\)"),
         ([integers, tmp_path / "out", "--to", "peft"], r"is damaged: its layer 'lora_unet_x' holds torch.int64/"
          r"torch.int64 numbers, not the decimal ones of a LoRA"),
-        ([peft_integers, tmp_path / "out.safetensors", "--to", "kohya"], r"is damaged: its layer 'unet.down_blocks.*to_q' holds "
+        ([peft_integers, tmp_path / "out.safetensors", "--to", "kohya"], r"is damaged: its layer "
+         r"'unet.down_blocks.*to_q' holds "
          r"torch.int32/torch.int32 numbers"),
         ([tmp_path / "missing", tmp_path / "out", "--to", "diffusers"], "No LoRA at"),
         ([embedding, tmp_path / "out", "--to", "diffusers"], "holds no LoRA layers .*Textual Inversion embedding"),
