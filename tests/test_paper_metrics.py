@@ -187,6 +187,11 @@ def test_evaluate_reports_the_papers_metrics_on_tiny(workdir, tiny_metric_dirs):
     (["--output-dir", "./training_images/"], r"OUTPUT_DIR '\./training_images/' is 'training_images/'"),
     # no bound: 10**9 denoising steps never ended; 1000 drew NaN pictures or ended in an IndexError (lesson.MAX_STEPS)
     (["--num-inference-steps", "1000"], r"NUM_INFERENCE_STEPS must be a whole number between 1 and 500, got 1000"),
+    # sampling constants exercise 3a and 3b check: were taken as they came, and used only after all the training
+    (["--guidance-scale", "nan"], r"GUIDANCE_SCALE must be a number, got nan"),
+    (["--guidance-scale", "-5"], r"GUIDANCE_SCALE must be a number >= 0, got -5.0"),
+    (["--random-seed", "1.5"], r"RANDOM_SEED must be a whole number, got 1.5"),
+    (["--random-seed", "-1"], r"RANDOM_SEED must be a whole number >= 0, got -1"),
 ])
 def test_evaluate_refuses_odd_constants_before_anything_loads(workdir, monkeypatch, args, says):
     from tools import evaluate_dreambooth

@@ -245,6 +245,10 @@ def evaluate(argv=None) -> dict:
     cfg = lesson.configure(globals(), argv, __doc__)
     lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES")
     lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
+    # (as exercise 3a and 3b check theirs: NaN drew black pictures, a seed of 1.5 or -1 went into the samplers,
+    # and only after every method had trained)
+    lesson.require_float(cfg, "GUIDANCE_SCALE", maximum=lesson.MAX_GUIDANCE)
+    lesson.require_seed(cfg, "RANDOM_SEED")
     seeds = cfg.TRAINING_SEEDS if isinstance(cfg.TRAINING_SEEDS, (tuple, list)) else (cfg.TRAINING_SEEDS,)
     # (each trains into a folder of its own, with exercise 3b's and 3a's RANDOM_SEED: their range, once each)
     if not seeds or len(set(seeds)) != len(seeds) or not all(
