@@ -98,3 +98,24 @@ def test_the_text_encoder_carries_sks(monkeypatch):
     card = json.loads((POCKET / "pocket_card.json").read_text())
     assert models.native_crop_fraction("pocket") == card["crop_fraction"] == fabric_world.CROP_FRACTION
     assert "sks" not in card["known_words"] and "dress" in card["known_words"]
+
+
+@pytest.mark.parametrize("args, says", [
+    # each was taken as it came and ended, after the stages before it, as 'unexpected ValueError/IndexError' or a
+    # torch error
+    (["--vae-channels", "abc"], r"VAE_CHANNELS must be 3 widths separated by commas, each a multiple of 16"),
+    (["--vae-channels", "16,32"], r"VAE_CHANNELS must be 3 widths"),
+    (["--vae-latent-channels", "0"], r"VAE_LATENT_CHANNELS must be a whole number >= 1, got 0"),
+    (["--random-seed", "-1"], r"RANDOM_SEED must be a whole number >= 0, got -1"),
+    (["--vae-learning-rate", "nan"], r"VAE_LEARNING_RATE must be a number, got nan"),
+    (["--object-share", "5"], r"OBJECT_SHARE must be a number >= 0 and <= 1, got 5.0"),
+    (["--work-dir", "card.txt"], r"WORK_DIR 'card.txt' is a file, not a folder"),
+])
+def test_build_refuses_odd_constants_before_any_stage(workdir, monkeypatch, args, says):
+    from common.errors import LessonError
+    from tools import train_pocket_model
+
+    (workdir / "card.txt").write_text("not a folder")
+    monkeypatch.setattr(train_pocket_model.devices, "pick_runtime", lambda *a, **k: pytest.fail("it started"))
+    with pytest.raises(LessonError, match=says):
+        train_pocket_model.build(["--stage", "vae", *args])

@@ -708,6 +708,21 @@ resumed continues from its last checkpoint): {'; '.join(f"`{c}`" for c in card.g
 """
 
 
+def require_vae_channels(cfg) -> None:
+    """VAE_CHANNELS: one width per level of VAE_CONFIG, each a whole multiple of its norm_num_groups ("16,32,64")."""
+    levels, groups = len(VAE_CONFIG["down_block_types"]), VAE_CONFIG["norm_num_groups"]
+    value = cfg.VAE_CHANNELS
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
+    try:
+        widths = [int(str(w).strip()) for w in parts]
+    except ValueError:
+        widths = []
+    if len(widths) != levels or any(w < groups or w % groups for w in widths):
+        lesson.fail(cfg, "VAE_CHANNELS", f"must be {levels} widths separated by commas, each a multiple of {groups} "
+                                         "(like '16,32,64')")
+    cfg.VAE_CHANNELS = ",".join(map(str, widths))
+
+
 def build(argv=None) -> dict:
     """Every stage asked for, in order; returns the card (what was measured)."""
     cfg = lesson.configure(globals(), argv, __doc__)
@@ -721,6 +736,13 @@ def build(argv=None) -> dict:
     lesson.require_int(cfg, "NAMED_PER_BATCH", minimum=0, maximum=cfg.UNET_BATCH_SIZE - 1)
     lesson.require_float(cfg, "NAME_NORM", above=True)
     lesson.require_choice(cfg, "MIXED_PRECISION", ["fp32", "bf16"])
+    # (each of these was taken as it came: a typo ended minutes in as 'unexpected ValueError' or a torch error)
+    lesson.require_seed(cfg, "RANDOM_SEED")
+    lesson.require_int(cfg, "VAE_TEXTILES", "VAE_LATENT_CHANNELS")
+    lesson.require_float(cfg, "VAE_LEARNING_RATE", "UNET_LEARNING_RATE", "MIN_SNR_GAMMA", above=True)
+    lesson.require_float(cfg, "OBJECT_SHARE", maximum=1.0)
+    require_vae_channels(cfg)
+    lesson.require_writable_dir(cfg, "OUTPUT_DIR", "WORK_DIR")
     runtime = devices.pick_runtime(cfg.DEVICE, "no", training=True)
     device, work = runtime.device, Path(cfg.WORK_DIR)
     card_path = work / "card.json"
