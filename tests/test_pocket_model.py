@@ -119,3 +119,23 @@ def test_build_refuses_odd_constants_before_any_stage(workdir, monkeypatch, args
     monkeypatch.setattr(train_pocket_model.devices, "pick_runtime", lambda *a, **k: pytest.fail("it started"))
     with pytest.raises(LessonError, match=says):
         train_pocket_model.build(["--stage", "vae", *args])
+
+
+def test_a_stage_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
+    """A vae checkpoint made with other VAE_CHANNELS: was 'unexpected RuntimeError: Error(s) in loading state_dict'."""
+    from common.errors import LessonError
+    from tools import train_pocket_model as tpm
+
+    first = torch.nn.Linear(4, 8)
+    stage = tpm.Stage("vae", tmp_path, model=first)
+    stage.save(3, 1.0)
+    kept = stage.path.read_bytes()
+    with pytest.raises(LessonError, match=r"vae stage's checkpoint .* was made with other settings than this run's "
+                                          r"\(VAE_CHANNELS or VAE_LATENT_CHANNELS\?.*or set WORK_DIR to another"):
+        tpm.Stage("vae", tmp_path, model=torch.nn.Linear(4, 16))
+    assert stage.path.read_bytes() == kept  # not replaced: set back, it resumes
+    assert tpm.Stage("vae", tmp_path, model=torch.nn.Linear(4, 8)).step == 3
+    stage.path.write_bytes(b"not a checkpoint")  # damaged: one message, and the file is left for the user
+    with pytest.raises(LessonError, match=r"vae stage's checkpoint .* cannot be read .*Move it away"):
+        tpm.Stage("vae", tmp_path, model=first)
+    assert stage.path.read_bytes() == b"not a checkpoint"

@@ -41,6 +41,7 @@ from common import device as devices  # noqa: E402
 from common import figures, lesson, models, sampling, tiny_model, training  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
 from common.files import atomic_dir, atomic_path, save_json  # noqa: E402
+from common.errors import LessonError, brief  # noqa: E402
 from common.images import center_crop_resize  # noqa: E402
 
 # ============================== CONSTANTS ==============================
@@ -181,12 +182,24 @@ class Stage:
         self.inputs = inputs
         if self.path.is_file():
             # weights only: these files hold tensors, numbers and strings, and a swapped one cannot run code
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            if state.get("inputs") != inputs:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: say which, and keep it
+                raise LessonError(f"The {name} stage's checkpoint '{self.path}' cannot be read ({brief(exc, 80)}). "
+                                  f"Move it away (or delete it) to train the stage again, or set WORK_DIR to another "
+                                  f"folder.") from exc
+            if not isinstance(state, dict) or state.get("inputs") != inputs:
                 print(f"  {name}: the stage before it has changed since its checkpoint; training it again")
                 return
-            for key, obj in objects.items():
-                obj.load_state_dict(state[key])
+            try:
+                for key, obj in objects.items():
+                    obj.load_state_dict(state[key])
+            except (RuntimeError, KeyError, ValueError) as exc:  # (a model of another shape: VAE_CHANNELS changed)
+                raise LessonError(f"The {name} stage's checkpoint '{self.path}' was made with other settings than "
+                                  f"this run's (VAE_CHANNELS or VAE_LATENT_CHANNELS?: "
+                                  f"{brief(exc, 80)}). Run with the settings it was made with, or move it away "
+                                  f"(or delete it) to train the stage again, or set WORK_DIR to another folder."
+                                  ) from exc
             self.step, self.seconds = state["step"], state["seconds"]
             print(f"  resuming {name} at step {self.step}")
 
