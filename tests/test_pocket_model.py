@@ -139,3 +139,19 @@ def test_a_stage_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     with pytest.raises(LessonError, match=r"vae stage's checkpoint .* cannot be read .*Move it away"):
         tpm.Stage("vae", tmp_path, model=first)
     assert stage.path.read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("stage, says", [
+    # was 'unexpected FileNotFoundError' after the vae, decoder, unet and carry stages had trained (hours)
+    ("export", r"The export stage needs the classifier stage's checkpoint .*--stage classifier first"),
+    # was "MODEL_ID 'models/pocket-sd' does not exist": a constant this script does not have
+    ("evaluate", r"The evaluate stage scores the model in OUTPUT_DIR 'models/pocket-sd', which holds none"),
+])
+def test_a_stage_whose_earlier_stage_never_ran_is_refused_first(workdir, monkeypatch, stage, says):
+    from common.errors import LessonError
+    from tools import train_pocket_model
+
+    for step in ("train_vae", "train_decoder", "train_unet", "train_carry", "evaluate"):
+        monkeypatch.setattr(train_pocket_model, step, lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises(LessonError, match=says):
+        train_pocket_model.build(["--stage", stage])

@@ -736,6 +736,21 @@ def require_vae_channels(cfg) -> None:
     cfg.VAE_CHANNELS = ",".join(map(str, widths))
 
 
+def require_earlier_stages(cfg, todo) -> None:
+    """What a stage needs and does not make itself, checked before any stage trains: export takes the classifier
+    stage's checkpoint (it would fail only after the vae, decoder, unet and carry stages), evaluate the exported
+    model in OUTPUT_DIR (where it was named as MODEL_ID, a constant this script does not have)."""
+    classifier = Path(cfg.WORK_DIR) / "classifier" / "state.pt"
+    if "export" in todo and "classifier" not in todo and not classifier.is_file():
+        raise LessonError(f"The export stage needs the classifier stage's checkpoint '{classifier}', which is not "
+                          f"there. Run python tools/train_pocket_model.py --stage classifier first (with the same "
+                          f"WORK_DIR), then --stage export.")
+    if "evaluate" in todo and "export" not in todo and not (Path(cfg.OUTPUT_DIR) / "model_index.json").is_file():
+        raise LessonError(f"The evaluate stage scores the model in OUTPUT_DIR '{cfg.OUTPUT_DIR}', which holds none. "
+                          f"Run --stage export first (with the same OUTPUT_DIR), or set OUTPUT_DIR to the exported "
+                          f"model's folder (--output-dir models/pocket-sd).")
+
+
 def build(argv=None) -> dict:
     """Every stage asked for, in order; returns the card (what was measured)."""
     cfg = lesson.configure(globals(), argv, __doc__)
@@ -766,6 +781,7 @@ def build(argv=None) -> dict:
                     torch=torch.__version__)
     card["commands"] = card.get("commands", []) + [command]  # every run that made it, stages and resumes included
     todo = stages if cfg.STAGE == "all" else [cfg.STAGE]
+    require_earlier_stages(cfg, todo)
     tokenizer_dir = work / "tokenizer"
     tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
 
