@@ -299,7 +299,31 @@ def fill_report(judge, n: int = 256, seed: int = 1) -> str:
     return "\n".join(lines) + f"\n\nfill thresholds: {thresholds}; {each} pictures per object, seed {seed}"
 
 
-if __name__ == "__main__":  # python -m pocket.judge_probes [n] [class_n]
+USAGE = "python -m pocket.judge_probes [n] [class_n]  (pictures per probe set, class images; 256 and 64 unless given)"
+
+
+def main(argv: list[str]) -> int:
+    """The command line: up to two whole numbers >= 1 (a typo, 0 or -3 was a numpy traceback; a third was ignored)."""
+    from common.errors import LessonError
+
+    args = [a for a in argv if a != "--debug"]  # (lesson.run reads --debug itself)
+    if len(args) > 2:
+        raise LessonError(f"judge_probes takes at most two numbers, got {len(args)}. Usage: {USAGE}")
+    counts = []
+    for name, text in zip(("n", "class_n"), args):
+        try:
+            counts.append(int(text))
+        except ValueError:
+            counts.append(0)
+        if counts[-1] < 1:
+            raise LessonError(f"{name} must be a whole number >= 1, got {text!r}. Usage: {USAGE}")
+    print(report(*counts))
+    return 0
+
+
+if __name__ == "__main__":
     import sys
 
-    print(report(*(int(a) for a in sys.argv[1:3])))
+    from common import lesson
+
+    lesson.run(lambda: main(sys.argv[1:]))

@@ -161,3 +161,19 @@ def test_fill_probe_false_positive_rate(judge, name):
         assert pictures.shape == (FILL_N, 64, 64, 3) and pictures.dtype == np.uint8
         passed.append(judge.passes(pictures, obj))
     assert np.concatenate(passed).mean() <= 0.05
+
+
+@pytest.mark.parametrize("args, says", [
+    (["abc"], "n must be a whole number >= 1, got 'abc'"),  # was a ValueError traceback
+    (["0"], "n must be a whole number >= 1, got '0'"),  # was numpy's 'need at least one array to stack'
+    (["4", "-3"], "class_n must be a whole number >= 1, got '-3'"),  # 'negative dimensions are not allowed'
+    (["4", "4", "4"], "judge_probes takes at most two numbers, got 3"),  # the third was ignored
+])
+def test_judge_probes_command_line_refuses_odd_numbers_in_one_line(args, says):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pocket.judge_probes", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == f"ERROR: {says}. Usage: {judge_probes.USAGE}"
