@@ -200,3 +200,23 @@ def test_evaluate_refuses_odd_constants_before_anything_loads(workdir, monkeypat
     monkeypatch.setattr(evaluate_dreambooth.world_metrics, "load_classifier", lambda *a: pytest.fail("a judge loaded"))
     with pytest.raises(LessonError, match=says):
         evaluate_dreambooth.evaluate(["--model", "tiny", *args])
+
+
+def test_evaluate_stops_when_ctrl_c_stops_a_training(workdir, monkeypatch):
+    """Exercise 3b catches Ctrl-C and returns stopped=True: evaluate went on to train the next method and scored
+    the half-trained LoRA beside the others."""
+    from types import SimpleNamespace
+
+    from tools import evaluate_dreambooth
+
+    calls = []
+    monkeypatch.setattr(evaluate_dreambooth.exercise3b_train_lora, "train",
+                        lambda argv: calls.append("3b") or SimpleNamespace(stopped=True))
+    monkeypatch.setattr(evaluate_dreambooth.exercise3a_train_textual_inversion, "train",
+                        lambda argv: pytest.fail("it trained on after Ctrl-C"))
+    monkeypatch.setattr(evaluate_dreambooth, "score", lambda *a, **k: pytest.fail("it scored after Ctrl-C"))
+    cfg = SimpleNamespace(MODEL_ID="tiny", OUTPUT_DIR="outputs/evaluation", DEVICE="cpu", NUM_CLASS_IMAGES=1,
+                          LORA_STEPS=1, LORA_LEARNING_RATE=1e-4, TI_STEPS=1, TI_LEARNING_RATE=5e-3)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_dreambooth.train_all(cfg, workdir / "models" / "evaluation", 42)
+    assert calls == ["3b"]

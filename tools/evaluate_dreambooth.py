@@ -100,6 +100,13 @@ PLACEHOLDER = "<african-fabric>"  # exercise 3a's token
 HELD_OUT_SEED = 1  # the subject judge's held-out crops scored beside the methods (not its calibration seed)
 
 
+def stopped_by_ctrl_c(result) -> None:
+    """The course's scripts catch Ctrl-C, save what they have and return ``stopped``: here it stops the evaluation
+    too (it went on to train the next method, and scored the half-trained one beside the others)."""
+    if getattr(result, "stopped", False):
+        raise KeyboardInterrupt
+
+
 def train_all(cfg, work: Path, seed: int) -> dict:
     """The three personalisations, made by the course's own scripts with training seed ``seed``. Returns
     {method: (adapter path, seconds)}. The class images are drawn once and shared by every seed."""
@@ -110,14 +117,14 @@ def train_all(cfg, work: Path, seed: int) -> dict:
                           ("LoRA + prior preservation", ["--num-class-images", str(cfg.NUM_CLASS_IMAGES)])]:
         folder = work / ("lora_prior" if "+" in method else "lora_no_prior")
         started = time.perf_counter()
-        exercise3b_train_lora.train(common + extra + ["--class-data-dir", str(class_images),
+        stopped_by_ctrl_c(exercise3b_train_lora.train(common + extra + ["--class-data-dir", str(class_images),
             "--max-train-steps", str(cfg.LORA_STEPS), "--learning-rate", str(cfg.LORA_LEARNING_RATE),
-            "--lora-dir", str(folder), "--sample-every", "1000000"])
+            "--lora-dir", str(folder), "--sample-every", "1000000"]))
         made[method] = (folder, time.perf_counter() - started)
     folder, started = work / "textual_inversion", time.perf_counter()
-    exercise3a_train_textual_inversion.train(common + [
+    stopped_by_ctrl_c(exercise3a_train_textual_inversion.train(common + [
         "--max-train-steps", str(cfg.TI_STEPS), "--learning-rate", str(cfg.TI_LEARNING_RATE),
-        "--embedding-dir", str(folder), "--sample-every", "1000000", "--lora-dir", str(work / "none")])
+        "--embedding-dir", str(folder), "--sample-every", "1000000", "--lora-dir", str(work / "none")]))
     made["Textual Inversion"] = (folder, time.perf_counter() - started)
     return made
 
