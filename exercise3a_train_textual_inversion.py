@@ -237,7 +237,7 @@ def train(argv=None):
         "MODEL_ID", "PLACEHOLDER_TOKEN", "INITIALIZER_TOKEN", "NUM_VECTORS", "LEARNABLE_PROPERTY", "RESOLUTION",
         "CROP_FRACTION", "LEARNING_RATE", "MAX_TRAIN_STEPS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION",
         "RANDOM_SEED")}
-    run_settings["resolution"] = resolution  # the size it trains at (RESOLUTION, or the model's): 1, 2 and the morph compare
+    run_settings["resolution"] = resolution  # the size it trains at: exercises 1, 2 and the morph compare
     training.register_adapter_checkpointing(
         accelerator, load_adapter=ti.load_checkpoint,
         save_adapter=lambda m, d: ti.save_embedding(m.vectors, cfg.PLACEHOLDER_TOKEN, Path(d) / ti.WEIGHT_NAME,

@@ -266,7 +266,7 @@ def train(argv=None):
           f"parameters ({sum(p.numel() for p in unet.parameters()):,} in the UNet)")
     state = training.TrainState()
     run_settings = {k: v for k, v in cfg.as_dict().items() if k not in ("RESUME", "DEVICE", "LOG_WITH")}
-    run_settings["resolution"] = resolution  # the size it trains at (RESOLUTION, or the model's): 1, 2 and the morph compare
+    run_settings["resolution"] = resolution  # the size it trains at: exercises 1, 2 and the morph compare
     training.register_adapter_checkpointing(
         accelerator, save_adapter=lambda m, d: lora.save_lora(m, d, lora_config, run_settings),
         load_adapter=lora.load_lora_checkpoint, state=state, run=run)
