@@ -144,7 +144,8 @@ def test_resume_continues_at_the_right_step_with_two_vectors(workdir, capsys):
     reflection = said.split("Reflection questions")[-1]
     assert (f"The embedding is 2 vectors of 32 numbers ({size}); exercise 3b's rank-4 LoRA on this UNet is "
             f"{lora_numbers:,} numbers, {lora_numbers / 64:,.0f}x more.") in reflection
-    assert "768" not in reflection and "{" not in reflection
+    # No SD v1.5 width quoted as this model's (the file's size, whose header varies, may itself read "768 B").
+    assert "768" not in reflection.replace(f"({size})", "") and "{" not in reflection
     script.train(args + ["--max-train-steps", "3", "--embedding-dir", "models/straight"])
     split = safetensors.torch.load_file("models/split/learned_embeds.safetensors")[TOKEN]
     straight = safetensors.torch.load_file("models/straight/learned_embeds.safetensors")[TOKEN]
