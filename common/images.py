@@ -9,6 +9,7 @@ from square (the square keeps little of it), and names every file it skips.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -98,6 +99,25 @@ def broken_links(folder) -> list[Path]:
 
 def _links_text(links: list[Path]) -> str:
     return ", ".join(f"{p.name} -> {os.readlink(p)}" for p in links[:3]) + (" ..." if len(links) > 3 else "")
+
+
+def repeated_pictures(files: list[Path]) -> dict[Path, Path]:
+    """Each file in ``files`` whose bytes are another's (a copy such as 'photo (1).jpg', or a link to a picture
+    also in the folder), mapped to the one of them that is kept. Trained on twice, a picture would count double
+    against the others, as if the subject looked like it more often. The one kept is the original: a file rather
+    than a link, then the shortest name."""
+    alike: dict[str, list[Path]] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                alike.setdefault(hashlib.file_digest(f, "sha256").hexdigest(), []).append(path)
+        except OSError:  # (unreadable: named when it is decoded)
+            pass
+    repeats = {}
+    for group in alike.values():  # the one kept: a file rather than a link, then the shortest name ('a.jpg')
+        kept = min(group, key=lambda p: (p.is_symlink(), len(p.name), p.name))
+        repeats.update({p: kept for p in group if p != kept})
+    return repeats
 
 
 def subfolders_with_pictures(folder) -> list[str]:
@@ -194,10 +214,18 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
         warn(f"ignoring the pictures in subfolder(s) {', '.join(f'{n}/' for n in nested[:5])}"
              f"{' ...' if len(nested) > 5 else ''}: only the pictures directly in '{folder}/' are trained on. "
              "Move them up if they are of your subject.")
+    repeats = repeated_pictures(files)
+    if repeats:
+        pairs = [f"'{p.name}' is '{q.name}'" for p, q in repeats.items()]
+        warn(f"training on {len(repeats)} picture(s) once, not twice: {', '.join(pairs[:3])}"
+             f"{' ...' if len(pairs) > 3 else ''} (the same file, copied or linked). Remove the copies, or replace "
+             "them with other photos of your subject.")
     whole = crop_fraction >= 1
     needed = math.ceil(resolution / min(crop_fraction, 1.0))  # the shorter side that needs no upscaling
     images, upscaled = [], []
-    for index, path in enumerate(files):
+    for index, path in enumerate(files):  # (the index seeds the crops)
+        if path in repeats:
+            continue
         try:  # (a crop needs more of the picture's pixels: JPEG decoding may shrink it only that far)
             image = open_image(path, longest_needed=needed)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -1,5 +1,7 @@
 """Instance images arrive in every shape; the loader makes each usable one an RGB square, or names it."""
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -157,6 +159,27 @@ def test_links_to_pictures_that_no_longer_exist_are_named_not_called_other_files
     Image.new("RGB", (64, 64), "red").save(tmp_path / "c.png")
     assert len(images.load_instance_images(tmp_path, 64)) == 1
     assert "skipping 2 link(s) to pictures that no longer exist (a.png -> " in capsys.readouterr().out
+
+
+def test_a_picture_in_the_folder_twice_is_trained_on_once_and_named(tmp_path, capsys):
+    """A copy ('photo (1).jpg', as a download saves it again) or a link to a picture already there was trained on
+    twice, weighing double against the others, without a word."""
+    rng = np.random.default_rng(0)
+    for name in ("photo.png", "other.png"):
+        _save(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), tmp_path / name)
+    shutil.copy(tmp_path / "photo.png", tmp_path / "photo (1).png")
+    try:
+        (tmp_path / "again.png").symlink_to(tmp_path / "photo.png")
+    except OSError:  # (Windows without developer mode cannot make links)
+        pass
+    out = images.load_instance_images(tmp_path, 64)
+    said = capsys.readouterr().out
+    assert len(out) == 2  # photo.png (the original, kept) and other.png
+    kept = {np.asarray(im).tobytes() for im in out}
+    assert {np.asarray(Image.open(tmp_path / n).convert("RGB")).tobytes() for n in ("photo.png", "other.png")} == kept
+    assert "'photo (1).png' is 'photo.png'" in said and "once, not twice" in said
+    assert (tmp_path / "again.png").exists() == ("'again.png' is 'photo.png'" in said)
+    assert "other.png" not in said
 
 
 def test_non_ascii_names(tmp_path):
