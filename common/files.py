@@ -136,10 +136,15 @@ def save_image(image, path, **options) -> Path:
     return path
 
 
-def save_json(data, path) -> Path:
+def save_text(text: str, path) -> Path:
+    """Write ``text`` (UTF-8) atomically: a run stopped mid-write leaves the old file, not half of the new one."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def save_json(data, path) -> Path:
+    return save_text(json.dumps(data, indent=2, default=str), path)
 
 
 def _pil_format(path: Path) -> str:

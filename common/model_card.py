@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common.files import atomic_path
+from common.files import atomic_path, save_text
 
 PREVIEW = ("preview.png", "preview_embedding.png")  # the LoRA's, the embedding's (they may share a folder)
 LICENSE = "creativeml-openrail-m"  # Stable Diffusion v1.5's licence, which fine-tunes inherit
@@ -66,9 +66,7 @@ def _write(folder: Path, text: str, other_kind_file: str, own_name: str) -> Path
     readme = folder / "README.md"
     shared = (folder / other_kind_file).exists() or (readme.exists() and not _is_ours(readme))
     path = folder / own_name if shared else readme
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return save_text(text, path)
 
 
 def write_lora_card(folder, settings: dict, kohya_file: Path, preview=None) -> Path:

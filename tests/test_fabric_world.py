@@ -344,6 +344,26 @@ def test_evaluate_script_runs_on_tiny(workdir, monkeypatch, subject_judge_of_tra
     assert len(asked) == 1
 
 
+def test_evaluate_without_contexts_needs_no_object_classifier(workdir, monkeypatch, subject_judge_of_training_images):
+    """CONTEXT_SAMPLES = 0 skips the contexts (it was refused as "must be a whole number >= 1"): no object
+    classifier is read, and the table has no context columns."""
+    from PIL import Image
+
+    from pocket import subject_judge
+    from tools import evaluate_dreambooth
+
+    monkeypatch.setattr(subject_judge, "load", lambda folder, view=None: subject_judge_of_training_images)
+    world_metrics.build_classifier().save_pretrained("models/judge")
+    results = evaluate_dreambooth.evaluate([
+        "--model", "tiny", "--classifier-dir", "models/judge", "--object-classifier-dir", "models/none",
+        "--lora-steps", "1", "--ti-steps", "1", "--training-seeds", "1", "--context-samples", "0",
+        "--num-class-images", "1", "--samples", "2", "--num-inference-steps", "1"])
+    assert all("subject_fidelity" in row and "context_object" not in row for row in results.values())
+    assert "in context" not in (workdir / "outputs/evaluation/results.md").read_text()
+    assert (workdir / "outputs/evaluation/samples.png").is_file()
+    assert not (workdir / "models/none").exists()
+
+
 # --------------------------------------------------------------------------- tools/make_training_images.py
 def _pixels(path):
     from PIL import Image

@@ -65,7 +65,7 @@ from common import device as devices  # noqa: E402
 from common import figures, images, lesson, models, personalize, sampling  # noqa: E402
 from pocket import fabric_world, subject_judge, world_metrics  # noqa: E402
 from common.errors import LessonError  # noqa: E402
-from common.files import save_json  # noqa: E402
+from common.files import save_json, save_text  # noqa: E402
 from tools import paper_metrics  # noqa: E402
 
 # ============================== CONSTANTS ==============================
@@ -82,7 +82,7 @@ TI_LEARNING_RATE = 5e-3  # the Textual Inversion paper's base rate (the course's
 NUM_CLASS_IMAGES = 100  # class images for prior preservation (the course's 100)
 TRAINING_SEEDS = (42, 43, 44)  # each method is trained once per seed: the table shows the mean and the spread
 SAMPLES = 32  # pictures per prompt kind per method and training seed
-CONTEXT_SAMPLES = 8  # pictures per context (a dress, a room, a handbag, a vase, a basket) per method and seed
+CONTEXT_SAMPLES = 8  # pictures per context (a dress, a room, a handbag, a vase, a basket) per method and seed; 0: none
 COLOUR_PAIRS = ("red and blue", "yellow and purple", "green and white", "black and orange", "pink and brown",
                 "blue and yellow")  # the colours asked of the subject (prompt fidelity)
 NUM_INFERENCE_STEPS = 25  # DPM-Solver++ steps
@@ -176,7 +176,7 @@ def score(cfg, method: str, adapter, runtime, classifier=None, judge=None, real=
         row.update(dino=judge.dino(subject + recoloured, real), clip_i=judge.clip_i(subject + recoloured, real),
                    clip_t=judge.clip_t(subject + recoloured, subject_prompts(CLIP_T_WORDS)),
                    pres=judge.dino(classed, real))
-    return row, subject[:4] + recoloured[:4] + classed[:4] + in_context[::cfg.CONTEXT_SAMPLES][:4]
+    return row, subject[:4] + recoloured[:4] + classed[:4] + (in_context[::cfg.CONTEXT_SAMPLES][:4] if contexts else [])
 
 
 def combine(rows: list[dict]) -> dict:
@@ -250,7 +250,8 @@ def chosen_metrics(cfg) -> set:
 def evaluate(argv=None) -> dict:
     """Train the three ways, draw and score; returns the results by method (what results.json holds)."""
     cfg = lesson.configure(globals(), argv, __doc__)
-    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES", "CONTEXT_SAMPLES")
+    lesson.require_int(cfg, "LORA_STEPS", "TI_STEPS", "NUM_CLASS_IMAGES", "SAMPLES")
+    lesson.require_int(cfg, "CONTEXT_SAMPLES", minimum=0)  # (0: no contexts, and no object classifier needed)
     lesson.require_int(cfg, "NUM_INFERENCE_STEPS", maximum=lesson.MAX_STEPS)
     # (as exercise 3a and 3b check theirs: NaN drew black pictures, a seed of 1.5 or -1 went into the samplers,
     # and only after every method had trained)
@@ -325,7 +326,7 @@ def evaluate(argv=None) -> dict:
     if held_out is not None:
         saved.update(held_out_subject_crops=held_out, subject_threshold=fabric.threshold)
     save_json(saved, out / "results.json")
-    (out / "results.md").write_text(text + "\n", encoding="utf-8")
+    save_text(text + "\n", out / "results.md")
     figures.save_grid([p for shown in rows for p in shown], out / "samples.png", cols=len(rows[0]),
                       row_labels=list(results), title="subject x4 | recoloured x4 | class prompt x4"
                       + (" | dress, room, handbag, vase" if objects is not None else ""))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import device as devices  # noqa: E402
 from common import figures, lesson, models, sampling, tiny_model, training  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
-from common.files import atomic_dir, atomic_path, save_json  # noqa: E402
+from common.files import atomic_dir, atomic_path, save_json, save_text  # noqa: E402
 from common.errors import LessonError, brief  # noqa: E402
 from common.images import center_crop_resize  # noqa: E402
 
@@ -822,7 +822,7 @@ def build(argv=None) -> dict:
     if "evaluate" in todo:
         lesson.step(6, "Evaluate on held-out captions")
         remember(evaluate(cfg, cfg.OUTPUT_DIR))
-        Path(cfg.OUTPUT_DIR, "README.md").write_text(model_card(card), encoding="utf-8")
+        save_text(model_card(card), Path(cfg.OUTPUT_DIR) / "README.md")
         save_json(card, Path(cfg.OUTPUT_DIR) / "pocket_card.json")
     return card
 
