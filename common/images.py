@@ -109,6 +109,8 @@ def repeated_pictures(files: list[Path]) -> dict[Path, Path]:
     alike: dict[str, list[Path]] = {}
     for path in files:
         try:
+            if path.stat().st_size == 0:  # (empty files are alike but no copies: each is named as empty)
+                continue
             with open(path, "rb") as f:
                 alike.setdefault(hashlib.file_digest(f, "sha256").hexdigest(), []).append(path)
         except OSError:  # (unreadable: named when it is decoded)
@@ -215,14 +217,9 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
              f"{' ...' if len(nested) > 5 else ''}: only the pictures directly in '{folder}/' are trained on. "
              "Move them up if they are of your subject.")
     repeats = repeated_pictures(files)
-    if repeats:
-        pairs = [f"'{p.name}' is '{q.name}'" for p, q in repeats.items()]
-        warn(f"training on {len(repeats)} picture(s) once, not twice: {', '.join(pairs[:3])}"
-             f"{' ...' if len(pairs) > 3 else ''} (the same file, copied or linked). Remove the copies, or replace "
-             "them with other photos of your subject.")
     whole = crop_fraction >= 1
     needed = math.ceil(resolution / min(crop_fraction, 1.0))  # the shorter side that needs no upscaling
-    images, upscaled = [], []
+    images, upscaled, used = [], [], set()
     for index, path in enumerate(files):  # (the index seeds the crops)
         if path in repeats:
             continue
@@ -245,6 +242,8 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
             images.append(center_crop_resize(image, resolution))
         else:
             images += random_crops(image, resolution, crop_fraction, np.random.default_rng([seed, index]))
+        used.add(path)
+    _warn_repeats(repeats, used)
     if upscaled:
         worst = min(s for _, s in upscaled)
         what = "image(s) are" if whole else f"image(s) give crops ({crop_fraction:.0%} of the side) that are"
@@ -257,6 +256,18 @@ def load_instance_images(folder, resolution: int, constant: str = "TRAINING_IMAG
                           "unreadable or smaller than 32 px; each is named above). Add 5-20 .jpg/.png pictures of "
                           "your subject and run again.")
     return images
+
+
+def _warn_repeats(repeats: dict[Path, Path], used: set[Path]) -> None:
+    """Name the copies that were not trained on: once for a usable picture, or as skipped with their original."""
+    once = [f"'{p.name}' is '{q.name}'" for p, q in repeats.items() if q in used]
+    if once:
+        warn(f"training on {len(once)} picture(s) once, not twice: {', '.join(once[:3])}"
+             f"{' ...' if len(once) > 3 else ''} (the same file, copied or linked). Remove the copies, or replace "
+             "them with other photos of your subject.")
+    for copy, kept in repeats.items():
+        if kept not in used:
+            warn(f"skipping '{copy.name}': it is the same file as '{kept.name}', skipped above. Replace or remove both.")
 
 
 def _narrow(name: str, size: tuple[int, int], seen: int, resolution: int, whole: bool) -> str:

@@ -182,6 +182,23 @@ def test_a_picture_in_the_folder_twice_is_trained_on_once_and_named(tmp_path, ca
     assert "other.png" not in said
 
 
+def test_copies_of_an_unusable_picture_are_named_as_skipped_not_trained_once(tmp_path, capsys):
+    """Two empty files are alike but not copies: each is named as empty. A copy of a cut-short picture is not
+    'trained on once' (it is not trained on at all): it is named as skipped, with its original."""
+    _save(Image.new("RGB", (64, 64), "red"), tmp_path / "good.png")
+    for name in ("empty.jpg", "empty (1).jpg"):
+        (tmp_path / name).write_bytes(b"")
+    _save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+          tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
+    shutil.copy(tmp_path / "cut.png", tmp_path / "cut (1).png")
+    assert len(images.load_instance_images(tmp_path, 64)) == 1
+    said = capsys.readouterr().out
+    assert "'empty.jpg': the file is empty" in said and "'empty (1).jpg': the file is empty" in said
+    assert "skipping 'cut.png'" in said and "'cut (1).png': it is the same file as 'cut.png'" in said
+    assert "once, not twice" not in said
+
+
 def test_non_ascii_names(tmp_path):
     _save(Image.new("RGB", (64, 64), "red"), tmp_path / "tissu_àéü_布.png")
     assert len(images.load_instance_images(tmp_path, 64)) == 1
