@@ -267,7 +267,8 @@ def _warn_repeats(repeats: dict[Path, Path], used: set[Path]) -> None:
              "them with other photos of your subject.")
     for copy, kept in repeats.items():
         if kept not in used:
-            warn(f"skipping '{copy.name}': it is the same file as '{kept.name}', skipped above. Replace or remove both.")
+            warn(f"skipping '{copy.name}': it is the same file as '{kept.name}', skipped above. Replace or remove "
+                 "both.")
 
 
 def _narrow(name: str, size: tuple[int, int], seen: int, resolution: int, whole: bool) -> str:
