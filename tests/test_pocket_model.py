@@ -128,7 +128,7 @@ def test_a_stage_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
 
     first = torch.nn.Linear(4, 8)
     stage = tpm.Stage("vae", tmp_path, model=first)
-    stage.save(3, 1.0)
+    stage.save(3, 1.0, 10)
     kept = stage.path.read_bytes()
     with pytest.raises(LessonError, match=r"vae stage's checkpoint .* was made with other settings than this run's "
                                           r"\(VAE_CHANNELS or VAE_LATENT_CHANNELS\?.*or set WORK_DIR to another"):
@@ -155,3 +155,49 @@ def test_a_stage_whose_earlier_stage_never_ran_is_refused_first(workdir, monkeyp
         monkeypatch.setattr(train_pocket_model, step, lambda *a, **k: pytest.fail("a stage ran"))
     with pytest.raises(LessonError, match=says):
         train_pocket_model.build(["--stage", stage])
+
+
+def test_a_resumed_stage_says_where_it_stands_against_this_runs_step_count(tmp_path, capsys):
+    """Resumed with another UNET_STEPS (how the shipped UNet grew: 6,500, 9,000, 16,500) or with fewer steps than
+    its checkpoint has, a stage went on, or stopped, without a word."""
+    from tools import train_pocket_model as tpm
+
+    weights, ran = torch.nn.Linear(2, 2), []
+    for total in (6, 9, 3):  # each from step 4 of a run towards 6
+        tpm.Stage("unet", tmp_path, model=weights).save(4, 1.0, 6)
+        stage = tpm.Stage("unet", tmp_path, model=weights)
+        tpm.train_loop("unet", tpm, total, stage, torch.optim.SGD(weights.parameters()), 0.1,
+                       lambda step: ran.append(step) or 0.0)
+    said = capsys.readouterr().out
+    assert ran == [4, 5, 4, 5, 6, 7, 8]  # from its step to this run's total, and nothing past it
+    assert "resuming unet at step 4 of 6\n" in said
+    assert "resuming unet at step 4 of 9 (its checkpoint was trained towards 6: the learning rate now decays " \
+           "over UNET_STEPS = 9)" in said
+    assert "unet: its checkpoint is at step 4, which UNET_STEPS = 3 does not pass: kept as it is, not trained" in said
+
+
+def test_export_over_a_model_already_in_output_dir_needs_replace_model(workdir, monkeypatch):
+    """A trial build with a few steps exported over the shipped models/pocket-sd without a word; now it is refused
+    before any stage trains, unless REPLACE_MODEL is set, and the model is kept."""
+    from common.errors import LessonError
+    from tools import train_pocket_model
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    output = workdir / "models" / "pocket-sd"
+    output.mkdir(parents=True)
+    (output / "model_index.json").write_text("{}")
+    monkeypatch.setattr(train_pocket_model, "train_classifier", started)
+    for stage in ("all", "export"):
+        with pytest.raises(LessonError, match=r"OUTPUT_DIR 'models/pocket-sd' already holds a model .* pass "
+                                              r"--replace-model to replace it"):
+            train_pocket_model.build(["--stage", stage, "--device", "cpu"])
+    assert (output / "model_index.json").read_text() == "{}"
+    with pytest.raises(Started):  # asked for: it goes on to train
+        train_pocket_model.build(["--stage", "all", "--device", "cpu", "--replace-model"])
+    with pytest.raises(Started):  # elsewhere: nothing is replaced, nothing to ask
+        train_pocket_model.build(["--stage", "all", "--device", "cpu", "--output-dir", "models/mine"])

@@ -47,6 +47,7 @@ from common.images import center_crop_resize  # noqa: E402
 # ============================== CONSTANTS ==============================
 STAGE = "all"  # all, classifier, vae, decoder, unet, carry, export or evaluate
 OUTPUT_DIR = "models/pocket-sd"  # the finished model
+REPLACE_MODEL = False  # export over a model already in OUTPUT_DIR (git checkout -- models/pocket-sd: the shipped one)
 WORK_DIR = "models/pocket-build"  # per-stage checkpoints
 CLASSIFIER_STEPS = 1000  # batches of 96 plain world pictures and 48 objects
 VAE_STEPS = 2400  # batches of 24 (12 world pictures, 8 textile crops, 4 off-world collages)
@@ -179,7 +180,7 @@ class Stage:
 
     def __init__(self, name, work_dir, inputs: str | None = None, **objects):
         self.path, self.objects, self.step, self.seconds = Path(work_dir) / name / "state.pt", objects, 0, 0.0
-        self.inputs = inputs
+        self.inputs, self.total = inputs, None  # total: the step count it was trained towards (None: not saved)
         if self.path.is_file():
             # weights only: these files hold tensors, numbers and strings, and a swapped one cannot run code
             try:
@@ -200,14 +201,13 @@ class Stage:
                                   f"{brief(exc, 80)}). Run with the settings it was made with, or move it away "
                                   f"(or delete it) to train the stage again, or set WORK_DIR to another folder."
                                   ) from exc
-            self.step, self.seconds = state["step"], state["seconds"]
-            print(f"  resuming {name} at step {self.step}")
+            self.step, self.seconds, self.total = state["step"], state["seconds"], state.get("total")
 
-    def save(self, step, seconds):
-        """``seconds``: training time so far, kept across resumes for the model card."""
-        self.step, self.seconds = step, seconds
+    def save(self, step, seconds, total):
+        """``seconds``: training time so far, kept across resumes for the model card; ``total``: the steps asked for."""
+        self.step, self.seconds, self.total = step, seconds, total
         with atomic_path(self.path) as tmp:
-            torch.save({"step": step, "seconds": seconds, "inputs": self.inputs,
+            torch.save({"step": step, "seconds": seconds, "inputs": self.inputs, "total": total,
                         **{k: o.state_dict() for k, o in self.objects.items()}}, tmp)
 
 
@@ -243,6 +243,7 @@ def autocast(cfg, device):
 
 def train_loop(name, cfg, total, stage, optimizer, lr, step_fn, warmup: int = 200):
     """The shared loop: learning-rate schedule, periodic checkpoints, a progress line."""
+    say_resumed(name, stage, total)
     started, before = time.perf_counter(), stage.seconds
     with tqdm(total=total, initial=stage.step, desc=name, unit="step") as bar:
         for step in range(stage.step, total):
@@ -251,8 +252,25 @@ def train_loop(name, cfg, total, stage, optimizer, lr, step_fn, warmup: int = 20
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
             if (step + 1) % cfg.CHECKPOINT_EVERY == 0 or step + 1 == total:
-                stage.save(step + 1, before + time.perf_counter() - started)
+                stage.save(step + 1, before + time.perf_counter() - started, total)
     return stage.seconds
+
+
+def say_resumed(name: str, stage: Stage, total: int) -> None:
+    """Where a resumed stage stands against this run's step count. Resuming with more steps is how the shipped
+    UNet grew (6,500, then 9,000, then 16,500), so another count is said, not refused: the learning rate's cosine
+    is stretched over the new total from the step reached."""
+    if not stage.step:
+        return
+    constant = f"{name.upper()}_STEPS"
+    if stage.step >= total:
+        print(f"  {name}: its checkpoint is at step {stage.step}, which {constant} = {total} does not pass: kept as "
+              f"it is, not trained. To train it again from the start, move '{stage.path}' away.")
+    elif stage.total not in (None, total):
+        print(f"  resuming {name} at step {stage.step} of {total} (its checkpoint was trained towards "
+              f"{stage.total}: the learning rate now decays over {constant} = {total})")
+    else:
+        print(f"  resuming {name} at step {stage.step} of {total}")
 
 
 # --------------------------------------------------------------------------- stages
@@ -751,6 +769,16 @@ def require_earlier_stages(cfg, todo) -> None:
                           f"model's folder (--output-dir models/pocket-sd).")
 
 
+def require_replaceable_output(cfg, todo) -> None:
+    """Export replaces the model in OUTPUT_DIR, by default the shipped pocket model: a trial run with a few steps
+    would have put a half-trained model in its place without a word. Checked before any stage trains."""
+    if "export" in todo and (Path(cfg.OUTPUT_DIR) / "model_index.json").is_file() and not cfg.REPLACE_MODEL:
+        raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds a model (the shipped pocket model, unless you "
+                          f"exported over it), and the export stage would replace it. Export elsewhere "
+                          f"(--output-dir models/my-pocket-sd), or pass --replace-model to replace it "
+                          f"('git checkout -- models/pocket-sd' brings the shipped one back).")
+
+
 def build(argv=None) -> dict:
     """Every stage asked for, in order; returns the card (what was measured)."""
     cfg = lesson.configure(globals(), argv, __doc__)
@@ -771,6 +799,9 @@ def build(argv=None) -> dict:
     lesson.require_float(cfg, "OBJECT_SHARE", maximum=1.0)
     require_vae_channels(cfg)
     lesson.require_writable_dir(cfg, "OUTPUT_DIR", "WORK_DIR")
+    todo = stages if cfg.STAGE == "all" else [cfg.STAGE]
+    require_replaceable_output(cfg, todo)
+    require_earlier_stages(cfg, todo)
     runtime = devices.pick_runtime(cfg.DEVICE, "no", training=True)
     device, work = runtime.device, Path(cfg.WORK_DIR)
     card_path = work / "card.json"
@@ -780,8 +811,6 @@ def build(argv=None) -> dict:
         card.update(command=command, machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {device.type}",
                     torch=torch.__version__)
     card["commands"] = card.get("commands", []) + [command]  # every run that made it, stages and resumes included
-    todo = stages if cfg.STAGE == "all" else [cfg.STAGE]
-    require_earlier_stages(cfg, todo)
     tokenizer_dir = work / "tokenizer"
     tokenizer = tiny_model.build_tokenizer(tokenizer_dir, VOCABULARY)
 
