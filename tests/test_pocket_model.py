@@ -201,3 +201,15 @@ def test_export_over_a_model_already_in_output_dir_needs_replace_model(workdir, 
         train_pocket_model.build(["--stage", "all", "--device", "cpu", "--replace-model"])
     with pytest.raises(Started):  # elsewhere: nothing is replaced, nothing to ask
         train_pocket_model.build(["--stage", "all", "--device", "cpu", "--output-dir", "models/mine"])
+    # export replaces the folder as a whole: never one that holds other things, or the build's own checkpoints
+    (output / "my_notes.txt").write_text("mine")
+    for args, says in ((["--replace-model"], r"'models/pocket-sd' holds 1 thing\(s\) that are not part of a pocket "
+                                             r"model \(my_notes.txt\)"),
+                       (["--output-dir", "models", "--work-dir", "build"],
+                        r"'models' holds \d thing\(s\) that are not part of a pocket model \(.*pocket-sd/, tiny-sd/\)"),
+                       (["--output-dir", "models"], r"'models' holds WORK_DIR 'models/pocket-build'"),
+                       (["--output-dir", "models/pocket-build"], r"'models/pocket-build' is WORK_DIR"),
+                       (["--output-dir", "build", "--work-dir", "build/stages"], r"'build' holds WORK_DIR")):
+        with pytest.raises(LessonError, match=r"OUTPUT_DIR " + says):
+            train_pocket_model.build(["--stage", "all", "--device", "cpu", *args])
+    assert (output / "my_notes.txt").read_text() == "mine" and (workdir / "models" / "tiny-sd").is_dir()

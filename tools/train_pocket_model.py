@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import device as devices  # noqa: E402
 from common import figures, lesson, models, sampling, tiny_model, training  # noqa: E402
 from pocket import fabric_world, world_metrics  # noqa: E402
-from common.files import atomic_dir, atomic_path, save_json, save_text  # noqa: E402
+from common.files import atomic_dir, atomic_path, inside, same_place, save_json, save_text  # noqa: E402
 from common.errors import LessonError, brief  # noqa: E402
 from common.images import center_crop_resize  # noqa: E402
 
@@ -769,10 +769,29 @@ def require_earlier_stages(cfg, todo) -> None:
                           f"model's folder (--output-dir models/pocket-sd).")
 
 
+# What export writes into OUTPUT_DIR: the folder is replaced as a whole, so it may hold nothing else.
+MODEL_PARTS = {"model_index.json", "README.md", "pocket_card.json", "scheduler", "text_encoder", "tokenizer", "unet",
+               "vae", "world_classifier", "object_classifier"}
+
+
 def require_replaceable_output(cfg, todo) -> None:
-    """Export replaces the model in OUTPUT_DIR, by default the shipped pocket model: a trial run with a few steps
-    would have put a half-trained model in its place without a word. Checked before any stage trains."""
-    if "export" in todo and (Path(cfg.OUTPUT_DIR) / "model_index.json").is_file() and not cfg.REPLACE_MODEL:
+    """Export replaces OUTPUT_DIR as a whole, by default the shipped pocket model: a trial run with a few steps put
+    a half-trained model in its place without a word, and OUTPUT_DIR = "models" would have taken the LoRAs and this
+    build's own checkpoints (WORK_DIR) with it. Checked before any stage trains."""
+    if "export" not in todo:
+        return
+    output, work = Path(cfg.OUTPUT_DIR), Path(cfg.WORK_DIR)
+    if same_place(output, work) or inside(work, output):
+        raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' {'is' if same_place(output, work) else 'holds'} WORK_DIR "
+                          f"'{cfg.WORK_DIR}', and export replaces OUTPUT_DIR as a whole: the stages' checkpoints "
+                          f"would go with it. Give each a folder of its own (--output-dir models/my-pocket-sd).")
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir()
+                    if p.name not in MODEL_PARTS) if output.is_dir() else []
+    if others:
+        raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds {len(others)} thing(s) that are not part of a pocket "
+                          f"model ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}), and export replaces "
+                          f"the folder as a whole. Set OUTPUT_DIR to a new folder (--output-dir models/my-pocket-sd).")
+    if (output / "model_index.json").is_file() and not cfg.REPLACE_MODEL:
         raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds a model (the shipped pocket model, unless you "
                           f"exported over it), and the export stage would replace it. Export elsewhere "
                           f"(--output-dir models/my-pocket-sd), or pass --replace-model to replace it "
