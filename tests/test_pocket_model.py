@@ -191,6 +191,7 @@ def test_export_over_a_model_already_in_output_dir_needs_replace_model(workdir, 
     output = workdir / "models" / "pocket-sd"
     output.mkdir(parents=True)
     (output / "model_index.json").write_text("{}")
+    (output / ".DS_Store").write_bytes(b"")  # (what macOS' Finder leaves: not a thing of the user's to keep)
     monkeypatch.setattr(train_pocket_model, "train_classifier", started)
     for stage in ("all", "export"):
         with pytest.raises(LessonError, match=r"OUTPUT_DIR 'models/pocket-sd' already holds a model .* pass "

@@ -786,7 +786,7 @@ def require_replaceable_output(cfg, todo) -> None:
                           f"'{cfg.WORK_DIR}', and export replaces OUTPUT_DIR as a whole: the stages' checkpoints "
                           f"would go with it. Give each a folder of its own (--output-dir models/my-pocket-sd).")
     others = sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir()
-                    if p.name not in MODEL_PARTS) if output.is_dir() else []
+                    if p.name not in MODEL_PARTS and not p.name.startswith(".")) if output.is_dir() else []  # (.DS_Store)
     if others:
         raise LessonError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds {len(others)} thing(s) that are not part of a pocket "
                           f"model ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}), and export replaces "
